@@ -1,0 +1,374 @@
+"""Typed run configuration: dataclass defaults <- YAML file <- command-line ``key.sub=value``.
+
+Every run is described by one dataclass tree rooted at a task's config class (a subclass of
+:class:`RunConfig`). Loading validates every key and type before any work starts; an unknown key
+names the closest valid key, and a YAML error names the file and line.
+
+A ``model.variant`` key (or any nested ``variant`` key whose dataclass has that field) starts
+that section from the registered preset instead of the dataclass defaults, so the full merge
+order for a model is: dataclass defaults <- variant preset <- YAML <- command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+
+from mm3d.registry import MODELS, TASKS, suggest
+
+
+class ConfigError(ValueError):
+    """A config key or value is invalid; the message names the key and where it came from."""
+
+
+# --------------------------------------------------------------------------------------------
+# Shared sections (modalities add `model` and `data` sections in their task config classes)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and LR schedule. Schedules are computed from the global optimizer step."""
+
+    name: str = "adamw"  # any timm optimizer name (create_optimizer_v2)
+    lr: float | None = None  # absolute peak LR; if None, blr * total_batch / 256
+    blr: float = 1.5e-4  # base LR, scaled by the total batch (per-process batch x accum x world)
+    min_lr: float = 1e-6
+    warmup_lr: float = 1e-6
+    weight_decay: float = 0.05
+    weight_decay_end: float | None = None  # cosine weight-decay schedule end value (None: constant)
+    betas: tuple[float, float] = (0.9, 0.999)
+    momentum: float = 0.9  # for SGD-like optimizers
+    eps: float = 1e-8
+    warmup_epochs: float = 0.0
+    warmup_steps: int | None = None  # overrides warmup_epochs when set
+    schedule: Literal["cosine", "constant"] = "cosine"
+    layer_decay: float | None = None  # layer-wise LR decay (models expose timm's group_matcher)
+    clip_grad: float | None = None  # max global grad norm
+
+
+@dataclass
+class TrainConfig:
+    """How the trainer runs: lengths, batch, precision, logging, checkpoints."""
+
+    epochs: int = 1
+    max_steps: int | None = None  # stop after this many optimizer steps (overrides epochs for length)
+    batch_size: int = 32  # per process
+    accum_steps: int = 1
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    device: str = "auto"  # auto | cpu | cuda | cuda:1
+    num_workers: int = 0
+    pin_memory: bool = True
+    drop_last: bool = True
+    log_every: int = 10  # optimizer steps between log lines / metric records
+    eval_every: int = 1  # epochs between evaluations on the validation split (0: never)
+    save_every: int = 1  # epochs between checkpoints (0: only at the end)
+    save_every_steps: int = 0  # also checkpoint every N optimizer steps (0: off)
+    keep_last: int = 2
+    keep_best: int = 1
+    best_metric: str = "loss"  # key of the validation metrics used to rank checkpoints
+    best_mode: Literal["min", "max"] = "min"
+    resume: str = ""  # "" (fresh) | "auto" (latest in the run dir, if any) | a checkpoint path
+    ema: bool = False
+    ema_decay: float = 0.9999
+    grad_checkpointing: bool = False
+    compile: bool = False
+    progress: Literal["auto", "bar", "lines", "off"] = "auto"
+    tensorboard: bool = True
+    find_unused_parameters: bool = False
+
+
+@dataclass
+class BenchConfig:
+    """`mm3d bench` settings."""
+
+    warmup: int = 3
+    steps: int = 10
+    data_loader: bool = False  # also time the training data loader
+    loader_batches: int = 10
+    peer: bool = True  # time the peer implementation (e.g. transformers) in the same run
+
+
+@dataclass
+class RunConfig:
+    """Fields every task shares. Tasks subclass this and add `model` and `data` sections."""
+
+    task: str = ""
+    name: str = "run"
+    output_dir: str = ""  # default: runs/<name>
+    seed: int = 0
+    deterministic: bool = False
+    init: str = ""  # weights to start from (a pretraining checkpoint, converted official weights)
+    allow_pickle: bool = False  # load foreign checkpoints that need pickle (trusted files only)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) if self.output_dir else Path("runs") / self.name
+
+
+# --------------------------------------------------------------------------------------------
+# Loading and validation
+# --------------------------------------------------------------------------------------------
+
+
+def _yaml_lines(text: str) -> dict[str, int]:
+    """Map dotted key paths of a YAML mapping to their 1-based line numbers."""
+    lines: dict[str, int] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                key = f"{prefix}{k.value}"
+                lines[key] = k.start_mark.line + 1
+                walk(v, key + ".")
+
+    try:
+        walk(yaml.compose(text), "")
+    except yaml.YAMLError:
+        pass
+    return lines
+
+
+def read_yaml(path: str | Path) -> tuple[dict[str, Any], dict[str, int]]:
+    """Read a YAML mapping; errors name the file (and line for syntax errors)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    text = path.read_text()
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: invalid YAML: {getattr(e, 'problem', e)}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of keys, got {type(data).__name__}")
+    return data, _yaml_lines(text)
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """Turn ``["a.b=1", "c=[0,1]"]`` into a nested dict; values are parsed as YAML scalars."""
+    out: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"command-line override {item!r} is not of the form key.sub=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise ConfigError(f"command-line override {item!r} has an empty key")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"command-line override {item!r} conflicts with another override")
+        node[parts[-1]] = value
+    return out
+
+
+def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """Recursively merge `top` over `base` (mappings merge, everything else replaces)."""
+    out = dict(base)
+    for k, v in top.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+class _Source:
+    """Where a key came from, for error messages."""
+
+    def __init__(self, file: str | None, lines: dict[str, int], cli: dict[str, Any]):
+        self.file, self.lines, self.cli = file, lines, cli
+
+    def where(self, key: str) -> str:
+        node: Any = self.cli
+        for p in key.split("."):
+            if not isinstance(node, dict) or p not in node:
+                node = None
+                break
+            node = node[p]
+        if node is not None:
+            return "command line"
+        if self.file:
+            line = self.lines.get(key)
+            return f"{self.file}:{line}" if line else self.file
+        return "defaults"
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str, src: _Source) -> Any:
+    """Check `value` against type hint `tp` and convert it (lists to tuples, ints to floats)."""
+
+    def fail(expected: str) -> typing.NoReturn:
+        raise ConfigError(f"{src.where(key)}: key '{key}' expects {expected}, got {value!r} "
+                          f"({type(value).__name__})")
+
+    if tp is Any:
+        return value
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            fail(_type_name(tp))
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key, src)
+            except ConfigError as e:
+                errors.append(e)
+        fail(" or ".join(_type_name(a) for a in args if a is not type(None)))
+    if origin is Literal:
+        if value in get_args(tp):
+            return value
+        fail("one of " + ", ".join(repr(a) for a in get_args(tp)))
+    if is_dataclass(tp):
+        if not isinstance(value, dict):
+            fail(f"a mapping for section {tp.__name__}")
+        return _build(tp, value, key + ".", src)
+    if origin in (list, tuple) or tp in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            fail(f"a list ({_type_name(tp)})")
+        args = get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(args) != len(value):
+                fail(f"a list of {len(args)} items")
+            return tuple(_coerce(v, a, f"{key}[{i}]", src) for i, (v, a) in enumerate(zip(value, args)))
+        elem = args[0] if args else Any
+        items = [_coerce(v, elem, f"{key}[{i}]", src) for i, v in enumerate(value)]
+        return tuple(items) if (origin is tuple or tp is tuple) else items
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            fail("a mapping")
+        args = get_args(tp)
+        vt = args[1] if len(args) == 2 else Any
+        return {str(k): _coerce(v, vt, f"{key}.{k}", src) for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        fail("true or false")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        fail("an integer")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        fail("a number")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        fail("a string")
+    if isinstance(tp, type) and isinstance(value, tp):
+        return value
+    fail(_type_name(tp))
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str, src: _Source) -> Any:
+    """Build dataclass `cls` from `data` over its defaults (or over a registered variant)."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in fields(cls) if f.init]
+    for k in data:
+        if k not in names:
+            raise ConfigError(f"{src.where(prefix + k)}: unknown key '{prefix}{k}'"
+                              f"{suggest(k, names)}; valid keys of '{prefix.rstrip('.') or 'top level'}': "
+                              f"{', '.join(names)}")
+    base = cls()
+    if "variant" in names and data.get("variant"):
+        vname = data["variant"]
+        if vname not in MODELS:
+            raise ConfigError(f"{src.where(prefix + 'variant')}: unknown model variant {vname!r}"
+                              f"{suggest(str(vname), list(MODELS))}; `mm3d models` lists them")
+        preset = MODELS.get(vname).config
+        if not isinstance(preset, cls):
+            raise ConfigError(f"{src.where(prefix + 'variant')}: variant {vname!r} is a "
+                              f"{type(preset).__name__}, but '{prefix.rstrip('.')}' needs a {cls.__name__}")
+        base = dataclasses.replace(preset)
+    kwargs = {}
+    for name in names:
+        if name in data:
+            kwargs[name] = _coerce(data[name], hints[name], prefix + name, src)
+        else:
+            kwargs[name] = getattr(base, name)
+    obj = cls(**kwargs)
+    check = getattr(obj, "validate", None)
+    if callable(check):
+        try:
+            check()
+        except ValueError as e:
+            raise ConfigError(f"section '{prefix.rstrip('.') or 'top level'}': {e}") from None
+    return obj
+
+
+def config_from_dict(cls: type, data: dict[str, Any], file: str | None = None,
+                     lines: dict[str, int] | None = None, cli: dict[str, Any] | None = None) -> Any:
+    """Build and validate config class `cls` from a (merged) mapping."""
+    return _build(cls, data, "", _Source(file, lines or {}, cli or {}))
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (),
+                task: str | None = None) -> RunConfig:
+    """Load a run config: the task's dataclass defaults <- YAML `path` <- `overrides`.
+
+    The task comes from `task`, else an override ``task=...``, else the YAML's ``task`` key.
+    """
+    data, lines = read_yaml(path) if path else ({}, {})
+    cli = parse_overrides(list(overrides))
+    merged = deep_merge(data, cli)
+    name = task or merged.get("task")
+    if not name:
+        raise ConfigError(f"{path or 'command line'}: no 'task' key; known tasks: {', '.join(TASKS)}")
+    if name not in TASKS:
+        raise ConfigError(f"{_Source(str(path) if path else None, lines, cli).where('task')}: "
+                          f"unknown task {name!r}{suggest(str(name), list(TASKS))}; known: {', '.join(TASKS)}")
+    merged["task"] = name
+    return config_from_dict(TASKS.get(name).config_class, merged, str(path) if path else None, lines, cli)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain-data copy of a config (tuples become lists), safe for YAML, JSON and checkpoints."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

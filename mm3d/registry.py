@@ -1,0 +1,131 @@
+"""Named registries: model variants, tasks and synthetic-data generators.
+
+The core never imports a modality. `mm3d.video` and `mm3d.pointcloud` add their entries when
+they are imported; :func:`load_modalities` (called by the CLI and the tests) imports both.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Generic, Iterator, TypeVar
+
+T = TypeVar("T")
+
+MODALITIES = ("mm3d.pointcloud", "mm3d.video")
+
+
+class Registry(Generic[T]):
+    """A name -> entry mapping that refuses duplicates and suggests the closest name on a miss."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._entries: dict[str, T] = {}
+
+    def add(self, name: str, entry: T) -> T:
+        if name in self._entries:
+            raise KeyError(f"{self.kind} {name!r} is already registered")
+        self._entries[name] = entry
+        return entry
+
+    def get(self, name: str) -> T:
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise KeyError(f"unknown {self.kind} {name!r}{suggest(name, self._entries)}; "
+                           f"known: {', '.join(sorted(self._entries)) or '(none)'}") from None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(self._entries))
+
+    def items(self) -> list[tuple[str, T]]:
+        return sorted(self._entries.items())
+
+
+def suggest(name: str, candidates) -> str:
+    """Return `" (did you mean 'x'?)"` for the closest candidate, or an empty string."""
+    close = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.5)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+@dataclass(frozen=True)
+class ModelVariant:
+    """A named architecture preset.
+
+    `config` is a dataclass instance of the modality's model-config class holding the preset's
+    values; YAML and command-line keys are merged on top of it. `description` is shown by
+    `mm3d models`.
+    """
+
+    name: str
+    modality: str
+    config: Any
+    description: str = ""
+
+
+MODELS: Registry[ModelVariant] = Registry("model variant")
+TASKS: Registry[Any] = Registry("task")
+SYNTH: Registry[Callable[..., Any]] = Registry("synthetic dataset kind")
+CONVERTERS: Registry[Callable[..., Any]] = Registry("checkpoint converter")
+
+
+def register_variant(name: str, modality: str, config: Any, description: str = "") -> ModelVariant:
+    """Register an architecture preset under `name` (e.g. ``pointmae_small``)."""
+    return MODELS.add(name, ModelVariant(name, modality, config, description))
+
+
+def variant_config(name: str) -> Any:
+    """A fresh copy of the preset config registered as `name`."""
+    return replace(MODELS.get(name).config)
+
+
+def register_task(task: Any) -> Any:
+    """Register a task object (see :class:`mm3d.task.Task`) under `task.name`."""
+    TASKS.add(task.name, task)
+    return task
+
+
+def register_synth(kind: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator: register a synthetic-dataset writer `fn(out_dir, *, seed, size, **kw)`."""
+
+    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+        SYNTH.add(kind, fn)
+        return fn
+
+    return deco
+
+
+def register_converter(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator: register a checkpoint converter `fn(src, dst, **kw)` for `mm3d convert --from`."""
+
+    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+        CONVERTERS.add(name, fn)
+        return fn
+
+    return deco
+
+
+_loaded: list[str] = []
+
+
+def load_modalities() -> list[str]:
+    """Import every modality package so that its variants, tasks and generators are registered.
+
+    Returns the names of the modalities that are present. A modality that fails to import for
+    a reason other than being absent raises, so a broken install is never silently hidden.
+    """
+    if _loaded:
+        return list(_loaded)
+    for mod in MODALITIES:
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as e:  # the package itself is absent
+            if e.name == mod:
+                continue
+            raise
+        _loaded.append(mod)
+    return list(_loaded)

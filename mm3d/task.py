@@ -1,0 +1,115 @@
+"""The contract between a task (what is learned) and the trainer (how it is run).
+
+A *model* takes a batch (a dict of tensors, collated from dataset samples) and returns a
+dataclass derived from :class:`ModelOutput` whose ``loss`` is a scalar tensor. A *task* is a
+small object that knows how to build the model and datasets from its config and how to score a
+model on a split. The trainer calls every task the same way and never branches on modality.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Iterable
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+
+@dataclass
+class ModelOutput:
+    """Base of every model output. `loss`: () scalar tensor (None only in pure inference)."""
+
+    loss: torch.Tensor | None
+
+
+@dataclass
+class EvalResult:
+    """Metrics of one split, plus optional per-sample artefacts a task wants to write.
+
+    `metrics`: flat name -> float, e.g. ``{"loss": 0.1, "acc": 0.9}``.
+    `artifacts`: anything the task's `write_report` understands (predictions, confusion).
+    """
+
+    metrics: dict[str, float]
+    artifacts: dict[str, Any] | None = None
+
+
+class Task:
+    """Base class of a task. Subclasses set `name`, `config_class` and override the builders."""
+
+    name: ClassVar[str] = ""
+    modality: ClassVar[str] = ""
+    config_class: ClassVar[type] = object
+    description: ClassVar[str] = ""
+
+    def build_model(self, cfg: Any) -> nn.Module:
+        raise NotImplementedError
+
+    def build_datasets(self, cfg: Any, splits: Iterable[str]) -> dict[str, Dataset]:
+        """Return the requested splits (``train``, ``val``, ``test``) that exist for this task."""
+        raise NotImplementedError
+
+    def collate_fn(self, cfg: Any) -> Callable[[list[Any]], Any] | None:
+        """Custom collate (None: torch's default stacking)."""
+        return None
+
+    def batch_transform(self, cfg: Any, device: torch.device) -> Callable[[Any], Any] | None:
+        """Optional on-device transform of a training batch (e.g. mixup); None for none."""
+        return None
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, loader: Iterable[Any], cfg: Any, device: torch.device,
+                 split: str) -> EvalResult:
+        """Default: the mean loss over the split (sample-weighted, reduced across ranks)."""
+        from mm3d.distributed import all_reduce_sum
+        from mm3d.trainer import move_to_device
+
+        model.eval()
+        total = torch.zeros(2, dtype=torch.float64, device=device)
+        for batch in loader:
+            batch = move_to_device(batch, device)
+            out = model(batch)
+            n = batch_size_of(batch)
+            total += torch.tensor([float(out.loss) * n, n], dtype=torch.float64, device=device)
+        total = all_reduce_sum(total)
+        return EvalResult({"loss": float(total[0] / total[1].clamp(min=1))})
+
+    def init_weights(self, model: nn.Module, path: str, cfg: Any) -> list[str]:
+        """Load `cfg.init` weights into `model`; return human-readable notes for the log."""
+        from mm3d.checkpoint import load_model_weights
+
+        return load_model_weights(model, path, allow_pickle=cfg.allow_pickle)
+
+    def write_report(self, run_dir: Path, model: nn.Module, cfg: Any, results: dict[str, EvalResult],
+                     datasets: dict[str, Dataset], device: torch.device) -> list[Path]:
+        """After training (rank 0 only): pictures and reports. Returns the files written."""
+        return []
+
+    def visualize(self, model: nn.Module, cfg: Any, *, inputs: list[str], dataset_index: int | None,
+                  out_dir: Path, interactive: bool, seed: int, device: torch.device) -> list[Path]:
+        """`mm3d visualize`: render reconstructions of files or dataset items; return files written."""
+        raise NotImplementedError(f"task {self.name!r} has no visualisation")
+
+    def predict(self, model: nn.Module, cfg: Any, inputs: list[str], *, topk: int,
+                label_map: str | None, device: torch.device) -> list[dict[str, Any]]:
+        """`mm3d predict`: one dict per input file: ``{"input", "topk": [(name, prob), ...]}``."""
+        raise NotImplementedError(f"task {self.name!r} does not predict classes")
+
+
+def batch_size_of(batch: Any) -> int:
+    """Number of samples in a collated batch (first tensor's leading dimension)."""
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0])
+    if isinstance(batch, dict):
+        for v in batch.values():
+            n = batch_size_of(v)
+            if n:
+                return n
+    if isinstance(batch, (list, tuple)):
+        for v in batch:
+            n = batch_size_of(v)
+            if n:
+                return n
+    return 0

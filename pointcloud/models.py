@@ -1,0 +1,1 @@
+"""Point clouds: models (being written)."""

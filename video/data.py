@@ -1,0 +1,1 @@
+"""Video: data (being written)."""

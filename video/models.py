@@ -1,0 +1,1 @@
+"""Video: models (being written)."""

@@ -1,0 +1,1 @@
+"""Video: transforms (being written)."""

@@ -1,0 +1,1 @@
+"""Video: visualize (being written)."""
