@@ -74,6 +74,9 @@ class TrainConfig:
     keep_best: int = 1
     best_metric: str = "loss"  # key of the validation metrics used to rank checkpoints
     best_mode: Literal["min", "max"] = "min"
+    # which split picks the reported checkpoint: "val" (honest default; falls back to "last" when
+    # the task has no val split), "test" (the papers' protocol, labelled so in every output), "last"
+    select_on: Literal["val", "test", "last"] = "val"
     resume: str = ""  # "" (fresh) | "auto" (latest in the run dir, if any) | a checkpoint path
     ema: bool = False
     ema_decay: float = 0.9999
@@ -103,7 +106,9 @@ class RunConfig:
     name: str = "run"
     output_dir: str = ""  # default: runs/<name>
     seed: int = 0
+    seeds: list[int] = field(default_factory=list)  # run once per seed and report mean ± std
     deterministic: bool = False
+    checkpoint: str = ""  # `mm3d evaluate`: the checkpoint to score
     init: str = ""  # weights to start from (a pretraining checkpoint, converted official weights)
     allow_pickle: bool = False  # load foreign checkpoints that need pickle (trusted files only)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -241,7 +246,11 @@ def _coerce(value: Any, tp: Any, key: str, src: _Source) -> Any:
                 errors.append(e)
         fail(" or ".join(_type_name(a) for a in args if a is not type(None)))
     if origin is Literal:
-        if value in get_args(tp):
+        if isinstance(value, bool):  # YAML 1.1 reads off/on/no/yes as booleans
+            for word in (("off", "false", "no") if not value else ("on", "true", "yes")):
+                if word in get_args(tp):
+                    return word
+        if value in get_args(tp) and not isinstance(value, bool):
             return value
         fail("one of " + ", ".join(repr(a) for a in get_args(tp)))
     if is_dataclass(tp):

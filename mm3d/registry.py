@@ -71,6 +71,8 @@ MODELS: Registry[ModelVariant] = Registry("model variant")
 TASKS: Registry[Any] = Registry("task")
 SYNTH: Registry[Callable[..., Any]] = Registry("synthetic dataset kind")
 CONVERTERS: Registry[Callable[..., Any]] = Registry("checkpoint converter")
+# extra `mm3d data NAME` subcommands: name -> (help, add_arguments(parser), run(args) -> int)
+DATA_COMMANDS: Registry[tuple[str, Callable[..., Any], Callable[..., Any]]] = Registry("data command")
 
 
 def register_variant(name: str, modality: str, config: Any, description: str = "") -> ModelVariant:

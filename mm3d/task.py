@@ -97,6 +97,18 @@ class Task:
         """`mm3d predict`: one dict per input file: ``{"input", "topk": [(name, prob), ...]}``."""
         raise NotImplementedError(f"task {self.name!r} does not predict classes")
 
+    def bench_peer(self, cfg: Any, model: nn.Module, batch: Any, device: torch.device
+                   ) -> tuple[str, Callable[[], Any]] | None:
+        """`mm3d bench`: an equivalent training step of a peer implementation, timed alongside ours.
+
+        Returns ``(name, step_fn)`` where ``step_fn()`` runs forward + backward + optimizer step.
+        """
+        return None
+
+    def bench_extra(self, cfg: Any, device: torch.device) -> list[dict[str, Any]]:
+        """`mm3d bench`: further timings (e.g. ops against brute force), one dict per row."""
+        return []
+
 
 def batch_size_of(batch: Any) -> int:
     """Number of samples in a collated batch (first tensor's leading dimension)."""

@@ -1,0 +1,5 @@
+import sys
+
+from mm3d.cli import main
+
+sys.exit(main())

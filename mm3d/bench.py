@@ -1,0 +1,181 @@
+"""`mm3d bench`: time training steps of any task config and count their FLOPs.
+
+One JSON line: samples/s, ms/step (median over `bench.steps` after `bench.warmup`), model FLOPs per
+sample for a training step (forward + backward, from ``torch.utils.flop_counter`` with SDPA
+attention counted on every device), achieved GFLOP/s, peak memory (CUDA allocator or process
+RSS), and, when the task offers one, the same step of a peer implementation timed alternately in
+the same process with the ratio. `bench.data_loader=true` adds loader throughput.
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+from typing import Any, Callable
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop, sdpa_flop
+
+from mm3d.config import RunConfig, to_dict
+from mm3d.data import ResumableSampler, build_loader
+from mm3d.distributed import DistInfo, resolve_device
+from mm3d.registry import TASKS
+from mm3d.trainer import build_optimizer, move_to_device, peak_lr, seed_everything
+from mm3d.task import batch_size_of
+
+_aten = torch.ops.aten
+
+
+def _cpu_sdpa_fwd(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop(query_shape, key_shape, value_shape)
+
+
+def _cpu_sdpa_bwd(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_backward_flop(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+def flop_counter() -> FlopCounterMode:
+    """A FlopCounterMode that also counts the CPU flash-attention kernels (not counted by torch)."""
+    mapping: dict[Any, Callable[..., int]] = {}
+    fwd = getattr(_aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    bwd = getattr(_aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+    if fwd is not None:
+        mapping[fwd] = _cpu_sdpa_fwd
+    if bwd is not None:
+        mapping[bwd] = _cpu_sdpa_bwd
+    return FlopCounterMode(display=False, custom_mapping=mapping)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(step: Callable[[], Any], device: torch.device, warmup: int, steps: int) -> list[float]:
+    """Seconds per call of `step` after `warmup` untimed calls."""
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    out = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        step()
+        _sync(device)
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def run_bench(cfg: RunConfig) -> dict[str, Any]:
+    """Benchmark one training step of `cfg` (see module docstring)."""
+    task = TASKS.get(cfg.task)
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.train.device, DistInfo())
+    amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.train.precision]
+    model = task.build_model(cfg).to(device).train()
+    ds = task.build_datasets(cfg, ["train"])["train"]
+    sampler = ResumableSampler(len(ds), shuffle=True, seed=cfg.seed)
+    loader = build_loader(ds, batch_size=cfg.train.batch_size, sampler=sampler, num_workers=cfg.train.num_workers,
+                          collate_fn=task.collate_fn(cfg), drop_last=False, pin_memory=False, seed=cfg.seed)
+    batch = move_to_device(next(iter(loader)), device)
+    tf = task.batch_transform(cfg, device)
+    if tf is not None:
+        batch = tf(batch)
+    bsz = batch_size_of(batch)
+    optimizer = build_optimizer(model, cfg, peak_lr(cfg, 1))
+    scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)
+
+    def autocast():
+        return torch.autocast(device.type, dtype=amp, enabled=amp is not None)
+
+    def fwd_bwd() -> None:
+        with autocast():
+            loss = model(batch).loss
+        scaler.scale(loss).backward()
+
+    def step() -> None:
+        fwd_bwd()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+    with flop_counter() as fc:
+        fwd_bwd()
+    optimizer.zero_grad(set_to_none=True)
+    train_flops = fc.get_total_flops()
+    with torch.no_grad(), flop_counter() as fc_fwd, autocast():
+        model(batch)
+    fwd_flops = fc_fwd.get_total_flops()
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    peer = task.bench_peer(cfg, model, batch, device) if cfg.bench.peer else None
+    ours: list[float] = []
+    theirs: list[float] = []
+    time_steps(step, device, cfg.bench.warmup, 0)
+    if peer is not None:
+        time_steps(peer[1], device, cfg.bench.warmup, 0)
+    for _ in range(cfg.bench.steps):  # alternate so both see the same machine conditions
+        ours += time_steps(step, device, 0, 1)
+        if peer is not None:
+            theirs += time_steps(peer[1], device, 0, 1)
+    med = statistics.median(ours)
+    result: dict[str, Any] = {
+        "config": cfg.name,
+        "task": cfg.task,
+        "variant": getattr(getattr(cfg, "model", None), "variant", ""),
+        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "precision": cfg.train.precision,
+        "batch_size": bsz,
+        "threads": torch.get_num_threads(),
+        "ms_per_step": round(med * 1e3, 2),
+        "samples_per_s": round(bsz / med, 3),
+        "train_gflops_per_sample": round(train_flops / bsz / 1e9, 4),
+        "fwd_gflops_per_sample": round(fwd_flops / bsz / 1e9, 4),
+        "achieved_gflops_per_s": round(train_flops / med / 1e9, 2),
+        "peak_mem_mb": round(peak_memory_mb(device), 1),
+        "torch": torch.__version__,
+    }
+    if peer is not None:
+        pmed = statistics.median(theirs)
+        result["peer"] = peer[0]
+        result["peer_ms_per_step"] = round(pmed * 1e3, 2)
+        result["speedup_vs_peer"] = round(pmed / med, 3)
+    if cfg.bench.data_loader:
+        result.update(bench_loader(cfg, task, ds))
+    extra = task.bench_extra(cfg, device)
+    if extra:
+        result["extra"] = extra
+    return result
+
+
+def bench_loader(cfg: RunConfig, task: Any, ds: Any) -> dict[str, Any]:
+    """Training-loader throughput over `bench.loader_batches` batches (first batch excluded)."""
+    workers = cfg.train.num_workers
+    sampler = ResumableSampler(len(ds), shuffle=True, seed=cfg.seed)
+    loader = build_loader(ds, batch_size=cfg.train.batch_size, sampler=sampler, num_workers=workers,
+                          collate_fn=task.collate_fn(cfg), drop_last=False, pin_memory=False, seed=cfg.seed)
+    it = iter(loader)
+    next(it)
+    n, t = 0, time.perf_counter()
+    for _ in range(cfg.bench.loader_batches):
+        try:
+            n += batch_size_of(next(it))
+        except StopIteration:
+            break
+    dt = time.perf_counter() - t
+    rate = n / max(dt, 1e-9)
+    return {"loader_samples_per_s": round(rate, 2), "loader_workers": workers,
+            "loader_samples_per_s_per_worker": round(rate / max(1, workers), 2), "loader_samples": n}
+
+
+def describe(cfg: RunConfig) -> dict[str, Any]:
+    """The settings a benchmark row depends on (for BENCHMARKS.md)."""
+    d = to_dict(cfg)
+    return {"model": d.get("model"), "train": {k: d["train"][k] for k in ("batch_size", "precision", "device")}}

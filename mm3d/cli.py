@@ -1,0 +1,310 @@
+"""The `mm3d` command. This module is the one place that knows both modalities: it imports them
+(:func:`mm3d.registry.load_modalities`) so their variants, tasks, converters and synthetic-data
+kinds are registered, then dispatches every subcommand through the core registries.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+log = logging.getLogger("mm3d")
+
+
+def _setup() -> None:
+    from mm3d.registry import load_modalities
+    from mm3d.trainer import setup_logging
+
+    import mm3d.toy  # noqa: F401  (the core's own toy task)
+
+    setup_logging()
+    load_modalities()
+
+
+def _load(args: argparse.Namespace):
+    from mm3d.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from mm3d.registry import TASKS
+    from mm3d.trainer import run
+
+    cfg = _load(args)
+    stage = getattr(TASKS.get(cfg.task), "stage", "")
+    if stage and stage != args.command:
+        log.warning("config task %r is a %s task, started with `mm3d %s`", cfg.task, stage, args.command)
+    results = run(cfg)
+    summary = {k: v for k, v in results.items() if k not in ("history", "per_seed")}
+    print(json.dumps(summary, indent=1, default=str))
+    return 0
+
+
+def _model_from_checkpoint(path: str, allow_pickle: bool, overrides: Sequence[str] = ()):
+    """Rebuild the task, config and model stored in one of our checkpoints."""
+    from mm3d.checkpoint import CheckpointError, load_checkpoint, load_model_weights
+    from mm3d.config import config_from_dict, deep_merge, parse_overrides
+    from mm3d.registry import TASKS
+
+    ck = load_checkpoint(path, allow_pickle=allow_pickle)
+    if not ck.get("config"):
+        raise CheckpointError(f"{path} holds no config (converted weights?): pass a config with "
+                              f"init={path} to `mm3d finetune`/`mm3d evaluate` instead")
+    data = deep_merge(ck["config"], parse_overrides(list(overrides)))
+    data["seeds"] = []
+    task = TASKS.get(data["task"])
+    cfg = config_from_dict(task.config_class, data, file=f"{path} (stored config)")
+    model = task.build_model(cfg)
+    load_model_weights(model, ck)
+    return task, cfg, model.eval()
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from mm3d.checkpoint import load_model_weights
+    from mm3d.distributed import init_distributed
+    from mm3d.registry import TASKS
+    from mm3d.trainer import Trainer, _jsonable
+
+    cfg = _load(args)
+    if not cfg.checkpoint:
+        raise SystemExit("mm3d evaluate: give the weights to score with checkpoint=PATH")
+    cfg = replace(cfg, output_dir=str(cfg.run_dir / "eval"), init="", train=replace(cfg.train, resume=""))
+    trainer = Trainer(cfg, TASKS.get(cfg.task))
+    for note in load_model_weights(trainer.model, cfg.checkpoint, allow_pickle=cfg.allow_pickle):
+        log.info("%s", note)
+    results: dict[str, Any] = {"checkpoint": cfg.checkpoint}
+    evals = {}
+    for split in ("val", "test"):
+        if split in trainer.datasets:
+            res = trainer.evaluate(split, trainer.model)
+            results[split] = res.metrics
+            evals[split] = res
+    info, device = init_distributed(cfg.train.device)
+    if info.is_main:
+        files = trainer.task.write_report(trainer.run_dir, trainer.model, cfg, evals, trainer.datasets, device)
+        results["files"] = [str(f) for f in files]
+        (trainer.run_dir / "results.json").write_text(json.dumps(_jsonable(results), indent=1))
+        print(json.dumps(_jsonable(results), indent=1))
+    return 0
+
+
+def cmd_visualize(args: argparse.Namespace) -> int:
+    import torch
+
+    from mm3d.distributed import DistInfo, resolve_device
+
+    device = resolve_device(args.device, DistInfo())
+    task, cfg, model = _model_from_checkpoint(args.checkpoint, args.allow_pickle, args.overrides)
+    if not args.input and args.dataset_index is None:
+        raise SystemExit("mm3d visualize: give --input FILE or --dataset-index I")
+    torch.manual_seed(args.seed)
+    files = task.visualize(model.to(device), cfg, inputs=args.input or [], dataset_index=args.dataset_index,
+                           out_dir=Path(args.out), interactive=args.interactive, seed=args.seed, device=device)
+    for f in files:
+        print(f)
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from mm3d.distributed import DistInfo, resolve_device
+
+    device = resolve_device(args.device, DistInfo())
+    task, cfg, model = _model_from_checkpoint(args.checkpoint, args.allow_pickle, args.overrides)
+    rows = task.predict(model.to(device), cfg, args.inputs, topk=args.topk, label_map=args.label_map, device=device)
+    for row in rows:
+        if args.json:
+            print(json.dumps(row))
+        else:
+            print(row["input"])
+            for name, p in row["topk"]:
+                print(f"  {p:7.2%}  {name}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from mm3d.bench import run_bench
+
+    print(json.dumps(run_bench(_load(args))))
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from mm3d.registry import CONVERTERS
+
+    fn = CONVERTERS.get(args.source)
+    for line in fn(args.src, args.dst, allow_pickle=args.allow_pickle):
+        print(line)
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from mm3d.registry import MODELS
+
+    for name, v in MODELS.items():
+        if args.modality and v.modality != args.modality:
+            continue
+        if args.verbose:
+            print(f"{name:24s} {v.modality:10s} {v.description}\n    {asdict(v.config)}")
+        else:
+            print(f"{name:24s} {v.modality:10s} {v.description}")
+    return 0
+
+
+def cmd_tasks(args: argparse.Namespace) -> int:
+    from mm3d.registry import TASKS
+
+    for name, t in TASKS.items():
+        print(f"{name:24s} {t.modality:10s} {t.description}")
+    return 0
+
+
+def cmd_data_synth(args: argparse.Namespace) -> int:
+    from mm3d.registry import SYNTH
+
+    fn = SYNTH.get(args.kind)
+    summary = fn(Path(args.out), seed=args.seed, scale=args.scale)
+    print(json.dumps({"kind": args.kind, "out": args.out, **(summary or {})}, default=str))
+    return 0
+
+
+def cmd_data_check(args: argparse.Namespace) -> int:
+    """Build every split of a config and read each sample once, reporting counts and failures."""
+    from mm3d.registry import TASKS
+
+    cfg = _load(args)
+    task = TASKS.get(cfg.task)
+    datasets = task.build_datasets(cfg, ["train", "val", "test"])
+    report: dict[str, Any] = {}
+    ok = True
+    for split, ds in datasets.items():
+        n = len(ds) if args.limit <= 0 else min(len(ds), args.limit)
+        errors = []
+        for i in range(n):
+            try:
+                ds[i]
+            except Exception as e:  # report every bad sample, then fail once at the end
+                errors.append(f"sample {i}: {type(e).__name__}: {e}")
+        report[split] = {"samples": len(ds), "checked": n, "errors": len(errors), "first_errors": errors[:5]}
+        ok &= not errors
+    print(json.dumps(report, indent=1))
+    return 0 if ok else 1
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from mm3d.demo import run_demo
+
+    return run_demo(Path(args.out), only=args.only, quick=args.quick)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mm3d", description="Masked modeling for video and 3D point clouds.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_config(name: str, help: str, fn) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help, description=help)
+        sp.add_argument("config", help="YAML config (configs/...)")
+        sp.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+        sp.set_defaults(fn=fn)
+        return sp
+
+    with_config("pretrain", "Pretrain a model (VideoMAE / Point-MAE) from a config.", cmd_train)
+    with_config("finetune", "Fine-tune a model from a config (init=CKPT for pretrained weights; "
+                "seeds=[0,1,2] for several seeds).", cmd_train)
+    with_config("evaluate", "Evaluate checkpoint=PATH on the config's val/test splits.", cmd_evaluate)
+    with_config("bench", "Time training steps and count FLOPs; prints one JSON line.", cmd_bench)
+
+    def ckpt_args(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--checkpoint", required=True, help="one of our checkpoints (holds its config)")
+        sp.add_argument("--device", default="auto")
+        sp.add_argument("--allow-pickle", action="store_true", help="trust a checkpoint that needs pickle")
+        sp.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="key=value",
+                        help="override keys of the stored config (e.g. data.root=...)")
+
+    sp = sub.add_parser("visualize", help="Render reconstructions of a pretrained model.")
+    ckpt_args(sp)
+    sp.add_argument("--input", nargs="*", help="video or point-cloud file(s)")
+    sp.add_argument("--dataset-index", type=int, help="use sample I of the checkpoint's dataset instead")
+    sp.add_argument("--out", required=True, help="output directory")
+    sp.add_argument("--seed", type=int, default=0, help="seed of the mask")
+    sp.add_argument("--interactive", action="store_true", help="open a window (needs a display)")
+    sp.set_defaults(fn=cmd_visualize)
+
+    sp = sub.add_parser("predict", help="Classify files with a fine-tuned checkpoint; prints the top-k.")
+    ckpt_args(sp)
+    sp.add_argument("inputs", nargs="+", help="video or point-cloud files")
+    sp.add_argument("--label-map", help="class names, one per line")
+    sp.add_argument("--topk", type=int, default=5)
+    sp.add_argument("--json", action="store_true", help="one JSON object per input")
+    sp.set_defaults(fn=cmd_predict)
+
+    sp = sub.add_parser("convert", help="Convert official / Hugging Face checkpoints (and ours to HF).")
+    sp.add_argument("--from", dest="source", required=True,
+                    help="converter name, e.g. pointmae-official, videomae-official, videomae-hf, to-hf")
+    sp.add_argument("src")
+    sp.add_argument("dst")
+    sp.add_argument("--allow-pickle", action="store_true", help="trust a file that needs pickle")
+    sp.set_defaults(fn=cmd_convert)
+
+    sp = sub.add_parser("models", help="List the registered model variants.")
+    sp.add_argument("--modality", choices=["video", "pointcloud"])
+    sp.add_argument("-v", "--verbose", action="store_true", help="show every hyper-parameter")
+    sp.set_defaults(fn=cmd_models)
+
+    sp = sub.add_parser("tasks", help="List the registered tasks (the `task:` key of a config).")
+    sp.set_defaults(fn=cmd_tasks)
+
+    data = sub.add_parser("data", help="Dataset tools: synth, check.")
+    dsub = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
+    sp = dsub.add_parser("synth", help="Write a synthetic dataset in a real on-disk format.")
+    sp.add_argument("kind", help="modelnet40 | shapenet55 | shapenetpart | scanobjectnn | video")
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--scale", choices=["tiny", "small"], default="small")
+    sp.set_defaults(fn=cmd_data_synth)
+    sp = dsub.add_parser("check", help="Read every sample of a config's datasets and report errors.")
+    sp.add_argument("config")
+    sp.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    sp.add_argument("--limit", type=int, default=0, help="check at most N samples per split (0: all)")
+    sp.set_defaults(fn=cmd_data_check)
+    from mm3d.registry import DATA_COMMANDS
+
+    for name, (help_text, add_args, fn) in DATA_COMMANDS.items():
+        sp = dsub.add_parser(name, help=help_text, description=help_text)
+        add_args(sp)
+        sp.set_defaults(fn=fn)
+
+    sp = sub.add_parser("demo", help="The main job: synthetic data -> pretrain -> fine-tune -> evaluate -> pictures.")
+    sp.add_argument("--out", default="demo_out")
+    sp.add_argument("--only", choices=["pointcloud", "video"], help="run one modality only")
+    sp.add_argument("--quick", action="store_true", help="a much shorter run (smoke test)")
+    sp.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    _setup()
+    args = build_parser().parse_args(argv)
+    from mm3d.checkpoint import CheckpointError
+    from mm3d.config import ConfigError
+
+    try:
+        return int(args.fn(args) or 0)
+    except (ConfigError, CheckpointError) as e:
+        print(f"mm3d {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except NotImplementedError as e:
+        print(f"mm3d {args.command}: not available: {e}", file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())
