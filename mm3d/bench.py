@@ -138,6 +138,8 @@ def run_bench(cfg: RunConfig) -> dict[str, Any]:
         "samples_per_s": round(bsz / med, 3),
         "train_gflops_per_sample": round(train_flops / bsz / 1e9, 4),
         "fwd_gflops_per_sample": round(fwd_flops / bsz / 1e9, 4),
+        "train_flops_per_sample": train_flops // bsz,
+        "fwd_flops_per_sample": fwd_flops // bsz,
         "achieved_gflops_per_s": round(train_flops / med / 1e9, 2),
         "peak_mem_mb": round(peak_memory_mb(device), 1),
         "torch": torch.__version__,
