@@ -1,1 +1,693 @@
-"""Point clouds: datasets (being written)."""
+"""Point-cloud datasets in their official on-disk layouts.
+
+Each dataset returns a dict of tensors per sample (the default collate stacks them):
+
+=================  ====================================================================
+dataset            keys
+=================  ====================================================================
+ShapeNet55         ``points`` (N, 3), ``label`` () synset index
+ModelNet           ``points`` (N, 3), ``label`` (), ``normals`` (N, 3) with use_normals
+ScanObjectNN       ``points`` (N, 3), ``label`` ()
+ShapeNetPart       ``points`` (N, 3), ``cls_label`` () category, ``seg`` (N,) global part id,
+                   ``normals`` (N, 3) with use_normals
+PointFolder        ``points`` (N, 3)
+=================  ====================================================================
+
+Datasets only normalise (centre, unit sphere) and sample points; augmentations are applied to
+whole batches on the device by the task (see :mod:`mm3d.pointcloud.transforms`). Random point
+sampling uses torch's global generator (seeded per DataLoader worker) unless ``seed`` is given,
+in which case sample ``i`` always gets the same points (use it for evaluation splits).
+
+Cheap checks run at construction (list files, listed files, class names, label ranges); file
+contents are checked when read, with errors naming the file and line. ModelNet and ShapeNetPart
+parse their text files once into a cache (see :func:`load_or_build_cache`), so all of their
+content checks run before training starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Callable, Literal, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from mm3d.pointcloud.io import POINT_EXTENSIONS, data_row_line, read_points, read_text_points
+from mm3d.pointcloud.transforms import normalize_unit_sphere, sample_indices
+
+log = logging.getLogger(__name__)
+
+# ----------------------------------------------------------------------------------------------
+# Official constants
+# ----------------------------------------------------------------------------------------------
+
+#: The 16 ShapeNetPart categories and their synsets, in ``synsetoffset2category.txt`` order.
+SHAPENETPART_CATEGORIES: dict[str, str] = {
+    "Airplane": "02691156", "Bag": "02773838", "Cap": "02954340", "Car": "02958343",
+    "Chair": "03001627", "Earphone": "03261776", "Guitar": "03467517", "Knife": "03624134",
+    "Lamp": "03636649", "Laptop": "03642806", "Motorbike": "03790512", "Mug": "03797390",
+    "Pistol": "03948459", "Rocket": "04099429", "Skateboard": "04225987", "Table": "04379243",
+}
+
+#: Category -> its global part ids (50 parts in all), the standard ShapeNetPart part sets.
+SHAPENETPART_SEG_CLASSES: dict[str, list[int]] = {
+    "Airplane": [0, 1, 2, 3], "Bag": [4, 5], "Cap": [6, 7], "Car": [8, 9, 10, 11],
+    "Chair": [12, 13, 14, 15], "Earphone": [16, 17, 18], "Guitar": [19, 20, 21],
+    "Knife": [22, 23], "Lamp": [24, 25, 26, 27], "Laptop": [28, 29],
+    "Motorbike": [30, 31, 32, 33, 34, 35], "Mug": [36, 37], "Pistol": [38, 39, 40],
+    "Rocket": [41, 42, 43], "Skateboard": [44, 45, 46], "Table": [47, 48, 49],
+}
+SHAPENETPART_NUM_PARTS = 50
+
+#: ScanObjectNN's 15 classes; the label is the index in this list.
+SCANOBJECTNN_CLASSES: tuple[str, ...] = (
+    "bag", "bin", "box", "cabinet", "chair", "desk", "display", "door", "shelf", "table",
+    "bed", "pillow", "sink", "sofa", "toilet")
+
+#: ScanObjectNN variant -> (folder, train file, test file), as the official h5 release names them.
+SCANOBJECTNN_FILES: dict[str, tuple[str, str, str]] = {
+    "OBJ_BG": ("main_split", "training_objectdataset.h5", "test_objectdataset.h5"),
+    "OBJ_ONLY": ("main_split_nobg", "training_objectdataset.h5", "test_objectdataset.h5"),
+    "PB_T50_RS": ("main_split", "training_objectdataset_augmentedrot_scale75.h5",
+                  "test_objectdataset_augmentedrot_scale75.h5"),
+}
+
+# ----------------------------------------------------------------------------------------------
+# Cache of preprocessed arrays
+# ----------------------------------------------------------------------------------------------
+
+
+def user_cache_dir() -> Path:
+    """``$MM3D_CACHE_DIR``, else ``$XDG_CACHE_HOME/mm3d``, else ``~/.cache/mm3d``."""
+    env = os.environ.get("MM3D_CACHE_DIR")
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "mm3d"
+
+
+def settings_digest(key: dict) -> str:
+    """A 16-hex-digit hash of a JSON-serialisable settings dict."""
+    return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def load_or_build_cache(stem: str, key: dict, dirs: Sequence[Path],
+                        build: Callable[[], dict[str, np.ndarray]]
+                        ) -> tuple[dict[str, np.ndarray], Path | None, bool]:
+    """Load arrays cached under `key`, or build and save them.
+
+    The file ``<stem>_<digest>.npz`` (digest of `key`) is looked for in each of `dirs`; when it
+    is absent everywhere, `build()` runs and its arrays are written to the first folder that
+    accepts them (atomically), or kept in memory only when none does (or `dirs` is empty).
+    Changing any setting in `key` changes the file name, so stale caches are never read.
+
+    Returns:
+        (arrays, path of the cache file or None when kept in memory, whether it was loaded).
+    """
+    digest = settings_digest(key)
+    name = f"{stem}_{digest}.npz"
+    for d in dirs:
+        path = Path(d) / name
+        if path.is_file():
+            try:
+                with np.load(path, allow_pickle=False) as z:
+                    arrays = {k: z[k] for k in z.files}
+            except (OSError, ValueError) as e:  # truncated or corrupt: rebuild
+                log.warning("ignoring unreadable cache %s (%s)", path, e)
+                continue
+            if str(arrays.pop("_digest", "")) == digest:
+                log.info("loaded cache %s", path)
+                return arrays, path, True
+    arrays = build()
+    if not dirs:
+        return arrays, None, False
+    for d in dirs:
+        path = Path(d) / name
+        tmp = path.with_name(f"{path.stem}.tmp{os.getpid()}.npz")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            np.savez(tmp, _digest=np.array(digest), **arrays)
+            os.replace(tmp, path)
+        except OSError as e:
+            log.warning("cannot write cache in %s (%s); trying the next location", d, e)
+            if tmp.parent.is_dir():
+                tmp.unlink(missing_ok=True)
+            continue
+        log.info("wrote cache %s", path)
+        return arrays, path, False
+    log.warning("no writable cache location among %s: keeping %s in memory only",
+                [str(d) for d in dirs], stem)
+    return arrays, None, False
+
+
+def _cache_dirs(root: Path, cache_dir: str | Path | None) -> list[Path]:
+    if cache_dir is not None:
+        return [Path(cache_dir)]
+    return [root / ".mm3d_cache", user_cache_dir()]
+
+
+def _item_generator(seed: int | None, index: int) -> torch.Generator | None:
+    if seed is None:
+        return None
+    return torch.Generator().manual_seed(int(seed) * 1_000_003 + int(index))
+
+
+def _read_lines(path: Path) -> list[tuple[int, str]]:
+    """Non-blank stripped lines of a list file with their 1-based line numbers."""
+    if not path.is_file():
+        raise FileNotFoundError(f"list file not found: {path}")
+    return [(i, s.strip()) for i, s in enumerate(path.read_text().splitlines(), start=1)
+            if s.strip()]
+
+
+def _resample(n_available: int, npoints: int, generator: torch.Generator | None
+              ) -> torch.Tensor:
+    """(npoints,) indices: random without replacement when possible, else with repeats."""
+    if n_available >= npoints:
+        return torch.randperm(n_available, generator=generator)[:npoints]
+    extra = torch.randint(n_available, (npoints - n_available,), generator=generator)
+    return torch.cat([torch.randperm(n_available, generator=generator), extra])
+
+
+# ----------------------------------------------------------------------------------------------
+# ShapeNet-55
+# ----------------------------------------------------------------------------------------------
+
+
+class ShapeNet55(Dataset):
+    """ShapeNet-55 as released by Point-BERT and used for Point-MAE pretraining.
+
+    Layout under `root` (``ShapeNet55-34/``)::
+
+        shapenet_pc/<synset>-<model id>.npy     (8192, 3) float32 each
+        ShapeNet-55/train.txt, test.txt         one file name per line, e.g. 02691156-1a04....npy
+
+    Each item takes `npoints` random points of the file (without replacement), then centres and
+    scales them to the unit sphere, as the official loader does. ``label`` is the index of the
+    synset in :attr:`synsets` (the sorted synsets of both lists).
+
+    Args:
+        root: the dataset folder.
+        split: ``train`` or ``test``.
+        npoints: points per sample (1024 for Point-MAE).
+        use_both_splits: train on train + test, as Point-BERT's pretraining does.
+        split_dir: the folder of the list files (``ShapeNet-34`` for that benchmark).
+        seed: fixed per-item sampling (see the module docstring).
+    """
+
+    def __init__(self, root: str | Path, split: Literal["train", "test"] = "train",
+                 npoints: int = 1024, *, use_both_splits: bool = False,
+                 split_dir: str = "ShapeNet-55", seed: int | None = None) -> None:
+        if split not in ("train", "test"):
+            raise ValueError(f"ShapeNet55 split must be 'train' or 'test', got {split!r}")
+        self.root = Path(root)
+        self.pc_dir = self.root / "shapenet_pc"
+        self.npoints, self.seed = int(npoints), seed
+        if not self.pc_dir.is_dir():
+            raise FileNotFoundError(f"ShapeNet55: point folder not found: {self.pc_dir}")
+        lists = {s: self.root / split_dir / f"{s}.txt" for s in ("train", "test")}
+        entries = {s: _read_lines(p) for s, p in lists.items()}
+        use = ["test", "train"] if use_both_splits else [split]
+        present = set(os.listdir(self.pc_dir))
+        self.files: list[str] = []
+        synset_of: list[str] = []
+        for s in use:
+            for line_no, name in entries[s]:
+                if "-" not in name:
+                    raise ValueError(f"{lists[s]}, line {line_no}: {name!r} is not "
+                                     f"'<synset>-<model id>.npy'")
+                if name not in present:
+                    raise FileNotFoundError(f"{lists[s]}, line {line_no}: listed file "
+                                            f"{self.pc_dir / name} does not exist")
+                self.files.append(name)
+                synset_of.append(name.split("-", 1)[0])
+        if not self.files:
+            listed = ", ".join(str(lists[s]) for s in use)
+            raise ValueError(f"ShapeNet55: no files listed in {listed}")
+        self.synsets = sorted({n.split("-", 1)[0] for lst in entries.values() for _, n in lst})
+        index = {s: i for i, s in enumerate(self.synsets)}
+        self.labels = torch.tensor([index[s] for s in synset_of], dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        path = self.pc_dir / self.files[i]
+        pts = torch.from_numpy(read_points(path)[:, :3])
+        idx = _resample(pts.shape[0], self.npoints, _item_generator(self.seed, i))
+        return {"points": normalize_unit_sphere(pts[idx]), "label": self.labels[i]}
+
+
+# ----------------------------------------------------------------------------------------------
+# ModelNet40 / ModelNet10
+# ----------------------------------------------------------------------------------------------
+
+
+class ModelNet(Dataset):
+    """ModelNet40 or ModelNet10 in the ``modelnet40_normal_resampled`` layout (PointNet++).
+
+    Layout under `root`::
+
+        modelnet40_shape_names.txt   class names, one a line; label = 0-based line index
+        modelnet40_train.txt         shape ids, one a line, e.g. airplane_0001
+        modelnet40_test.txt
+        <class>/<class>_0001.txt     lines x,y,z,nx,ny,nz (10,000 in the release)
+
+    (``modelnet10_*`` list files for `num_classes=10`.) The class is the id without its last
+    ``_NNNN``. Synthetic sets (``mm3d data synth modelnet40``) list only their own classes; the
+    number of classes is ``len(dataset.classes)``.
+
+    On first use every file is read once and reduced to `cache_points` points, by farthest point
+    sampling (start: the file's first point) or a fixed random subset, centred and scaled to the
+    unit sphere: the equivalent of Point-MAE's ``modelnet40_train_8192pts_fps.dat``. The cache is
+    an ``.npz`` whose name holds a hash of every setting (root, split, class list, file list and
+    sizes, points, method, normals), so it is rebuilt whenever one changes. It goes to
+    `cache_dir`, by default ``<root>/.mm3d_cache/``, falling back to :func:`user_cache_dir` when
+    the root is read-only, and to memory when neither is writable.
+
+    Items are the first `npoints` cached points; with FPS that prefix is itself a farthest-point
+    sample. (Point-MAE's 1k protocol, FPS 1200 then 1024 at random, is done batched by the task
+    from ``npoints=cache_points``.)
+
+    Args:
+        root: the dataset folder.
+        split: ``train`` or ``test``.
+        num_classes: 40 or 10, choosing the ``modelnet40_*`` or ``modelnet10_*`` list files.
+        npoints: points per item, at most `cache_points`.
+        use_normals: also return ``normals`` (N, 3).
+        cache_points: points kept per shape in the cache (8192 in Point-MAE).
+        cache_dir: where to read and write the cache (see above); the fallback folder is
+            ``$MM3D_CACHE_DIR``, else ``$XDG_CACHE_HOME/mm3d``, else ``~/.cache/mm3d``.
+        sample: ``fps`` or ``random`` reduction of each file to `cache_points`.
+        cache_device: device for the batched FPS (default: CUDA when available).
+        write_cache: False builds the cache in memory, without reading or writing files.
+    """
+
+    def __init__(self, root: str | Path, split: Literal["train", "test"] = "train", *,
+                 num_classes: Literal[10, 40] = 40, npoints: int = 1024,
+                 use_normals: bool = False, cache_points: int = 8192,
+                 cache_dir: str | Path | None = None, sample: Literal["fps", "random"] = "fps",
+                 cache_device: str | torch.device | None = None,
+                 write_cache: bool = True) -> None:
+        if split not in ("train", "test"):
+            raise ValueError(f"ModelNet split must be 'train' or 'test', got {split!r}")
+        if num_classes not in (10, 40):
+            raise ValueError(f"ModelNet num_classes must be 10 or 40, got {num_classes!r}")
+        if sample not in ("fps", "random"):
+            raise ValueError(f"ModelNet sample must be 'fps' or 'random', got {sample!r}")
+        if not 0 < npoints <= cache_points:
+            raise ValueError(f"ModelNet npoints={npoints} must be in [1, cache_points="
+                             f"{cache_points}]")
+        self.root = Path(root)
+        self.split, self.npoints, self.use_normals = split, int(npoints), bool(use_normals)
+        self.cache_points, self.sample = int(cache_points), sample
+        names_file = self.root / f"modelnet{num_classes}_shape_names.txt"
+        list_file = self.root / f"modelnet{num_classes}_{split}.txt"
+        class_lines = _read_lines(names_file)
+        self.classes: list[str] = [name for _, name in class_lines]
+        seen: dict[str, int] = {}
+        for line_no, name in class_lines:
+            if name in seen:
+                raise ValueError(f"{names_file}, line {line_no}: class {name!r} repeats line "
+                                 f"{seen[name]}")
+            seen[name] = line_no
+        class_index = {name: i for i, name in enumerate(self.classes)}
+
+        self.ids: list[str] = []
+        self.paths: list[Path] = []
+        labels: list[int] = []
+        listing: dict[str, set[str]] = {}
+        for line_no, shape_id in _read_lines(list_file):
+            cls = shape_id.rsplit("_", 1)[0]
+            if "_" not in shape_id or cls not in class_index:
+                raise ValueError(f"{list_file}, line {line_no}: shape {shape_id!r} has class "
+                                 f"{cls!r}, which is not in {names_file} ({len(self.classes)} "
+                                 f"classes)")
+            if cls not in listing:
+                cdir = self.root / cls
+                listing[cls] = set(os.listdir(cdir)) if cdir.is_dir() else set()
+            if f"{shape_id}.txt" not in listing[cls]:
+                raise FileNotFoundError(f"{list_file}, line {line_no}: listed file "
+                                        f"{self.root / cls / (shape_id + '.txt')} does not exist")
+            self.ids.append(shape_id)
+            self.paths.append(self.root / cls / f"{shape_id}.txt")
+            labels.append(class_index[cls])
+        if not self.ids:
+            raise ValueError(f"{list_file}: no shapes listed")
+
+        key = {"kind": "modelnet", "version": 1, "root": str(self.root.resolve()),
+               "split": split, "num_classes": num_classes, "classes": self.classes,
+               "cache_points": self.cache_points, "sample": sample, "normals": self.use_normals,
+               "files": [[i, p.stat().st_size] for i, p in zip(self.ids, self.paths)]}
+        stem = f"modelnet{num_classes}_{split}_{self.cache_points}pts_{sample}"
+        dirs = _cache_dirs(self.root, cache_dir) if write_cache else []
+        device = torch.device(cache_device) if cache_device is not None else (
+            torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+        arrays, self.cache_path, self.cache_hit = load_or_build_cache(
+            stem, key, dirs, lambda: {"points": self._build_cache(device)})
+        self.points = arrays["points"]  # (M, cache_points, 3 or 6) float32
+        expected = (len(self.ids), self.cache_points, 6 if self.use_normals else 3)
+        assert self.points.shape == expected, (self.points.shape, expected)
+        self.labels = torch.tensor(labels, dtype=torch.long)
+
+    def _build_cache(self, device: torch.device) -> np.ndarray:
+        """Read every file and reduce it to (cache_points, C) normalised points."""
+        chunk = 256 if device.type == "cuda" else 32  # files sampled together
+        channels = 6 if self.use_normals else 3
+        out = np.empty((len(self.paths), self.cache_points, channels), dtype=np.float32)
+        log.info("building the ModelNet %s cache: %d files -> %d points (%s) on %s",
+                 self.split, len(self.paths), self.cache_points, self.sample, device)
+        gen = torch.Generator().manual_seed(0)
+        for start in range(0, len(self.paths), chunk):
+            group = list(range(start, min(start + chunk, len(self.paths))))
+            clouds = []
+            for i in group:
+                arr = read_text_points(self.paths[i])
+                if arr.shape[1] < channels:
+                    raise ValueError(f"{self.paths[i]}: {arr.shape[1]} columns, need {channels} "
+                                     f"(x,y,z{',nx,ny,nz' if self.use_normals else ''})")
+                if arr.shape[0] < self.cache_points:
+                    raise ValueError(f"{self.paths[i]}: {arr.shape[0]} points, fewer than "
+                                     f"cache_points={self.cache_points}; lower cache_points")
+                clouds.append(arr[:, :channels])
+            # Clouds of equal size are sampled together (the release has 10,000 points each).
+            sizes = sorted({c.shape[0] for c in clouds})
+            for n in sizes:
+                members = [k for k, c in enumerate(clouds) if c.shape[0] == n]
+                batch = torch.from_numpy(np.stack([clouds[k] for k in members])).to(device)
+                idx = sample_indices(batch, self.cache_points, self.sample, generator=gen
+                                     if self.sample == "random" else None)
+                picked = torch.gather(batch, 1, idx.unsqueeze(-1).expand(-1, -1, channels))
+                picked = normalize_unit_sphere(picked)
+                out[[group[k] for k in members]] = picked.cpu().numpy()
+            if (start // chunk) % 20 == 0:
+                log.info("  %d / %d files", group[-1] + 1, len(self.paths))
+        return out
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        pts = torch.from_numpy(np.array(self.points[i, :self.npoints]))
+        item = {"points": pts[:, :3], "label": self.labels[i]}
+        if self.use_normals:
+            item["normals"] = pts[:, 3:6]
+        return item
+
+
+# ----------------------------------------------------------------------------------------------
+# ScanObjectNN
+# ----------------------------------------------------------------------------------------------
+
+
+class ScanObjectNN(Dataset):
+    """ScanObjectNN (h5 release) in one of its three benchmark variants.
+
+    Layout under `root` (``ScanObjectNN/``), per :data:`SCANOBJECTNN_FILES`::
+
+        main_split/training_objectdataset.h5                          OBJ_BG
+        main_split/test_objectdataset.h5
+        main_split_nobg/training_objectdataset.h5                     OBJ_ONLY
+        main_split_nobg/test_objectdataset.h5
+        main_split/training_objectdataset_augmentedrot_scale75.h5     PB_T50_RS
+        main_split/test_objectdataset_augmentedrot_scale75.h5
+
+    Each h5 file holds ``data`` (M, 2048, 3) float32 and ``label`` (M,) integers in [0, 15)
+    (see :data:`SCANOBJECTNN_CLASSES`). Points are used as stored, like the official loader
+    (the release is already centred and scaled); `normalize` re-normalises each item.
+
+    Args:
+        root: the dataset folder.
+        variant: ``OBJ_BG``, ``OBJ_ONLY`` or ``PB_T50_RS``.
+        split: ``train`` or ``test``.
+        npoints: points per item; fewer than stored takes a random subset.
+        normalize: centre and scale each item to the unit sphere.
+        num_classes: labels must lie in [0, num_classes).
+        seed: fixed per-item sampling (see the module docstring).
+    """
+
+    def __init__(self, root: str | Path,
+                 variant: Literal["OBJ_BG", "OBJ_ONLY", "PB_T50_RS"] = "OBJ_BG",
+                 split: Literal["train", "test"] = "train", npoints: int = 2048, *,
+                 normalize: bool = False, num_classes: int = len(SCANOBJECTNN_CLASSES),
+                 seed: int | None = None) -> None:
+        import h5py
+
+        if variant not in SCANOBJECTNN_FILES:
+            raise ValueError(f"ScanObjectNN variant must be one of {list(SCANOBJECTNN_FILES)}, "
+                             f"got {variant!r}")
+        if split not in ("train", "test"):
+            raise ValueError(f"ScanObjectNN split must be 'train' or 'test', got {split!r}")
+        folder, train_file, test_file = SCANOBJECTNN_FILES[variant]
+        self.path = Path(root) / folder / (train_file if split == "train" else test_file)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"ScanObjectNN {variant} {split}: file not found: {self.path}")
+        with h5py.File(self.path, "r") as f:
+            for k in ("data", "label"):
+                if k not in f:
+                    raise ValueError(f"{self.path}: no {k!r} dataset (keys: {list(f.keys())})")
+            data = np.asarray(f["data"], dtype=np.float32)
+            labels = np.asarray(f["label"]).reshape(-1).astype(np.int64)
+        if data.ndim != 3 or data.shape[2] < 3:
+            raise ValueError(f"{self.path}: 'data' must be (M, N, 3), got shape {data.shape}")
+        if labels.shape[0] != data.shape[0]:
+            raise ValueError(f"{self.path}: {labels.shape[0]} labels for {data.shape[0]} clouds")
+        bad = (labels < 0) | (labels >= num_classes)
+        if bad.any():
+            j = int(np.flatnonzero(bad)[0])
+            raise ValueError(f"{self.path}: label {labels[j]} of cloud {j} is outside the "
+                             f"{num_classes} classes")
+        finite = np.isfinite(data).all(axis=(1, 2))
+        if not finite.all():
+            j = int(np.flatnonzero(~finite)[0])
+            raise ValueError(f"{self.path}: cloud {j} has non-finite coordinates")
+        if npoints > data.shape[1]:
+            raise ValueError(f"ScanObjectNN npoints={npoints} exceeds the {data.shape[1]} points "
+                             f"stored per cloud in {self.path}")
+        self.points = torch.from_numpy(np.ascontiguousarray(data[..., :3]))
+        self.labels = torch.from_numpy(labels)
+        self.classes = list(SCANOBJECTNN_CLASSES[:num_classes])
+        self.npoints, self.normalize, self.seed = int(npoints), bool(normalize), seed
+
+    def __len__(self) -> int:
+        return self.points.shape[0]
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        pts = self.points[i]
+        if self.npoints < pts.shape[0]:
+            pts = pts[_resample(pts.shape[0], self.npoints, _item_generator(self.seed, i))]
+        if self.normalize:
+            pts = normalize_unit_sphere(pts)
+        return {"points": pts.clone(), "label": self.labels[i]}
+
+
+# ----------------------------------------------------------------------------------------------
+# ShapeNetPart
+# ----------------------------------------------------------------------------------------------
+
+
+class ShapeNetPart(Dataset):
+    """ShapeNetPart (``shapenetcore_partanno_segmentation_benchmark_v0_normal``).
+
+    Layout under `root`::
+
+        synsetoffset2category.txt                 '<Category>\\t<synset>' lines (16 officially)
+        train_test_split/shuffled_train_file_list.json   ["shape_data/<synset>/<id>", ...]
+        train_test_split/shuffled_val_file_list.json
+        train_test_split/shuffled_test_file_list.json
+        <synset>/<id>.txt                         lines 'x y z nx ny nz part' (part as a float)
+
+    ``cls_label`` is the category's line index in ``synsetoffset2category.txt`` and ``seg`` the
+    global part id in 0..49 (:data:`SHAPENETPART_SEG_CLASSES`). Categories without shapes in the
+    split are fine, and so is a split with no shapes at all (a warning is logged; the real
+    sample's val list is empty). The files of the split are parsed, validated (seven columns,
+    finite, every part label in its category's part set, else an error naming the file and
+    line) and normalised once into a cache, like :class:`ModelNet`'s. Each item resamples
+    `npoints` points: at random without replacement when the shape has enough, otherwise with
+    repeats (the official loader always draws with replacement).
+
+    Args:
+        root: the dataset folder.
+        split: ``train``, ``val``, ``test`` or ``trainval``.
+        npoints: points per item (2048 for Point-MAE).
+        use_normals: also return ``normals``.
+        cache_dir, write_cache: as for :class:`ModelNet`.
+        seed: fixed per-item sampling (see the module docstring).
+    """
+
+    def __init__(self, root: str | Path,
+                 split: Literal["train", "val", "test", "trainval"] = "train",
+                 npoints: int = 2048, *, use_normals: bool = False,
+                 cache_dir: str | Path | None = None, write_cache: bool = True,
+                 seed: int | None = None) -> None:
+        splits = {"train": ["train"], "val": ["val"], "test": ["test"],
+                  "trainval": ["train", "val"]}
+        if split not in splits:
+            raise ValueError(f"ShapeNetPart split must be one of {list(splits)}, got {split!r}")
+        self.root = Path(root)
+        self.npoints, self.use_normals, self.seed = int(npoints), bool(use_normals), seed
+        cat_file = self.root / "synsetoffset2category.txt"
+        self.categories: list[str] = []
+        synset_to_cat: dict[str, int] = {}
+        for line_no, line in _read_lines(cat_file):
+            parts = line.split()
+            if len(parts) != 2:
+                raise ValueError(f"{cat_file}, line {line_no}: expected '<Category> <synset>', "
+                                 f"got {line!r}")
+            name, synset = parts
+            if name not in SHAPENETPART_SEG_CLASSES:
+                raise ValueError(f"{cat_file}, line {line_no}: unknown category {name!r}; "
+                                 f"known: {', '.join(SHAPENETPART_SEG_CLASSES)}")
+            synset_to_cat[synset] = len(self.categories)
+            self.categories.append(name)
+
+        self.paths: list[Path] = []
+        cls_labels: list[int] = []
+        present: dict[str, set[str]] = {}
+        for s in splits[split]:
+            list_file = self.root / "train_test_split" / f"shuffled_{s}_file_list.json"
+            if not list_file.is_file():
+                raise FileNotFoundError(f"ShapeNetPart split list not found: {list_file}")
+            try:
+                entries = json.loads(list_file.read_text())
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{list_file}: not valid JSON ({e})") from None
+            for k, entry in enumerate(entries):
+                bits = str(entry).strip("/").split("/")
+                if len(bits) < 2:
+                    raise ValueError(f"{list_file}, entry {k}: {entry!r} is not "
+                                     f"'shape_data/<synset>/<id>'")
+                synset, shape_id = bits[-2], bits[-1]
+                if synset not in synset_to_cat:
+                    raise ValueError(f"{list_file}, entry {k}: synset {synset} of {entry!r} is "
+                                     f"not in {cat_file}")
+                if synset not in present:
+                    sdir = self.root / synset
+                    present[synset] = set(os.listdir(sdir)) if sdir.is_dir() else set()
+                if f"{shape_id}.txt" not in present[synset]:
+                    raise FileNotFoundError(f"{list_file}, entry {k}: listed file "
+                                            f"{self.root / synset / (shape_id + '.txt')} "
+                                            f"does not exist")
+                self.paths.append(self.root / synset / f"{shape_id}.txt")
+                cls_labels.append(synset_to_cat[synset])
+        if not self.paths:  # e.g. the real sample's empty val list: allowed, but said
+            log.warning("ShapeNetPart %s: the split lists under %s name no shapes", split,
+                        self.root / "train_test_split")
+        self.cls_labels = torch.tensor(cls_labels, dtype=torch.long)
+
+        key = {"kind": "shapenetpart", "version": 1, "root": str(self.root.resolve()),
+               "split": split, "categories": self.categories,
+               "files": [[str(p.relative_to(self.root)), p.stat().st_size] for p in self.paths]}
+        dirs = _cache_dirs(self.root, cache_dir) if write_cache else []
+        arrays, self.cache_path, self.cache_hit = load_or_build_cache(
+            f"shapenetpart_{split}", key, dirs, self._build_cache)
+        self.points = arrays["points"]    # (total points, 6) float32, normalised per shape
+        self.seg = arrays["seg"]          # (total points,) int16
+        self.offsets = arrays["offsets"]  # (num shapes + 1,) int64
+
+    def _build_cache(self) -> dict[str, np.ndarray]:
+        log.info("parsing %d ShapeNetPart files", len(self.paths))
+        points, segs, offsets = [], [], [0]
+        for path, cat in zip(self.paths, self.cls_labels.tolist()):
+            arr = read_text_points(path, columns=7)
+            seg = self._check_parts(path, arr[:, 6], self.categories[cat])
+            xyz = normalize_unit_sphere(torch.from_numpy(arr[:, :3])).numpy()
+            points.append(np.concatenate([xyz, arr[:, 3:6]], axis=1))
+            segs.append(seg)
+            offsets.append(offsets[-1] + arr.shape[0])
+        if not points:
+            return {"points": np.zeros((0, 6), np.float32), "seg": np.zeros(0, np.int16),
+                    "offsets": np.zeros(1, np.int64)}
+        return {"points": np.concatenate(points).astype(np.float32),
+                "seg": np.concatenate(segs).astype(np.int16),
+                "offsets": np.asarray(offsets, dtype=np.int64)}
+
+    @staticmethod
+    def _check_parts(path: Path, labels: np.ndarray, category: str) -> np.ndarray:
+        """Integer part ids, or ValueError naming the first line outside the category's set."""
+        allowed = np.zeros(SHAPENETPART_NUM_PARTS, dtype=bool)
+        allowed[SHAPENETPART_SEG_CLASSES[category]] = True
+        ids = np.rint(labels).astype(np.int64)
+        ok = (ids == labels) & (ids >= 0) & (ids < SHAPENETPART_NUM_PARTS)
+        ok[ok] = allowed[ids[ok]]
+        if not ok.all():
+            row = int(np.flatnonzero(~ok)[0])
+            raise ValueError(f"{path}, line {data_row_line(path, row)}: part label "
+                             f"{labels[row]:g} is not in the {category} part set "
+                             f"{SHAPENETPART_SEG_CLASSES[category]}")
+        return ids
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        lo, hi = int(self.offsets[i]), int(self.offsets[i + 1])
+        idx = _resample(hi - lo, self.npoints, _item_generator(self.seed, i)).numpy() + lo
+        pts = torch.from_numpy(self.points[idx])
+        item = {"points": pts[:, :3], "cls_label": self.cls_labels[i],
+                "seg": torch.from_numpy(self.seg[idx].astype(np.int64))}
+        if self.use_normals:
+            item["normals"] = pts[:, 3:6]
+        return item
+
+
+# ----------------------------------------------------------------------------------------------
+# A folder of the user's own scans
+# ----------------------------------------------------------------------------------------------
+
+
+class PointFolder(Dataset):
+    """Every point-cloud file under `root` (recursively), as unlabeled pretraining data.
+
+    Files are read with :func:`mm3d.pointcloud.io.read_points` (``.ply``, ``.pcd``, ``.xyz``,
+    ``.txt``, ``.npy``, raw float32 ``.bin``); only ``x y z`` are kept. Each item samples
+    `npoints` points (random, with repeats for smaller files, or FPS), then is centred and
+    scaled to the unit sphere.
+
+    Args:
+        root: the folder.
+        npoints: points per item.
+        extensions: file extensions to include (case-insensitive).
+        bin_columns: float32 values per point in ``.bin`` files (KITTI 4, ScanNet 6).
+        sample: ``random`` or ``fps`` (FPS is slow on CPU for large scans).
+        seed: fixed per-item sampling (see the module docstring).
+    """
+
+    def __init__(self, root: str | Path, npoints: int = 1024, *,
+                 extensions: Sequence[str] = (".ply", ".pcd", ".xyz", ".npy", ".bin"),
+                 bin_columns: int = 4, sample: Literal["random", "fps"] = "random",
+                 seed: int | None = None) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"PointFolder: folder not found: {self.root}")
+        exts = {e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions}
+        unknown = exts - set(POINT_EXTENSIONS)
+        if unknown:
+            raise ValueError(f"PointFolder: unsupported extensions {sorted(unknown)}; "
+                             f"supported: {', '.join(POINT_EXTENSIONS)}")
+        self.files = sorted(p for p in self.root.rglob("*")
+                            if p.is_file() and p.suffix.lower() in exts)
+        if not self.files:
+            raise ValueError(f"PointFolder: no {', '.join(sorted(exts))} files under {self.root}")
+        if sample not in ("random", "fps"):
+            raise ValueError(f"PointFolder sample must be 'random' or 'fps', got {sample!r}")
+        self.npoints, self.bin_columns, self.sample, self.seed = (
+            int(npoints), int(bin_columns), sample, seed)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        pts = torch.from_numpy(np.ascontiguousarray(
+            read_points(self.files[i], bin_columns=self.bin_columns)[:, :3]))
+        gen = _item_generator(self.seed, i)
+        if self.sample == "fps" and pts.shape[0] >= self.npoints:
+            idx = sample_indices(pts, self.npoints, "fps")
+        else:
+            idx = _resample(pts.shape[0], self.npoints, gen)
+        return {"points": normalize_unit_sphere(pts[idx])}
