@@ -1,1 +1,807 @@
-"""Video: data (being written)."""
+"""Video data: annotation lists, decoding, temporal sampling and the clip dataset.
+
+Lists
+    ``read_annotation_list`` reads the three list formats used by VideoMAE / VideoMAEv2 /
+    mmaction2 into :class:`VideoRecord` rows:
+
+    - ``video``: ``path label`` (space or comma separated; a label may be a class name when a
+      label map is given), as in VideoMAE's ``train.csv`` and mmaction2's video lists;
+    - ``pretrain``: VideoMAEv2 pretraining lists ``path start_index total_frames``;
+      ``total_frames < 0`` (``path 0 -1``) marks a video file, otherwise ``path`` is a folder of
+      frames whose file numbers start at ``start_index``. These rows carry no label (``-1``);
+    - ``rawframes``: mmaction2 frame-folder lists ``dir total_frames label``.
+
+Decoding
+    decord's ``VideoReader`` is the primary decoder; PyAV is the per-file fallback when decord is
+    absent, cannot open a file (e.g. GIFs) or fails on its codec. Frame folders are read as JPEG
+    files (PIL) with a configurable name template and start number. Only the requested frames
+    are decoded (PyAV decodes sequentially and stops at the last one needed), and a sample opens
+    its file once (a fallback reopens it with PyAV). decord 0.6 sometimes returns a stale frame
+    for the final frame of a file (dmlc/decord#195); such reads are detected and redone by PyAV.
+
+Sampling (pure functions of the frame count and an explicit ``np.random.Generator``)
+    ``dense_sample`` (Kinetics), ``segment_sample`` (TSN, SSv2), ``uniform_clips`` and
+    ``segment_clips`` (multi-clip test views). A video shorter than the clip never fails: the
+    indices are clamped (a frame repeats).
+
+Dataset
+    :class:`VideoDataset` returns ``{"video", "label", "index"}`` per sample, replaces unreadable
+    videos by another sample (logged and counted) and fails once too many are unreadable.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Literal, Mapping, Protocol, Sequence
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+ListFormat = Literal["auto", "video", "pretrain", "rawframes"]
+Backend = Literal["auto", "decord", "pyav"]
+
+try:  # decord has wheels for Linux x86_64 only; PyAV covers everything else
+    import decord as _decord
+except ImportError:  # pragma: no cover - depends on the platform
+    _decord = None
+
+
+# --------------------------------------------------------------------------------------------
+# Annotation lists
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VideoRecord:
+    """One row of an annotation list.
+
+    path: the video file, or the frame folder for rawframe rows, with the data root applied.
+    label: class index; -1 for unlabelled pretraining rows.
+    total_frames: number of frames of a frame folder; None for a video file.
+    line: ``"file:lineno"`` of the row, for messages.
+    start_index: number of the first frame file of a folder, when the list gives it
+        (VideoMAEv2 pretraining lists); None uses the dataset's ``rawframe_start``.
+    """
+
+    path: str
+    label: int
+    total_frames: int | None
+    line: str
+    start_index: int | None = None
+
+    @property
+    def is_rawframes(self) -> bool:
+        return self.total_frames is not None
+
+
+def read_label_map(path: str | os.PathLike) -> list[str]:
+    """Class names, one per non-empty line; the label of a class is its 0-based position."""
+    names = [ln.strip() for ln in Path(path).read_text().splitlines()]
+    names = [n for n in names if n]
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        raise ValueError(f"{path}: label map repeats class names {sorted(dup)}")
+    return names
+
+
+def _split_fields(text: str) -> list[str]:
+    """Comma-separated when the line has a comma (paths may then hold spaces), else whitespace."""
+    if "," in text:
+        return [f.strip() for f in text.split(",")]
+    return text.split()
+
+
+def _parse_int(token: str, what: str, where: str) -> int:
+    try:
+        return int(token)
+    except ValueError:
+        raise ValueError(f"{where}: {what} {token!r} is not an integer") from None
+
+
+def _detect_format(fields: list[str], where: str) -> Literal["video", "pretrain", "rawframes"]:
+    if len(fields) == 2:
+        return "video"
+    if len(fields) == 3:
+        last = fields[2]
+        if re.fullmatch(r"-\d+", last):
+            return "pretrain"
+        return "rawframes"
+    raise ValueError(f"{where}: cannot tell the list format from {len(fields)} fields "
+                     f"{fields!r}; expected 'path label', 'path start total_frames' or "
+                     f"'dir total_frames label' (pass fmt= explicitly)")
+
+
+def read_annotation_list(
+    path: str | os.PathLike,
+    *,
+    fmt: ListFormat = "auto",
+    data_root: str | os.PathLike = "",
+    label_map: str | os.PathLike | Sequence[str] | None = None,
+    num_classes: int | None = None,
+    path_map: Mapping[str, str] | None = None,
+) -> list[VideoRecord]:
+    """Read a video annotation list.
+
+    Args:
+        path: the list file. Blank lines and lines starting with ``#`` are skipped.
+        fmt: ``video`` (``path label``), ``pretrain`` (``path start_index total_frames``, with
+            ``total_frames < 0`` for video files), ``rawframes`` (``dir total_frames label``) or
+            ``auto``: decided from the first row (2 fields: video; 3 fields ending with a negative
+            number: pretrain; other 3 fields: rawframes). Every row must then have that layout.
+        data_root: prefix joined in front of every relative path (absolute paths are kept).
+        label_map: a label-map file (one class name per line) or the list of names. Labels may
+            then be class names as well as integers, and must be below the number of classes.
+        num_classes: the number of classes labels must stay below (defaults to the label map's
+            length); e.g. a model head's size, so that a bad label fails before training.
+        path_map: replaces a listed path by another before the root is applied, e.g.
+            ``{"imgs": "ApplyEyeMakeup_clip"}`` for a list that names a folder by another name.
+
+    Returns:
+        The rows in file order.
+
+    Raises:
+        ValueError naming ``file:line`` for a malformed row or a label outside the classes.
+    """
+    path = Path(path)
+    names: list[str] | None
+    if label_map is None:
+        names = None
+    elif isinstance(label_map, (str, os.PathLike)):
+        names = read_label_map(label_map)
+    else:
+        names = list(label_map)
+    if num_classes is None and names is not None:
+        num_classes = len(names)
+    name_to_label = {n: i for i, n in enumerate(names or [])}
+    root = str(data_root)
+    records: list[VideoRecord] = []
+    layout: str | None = None if fmt == "auto" else fmt
+    expected = {"video": 2, "pretrain": 3, "rawframes": 3}
+    for lineno, raw in enumerate(path.read_text().splitlines(), start=1):
+        text = raw.strip()
+        if not text or text.startswith("#"):
+            continue
+        where = f"{path}:{lineno}"
+        fields = _split_fields(text)
+        if layout is None:
+            layout = _detect_format(fields, where)
+        if len(fields) != expected[layout] or not all(fields):
+            raise ValueError(f"{where}: expected {expected[layout]} fields for a {layout!r} list "
+                             f"({_FORMAT_HELP[layout]}), got {len(fields)}: {text!r}")
+        entry = fields[0]
+        if path_map is not None:
+            entry = path_map.get(entry, entry)
+        full = os.path.join(root, entry) if root else entry
+        start_index: int | None = None
+        if layout == "pretrain":
+            start_index = _parse_int(fields[1], "start index", where)
+            total = _parse_int(fields[2], "total frames", where)
+            label = -1
+            total_frames = total if total >= 0 else None
+            if total_frames is None:
+                start_index = None
+        else:
+            label_token = fields[1] if layout == "video" else fields[2]
+            if label_token in name_to_label:
+                label = name_to_label[label_token]
+            elif re.fullmatch(r"[+-]?\d+", label_token):
+                label = int(label_token)
+            elif names is None:
+                raise ValueError(f"{where}: label {label_token!r} is not an integer (give a "
+                                 f"label map to use class names)")
+            else:
+                raise ValueError(f"{where}: label {label_token!r} is neither an integer nor a "
+                                 f"class of the label map")
+            if label < 0 or (num_classes is not None and label >= num_classes):
+                bound = f"[0, {num_classes})" if num_classes is not None else ">= 0"
+                raise ValueError(f"{where}: label {label} is outside the classes {bound}")
+            total_frames = None
+            if layout == "rawframes":
+                total_frames = _parse_int(fields[1], "total frames", where)
+                if total_frames <= 0:
+                    raise ValueError(f"{where}: total frames {total_frames} must be positive")
+        records.append(VideoRecord(full, label, total_frames, where, start_index))
+    if not records:
+        raise ValueError(f"{path}: the list has no rows")
+    return records
+
+
+_FORMAT_HELP = {
+    "video": "'path label'",
+    "pretrain": "'path start_index total_frames'",
+    "rawframes": "'dir total_frames label'",
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Decoding
+# --------------------------------------------------------------------------------------------
+
+
+class VideoDecodeError(RuntimeError):
+    """A video or frame folder could not be read; the message names the path and the reasons."""
+
+
+class FrameSource(Protocol):
+    """An opened video: its frame count and random access to frames (opened once per sample)."""
+
+    path: str
+    backend: str  # "decord" | "pyav" | "rawframes"
+
+    @property
+    def num_frames(self) -> int: ...
+
+    def get(self, indices: np.ndarray) -> np.ndarray:
+        """Frames at `indices` (any shape) -> (*indices.shape, H, W, 3) uint8."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class _DecordSource:
+    backend = "decord"
+
+    def __init__(self, path: str, num_threads: int) -> None:
+        if _decord is None:
+            raise ImportError("decord is not installed")
+        self.path = path
+        self._vr = _decord.VideoReader(path, num_threads=num_threads, ctx=_decord.cpu(0))
+        self._len = len(self._vr)
+        if self._len <= 0:
+            raise VideoDecodeError(f"{path}: decord found no frames")
+
+    @property
+    def num_frames(self) -> int:
+        return self._len
+
+    def get(self, indices: np.ndarray) -> np.ndarray:
+        flat = np.asarray(indices, dtype=np.int64).reshape(-1)
+        unique, inverse = np.unique(flat, return_inverse=True)
+        last = self._len - 1
+        wants_last = bool(unique[-1] == last and last >= 1)
+        added = wants_last and (len(unique) < 2 or unique[-2] != last - 1)
+        fetch = np.concatenate([unique[:-1], [last - 1, last]]) if added else unique
+        frames = self._vr.get_batch(fetch.tolist()).asnumpy()
+        if wants_last and np.array_equal(frames[-1], frames[-2]):
+            # decord 0.6 sometimes returns a stale copy of the frame before the final frame of
+            # a file (dmlc/decord#195; ~10% of reads of the real XviD avi sample). The final
+            # frame then equals the one before it, so such a read is redone with PyAV (which
+            # also handles the rare video whose last two frames really are identical).
+            try:
+                pyav = _PyAVSource(self.path, 1)
+                try:
+                    frames[-1] = pyav.get(np.array([min(last, pyav.num_frames - 1)]))[0]
+                finally:
+                    pyav.close()
+            except Exception as e:  # noqa: BLE001 - keep decord's frame if PyAV cannot help
+                log.debug("%s: PyAV re-read of the final frame failed: %s", self.path, e)
+        if added:
+            frames = np.concatenate([frames[:-2], frames[-1:]])
+        return frames[inverse].reshape(*np.shape(indices), *frames.shape[1:])
+
+    def close(self) -> None:
+        self._vr = None
+
+
+class _PyAVSource:
+    """Sequential PyAV decoding that stops at the last needed frame."""
+
+    backend = "pyav"
+
+    def __init__(self, path: str, num_threads: int) -> None:
+        import av
+
+        self.path = path
+        self._num_threads = num_threads
+        self._container = av.open(path)
+        if not self._container.streams.video:
+            self._container.close()
+            raise VideoDecodeError(f"{path}: no video stream")
+        stream = self._container.streams.video[0]
+        count = int(stream.frames or 0)
+        if count <= 0:  # unknown in the header: count the packets (no decoding)
+            count = sum(1 for p in self._container.demux(stream) if p.size > 0)
+            self._container.close()
+            self._container = av.open(path)
+        if count <= 0:  # still unknown (e.g. some GIFs): decode once to count
+            count = sum(1 for _ in self._container.decode(video=0))
+            self._container.close()
+            self._container = av.open(path)
+        if count <= 0:
+            self._container.close()
+            raise VideoDecodeError(f"{path}: PyAV found no frames")
+        self._len = count
+        self._used = False
+
+    @property
+    def num_frames(self) -> int:
+        return self._len
+
+    def get(self, indices: np.ndarray) -> np.ndarray:
+        import av
+
+        if self._used:  # decoding is sequential: start again from the beginning
+            self._container.close()
+            self._container = av.open(self.path)
+        self._used = True
+        flat = np.asarray(indices, dtype=np.int64).reshape(-1)
+        wanted = set(flat.tolist())
+        last = int(flat.max())
+        stream = self._container.streams.video[0]
+        stream.thread_type = "AUTO"
+        stream.codec_context.thread_count = max(0, int(self._num_threads))
+        got: dict[int, np.ndarray] = {}
+        final_i, final = -1, None
+        for i, frame in enumerate(self._container.decode(stream)):
+            if i in wanted:
+                got[i] = frame.to_ndarray(format="rgb24")
+            final_i, final = i, frame
+            if i >= last:  # stop at the last needed frame
+                break
+        if final is None:
+            raise VideoDecodeError(f"{self.path}: PyAV decoded no frames")
+        if final_i < last:  # the stream ended early: later indices take the last frame
+            log.debug("%s: stream ended at frame %d before frame %d; clamping", self.path,
+                      final_i, last)
+            tail = got.get(final_i)
+            if tail is None:
+                tail = final.to_ndarray(format="rgb24")
+            for i in wanted - got.keys():
+                got[i] = tail
+        frames = np.stack([got[i] for i in flat.tolist()])
+        return frames.reshape(*np.shape(indices), *frames.shape[1:])
+
+    def close(self) -> None:
+        self._container.close()
+
+
+class _FallbackSource:
+    """decord first; PyAV when decord fails later, on the frames (e.g. an unsupported codec)."""
+
+    def __init__(self, primary: _DecordSource, num_threads: int) -> None:
+        self._src: FrameSource = primary
+        self._num_threads = num_threads
+        self.path = primary.path
+
+    @property
+    def backend(self) -> str:
+        return self._src.backend
+
+    @property
+    def num_frames(self) -> int:
+        return self._src.num_frames
+
+    def get(self, indices: np.ndarray) -> np.ndarray:
+        try:
+            return self._src.get(indices)
+        except Exception as e:  # noqa: BLE001 - any decord failure falls back to PyAV
+            if self._src.backend != "decord":
+                raise
+            log.info("decord failed on %s (%s); decoding with PyAV", self.path, e)
+            self._src.close()
+            self._src = _PyAVSource(self.path, self._num_threads)
+            return self._src.get(indices)
+
+    def close(self) -> None:
+        self._src.close()
+
+
+class RawFrameSource:
+    """A folder of frame images named ``template.format(start + i)`` for frame i."""
+
+    backend = "rawframes"
+
+    def __init__(self, path: str, total_frames: int | None, *, template: str = "img_{:05d}.jpg",
+                 start: int = 1) -> None:
+        self.path = path
+        self.template = template
+        self.start = start
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"frame folder {path} does not exist")
+        if total_frames is None:
+            total_frames = 0
+            while os.path.exists(os.path.join(path, template.format(start + total_frames))):
+                total_frames += 1
+        if total_frames <= 0:
+            raise VideoDecodeError(f"{path}: no frames named {template!r} from {start}")
+        self._len = total_frames
+
+    @property
+    def num_frames(self) -> int:
+        return self._len
+
+    def get(self, indices: np.ndarray) -> np.ndarray:
+        from PIL import Image
+
+        flat = np.asarray(indices, dtype=np.int64).reshape(-1)
+        unique, inverse = np.unique(flat, return_inverse=True)
+        images = []
+        for i in unique:  # each needed file is read once
+            f = os.path.join(self.path, self.template.format(self.start + int(i)))
+            if not os.path.isfile(f):
+                raise FileNotFoundError(f"frame {f} does not exist")
+            with Image.open(f) as im:
+                images.append(np.asarray(im.convert("RGB")))
+        shapes = {im.shape for im in images}
+        if len(shapes) != 1:
+            raise VideoDecodeError(f"{self.path}: frames differ in size: {sorted(shapes)}")
+        stack = np.stack(images)  # (U, H, W, 3)
+        return stack[inverse].reshape(*np.shape(indices), *stack.shape[1:])
+
+    def close(self) -> None:
+        pass
+
+
+def open_video(path: str | os.PathLike, *, backend: Backend = "auto",
+               num_threads: int = 1) -> FrameSource:
+    """Open a video file for frame access.
+
+    ``auto`` tries decord and falls back to PyAV when decord is missing, cannot open the file
+    or fails while decoding it; ``decord`` / ``pyav`` use only that decoder.
+
+    Raises:
+        VideoDecodeError naming the path and every decoder's reason.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise VideoDecodeError(f"{path}: file does not exist")
+    reasons = []
+    if backend in ("auto", "decord"):
+        try:
+            src = _DecordSource(path, num_threads)
+            return _FallbackSource(src, num_threads) if backend == "auto" else src
+        except Exception as e:  # noqa: BLE001 - decord raises its own error types
+            reasons.append(f"decord: {e}".strip().splitlines()[0])
+            if backend == "decord":
+                raise VideoDecodeError(f"{path}: {'; '.join(reasons)}") from e
+    try:
+        return _PyAVSource(path, num_threads)
+    except Exception as e:  # noqa: BLE001 - PyAV raises FFmpeg error subclasses
+        reasons.append(f"pyav: {e}".strip().splitlines()[0])
+        raise VideoDecodeError(f"{path}: {'; '.join(reasons)}") from e
+
+
+def open_record(record: VideoRecord, *, backend: Backend = "auto", num_threads: int = 1,
+                rawframe_template: str = "img_{:05d}.jpg", rawframe_start: int = 1) -> FrameSource:
+    """Open a list row: a frame folder for rawframe rows, else a video file."""
+    if record.is_rawframes:
+        start = rawframe_start if record.start_index is None else record.start_index
+        return RawFrameSource(record.path, record.total_frames, template=rawframe_template,
+                              start=start)
+    return open_video(record.path, backend=backend, num_threads=num_threads)
+
+
+def decode_frames(path: str | os.PathLike, indices: np.ndarray, *, backend: Backend = "auto",
+                  num_threads: int = 1) -> np.ndarray:
+    """Decode the frames at `indices` (any shape) of a video -> (*indices.shape, H, W, 3) uint8."""
+    src = open_video(path, backend=backend, num_threads=num_threads)
+    try:
+        indices = np.asarray(indices, dtype=np.int64)
+        if indices.size and (indices.min() < 0 or indices.max() >= src.num_frames):
+            raise ValueError(f"{path}: frame indices must lie in [0, {src.num_frames}), got "
+                             f"[{indices.min()}, {indices.max()}]")
+        return src.get(indices)
+    finally:
+        src.close()
+
+
+def video_num_frames(path: str | os.PathLike, backend: Backend = "auto") -> int:
+    """The number of frames of a video file (decord's count, PyAV's when it falls back)."""
+    src = open_video(path, backend=backend)
+    try:
+        return src.num_frames
+    finally:
+        src.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Temporal sampling
+# --------------------------------------------------------------------------------------------
+
+
+def _check_count(num_frames: int, **sizes: int) -> None:
+    if num_frames <= 0:
+        raise ValueError(f"num_frames must be positive, got {num_frames}")
+    for name, v in sizes.items():
+        if v <= 0:
+            raise ValueError(f"{name} must be positive, got {v}")
+
+
+def dense_sample(num_frames: int, clip_len: int = 16, rate: int = 4, *,
+                 rng: np.random.Generator,
+                 spacing: Literal["stride", "spread"] = "stride") -> np.ndarray:
+    """Indices of one clip of `clip_len` frames from a random start (Kinetics-style).
+
+    spacing:
+        ``stride``: frames exactly `rate` apart, from a uniformly random start (VideoMAE's
+        pretraining loader). A video shorter than the span repeats its last frame on the grid.
+        ``spread``: `clip_len` points spread by ``linspace`` over a random window of
+        ``clip_len * rate`` frames (VideoMAE's fine-tuning loader: the step is
+        ``rate * clip_len / (clip_len - 1)``); a shorter video is spread over its frames at
+        `rate` and padded with its last frame.
+
+    Returns:
+        (clip_len,) int64 indices in [0, num_frames).
+    """
+    _check_count(num_frames, clip_len=clip_len, rate=rate)
+    if spacing == "stride":
+        span = (clip_len - 1) * rate + 1
+        start = int(rng.integers(num_frames - span + 1)) if num_frames >= span else 0
+        idx = start + np.arange(clip_len, dtype=np.int64) * rate
+        last_on_grid = start + ((num_frames - 1 - start) // rate) * rate
+        return np.minimum(idx, last_on_grid)
+    if spacing == "spread":
+        window = clip_len * rate
+        if num_frames <= window:
+            idx = np.linspace(0, num_frames, num=num_frames // rate)
+            idx = np.concatenate([idx, np.full(clip_len - len(idx), float(num_frames))])
+            return np.clip(idx, 0, num_frames - 1).astype(np.int64)
+        end = int(rng.integers(window, num_frames))
+        start = end - window
+        idx = np.linspace(start, end, num=clip_len)
+        return np.clip(idx, start, end - 1).astype(np.int64)
+    raise ValueError(f"spacing must be 'stride' or 'spread', got {spacing!r}")
+
+
+def segment_sample(num_frames: int, num_segments: int = 16, *,
+                   rng: np.random.Generator | None = None, test: bool = False) -> np.ndarray:
+    """TSN sampling: one frame per each of `num_segments` equal segments (SSv2-style).
+
+    Training picks a random frame inside each segment (VideoMAE's SSv2 loader); ``test=True``
+    picks each segment's centre. A video with fewer frames than segments repeats frames evenly.
+
+    Returns:
+        (num_segments,) int64 indices in [0, num_frames), non-decreasing.
+    """
+    _check_count(num_frames, num_segments=num_segments)
+    seg = np.arange(num_segments)
+    if test:
+        tick = num_frames / num_segments
+        return np.minimum((tick / 2 + tick * seg).astype(np.int64), num_frames - 1)
+    if rng is None:
+        raise ValueError("segment_sample needs rng= unless test=True")
+    avg = num_frames // num_segments
+    if avg > 0:
+        return (seg * avg + rng.integers(avg, size=num_segments)).astype(np.int64)
+    return np.floor(seg * num_frames / num_segments).astype(np.int64)
+
+
+def segment_clips(num_frames: int, num_segments: int, num_clips: int) -> np.ndarray:
+    """Multi-clip TSN test views: clip k takes the frame at ``k / num_clips`` of every segment.
+
+    With 2 clips these are the segment starts and the segment centres, as in VideoMAE's SSv2
+    test; a single clip takes the centres (``segment_sample(test=True)``).
+
+    Returns:
+        (num_clips, num_segments) int64 indices.
+    """
+    _check_count(num_frames, num_segments=num_segments, num_clips=num_clips)
+    if num_clips == 1:
+        return segment_sample(num_frames, num_segments, test=True)[None]
+    tick = num_frames / num_segments
+    frac = np.arange(num_clips)[:, None] / num_clips
+    idx = (tick * (np.arange(num_segments)[None, :] + frac)).astype(np.int64)
+    return np.minimum(idx, num_frames - 1)
+
+
+def uniform_clips(num_frames: int, clip_len: int, rate: int, num_clips: int) -> np.ndarray:
+    """Multi-clip test views of `clip_len` frames `rate` apart, evenly spread over the video.
+
+    As VideoMAE's Kinetics test: take every `rate`-th frame (padded with the last one up to
+    `clip_len`), then `num_clips` windows of `clip_len` of them starting at
+    ``int(k * (L - clip_len) / (num_clips - 1))``; a single clip is centred.
+
+    Returns:
+        (num_clips, clip_len) int64 indices in [0, num_frames).
+    """
+    _check_count(num_frames, clip_len=clip_len, rate=rate, num_clips=num_clips)
+    grid = np.arange(0, num_frames, rate, dtype=np.int64)
+    if len(grid) < clip_len:
+        grid = np.concatenate([grid, np.full(clip_len - len(grid), grid[-1])])
+    extra = len(grid) - clip_len
+    if num_clips == 1:
+        starts = np.array([extra // 2])
+    else:
+        step = extra / (num_clips - 1)
+        starts = (np.arange(num_clips) * step).astype(np.int64)
+    return grid[starts[:, None] + np.arange(clip_len)[None, :]]
+
+
+# --------------------------------------------------------------------------------------------
+# Dataset
+# --------------------------------------------------------------------------------------------
+
+#: A clip transform: ``fn(video, generator) -> tensor``; see :mod:`mm3d.video.transforms`.
+ClipTransform = Callable[[torch.Tensor, "torch.Generator | None"], torch.Tensor]
+
+
+class VideoDataset(torch.utils.data.Dataset):
+    """Clips of the videos (or frame folders) of an annotation list.
+
+    Each item is a dict:
+
+    - ``"video"``: train mode: the transformed clip, e.g. (C, T, H, W) float, or the raw
+      (T, H, W, 3) uint8 clip without a transform; with ``num_sample > 1`` (repeated
+      augmentation) the views stacked to (S, ...). Test mode: ``num_clips`` temporal clips, each
+      given to the transform, which returns ``num_crops`` spatial crops (N, C, T, H, W) (see
+      ``transforms.test_transform``); the V = num_clips x num_crops views are stacked clip-major
+      to (V, C, T, H, W), or (C, T, H, W) when V == 1. Without a transform, test mode returns
+      (num_clips, T, H, W, 3) uint8 (num_crops must then be 1), squeezed when num_clips == 1.
+    - ``"label"``: long scalar;
+    - ``"index"``: long scalar, the row actually returned (after a replacement), so that
+      multi-view predictions can be grouped per video.
+
+    Args:
+        records: rows from :func:`read_annotation_list`.
+        mode: ``train`` samples randomly; ``test`` samples fixed multi-clip views.
+        num_frames: frames per clip (T).
+        sampling_rate: frame step of dense sampling (4 Kinetics, 2 SSv2).
+        sampling: ``dense`` (clip of `num_frames` at `sampling_rate`) or ``segment`` (TSN, one
+            frame per segment; `sampling_rate` unused).
+        dense_spacing: see :func:`dense_sample` (train mode only).
+        num_clips, num_crops: test views (5 x 3 for Kinetics, 2 x 3 for SSv2).
+        num_sample: repeated augmentation: views of one decoded clip per train item.
+        transform: ``fn(video (T, H, W, 3) uint8, generator) -> tensor``.
+        backend, num_threads: video decoder (see :func:`open_video`).
+        rawframe_template, rawframe_start: frame file names of rawframe rows.
+        max_failure_ratio: unreadable rows are logged, replaced by the next readable row and
+            counted (``failed``); once more than this fraction of the rows has failed, loading
+            raises RuntimeError. 0 fails on the first unreadable row. The count is per process:
+            with DataLoader workers each worker counts the rows it met.
+        seed: base seed of the per-process random stream (mixed with ``torch.initial_seed()``,
+            which DataLoader workers set per worker and epoch).
+    """
+
+    def __init__(self, records: Sequence[VideoRecord], *, mode: Literal["train", "test"],
+                 num_frames: int = 16, sampling_rate: int = 4,
+                 sampling: Literal["dense", "segment"] = "dense",
+                 dense_spacing: Literal["stride", "spread"] = "stride", num_clips: int = 1,
+                 num_crops: int = 1, num_sample: int = 1, transform: ClipTransform | None = None,
+                 backend: Backend = "auto", num_threads: int = 1,
+                 rawframe_template: str = "img_{:05d}.jpg", rawframe_start: int = 1,
+                 max_failure_ratio: float = 0.01, seed: int = 0) -> None:
+        if mode not in ("train", "test"):
+            raise ValueError(f"mode must be 'train' or 'test', got {mode!r}")
+        if sampling not in ("dense", "segment"):
+            raise ValueError(f"sampling must be 'dense' or 'segment', got {sampling!r}")
+        if not records:
+            raise ValueError("VideoDataset needs at least one record")
+        for name, v in dict(num_frames=num_frames, sampling_rate=sampling_rate,
+                            num_clips=num_clips, num_crops=num_crops,
+                            num_sample=num_sample).items():
+            if v < 1:
+                raise ValueError(f"{name} must be >= 1, got {v}")
+        if not 0.0 <= max_failure_ratio <= 1.0:
+            raise ValueError(f"max_failure_ratio must lie in [0, 1], got {max_failure_ratio}")
+        if mode == "test" and transform is None and num_crops > 1:
+            raise ValueError("num_crops > 1 needs a test transform that makes the crops")
+        self.records = list(records)
+        self.mode = mode
+        self.num_frames = num_frames
+        self.sampling_rate = sampling_rate
+        self.sampling = sampling
+        self.dense_spacing = dense_spacing
+        self.num_clips = num_clips
+        self.num_crops = num_crops
+        self.num_sample = num_sample
+        self.transform = transform
+        self.backend: Backend = backend
+        self.num_threads = num_threads
+        self.rawframe_template = rawframe_template
+        self.rawframe_start = rawframe_start
+        self.max_failure_ratio = max_failure_ratio
+        self.seed = seed
+        self.failed: dict[int, str] = {}  # row index -> reason, in this process
+        self._rng_key: tuple[int, int] | None = None
+        self._rng: np.random.Generator | None = None
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def num_views(self) -> int:
+        return self.num_clips * self.num_crops if self.mode == "test" else self.num_sample
+
+    def _stream(self) -> np.random.Generator:
+        key = (os.getpid(), torch.initial_seed())
+        if self._rng is None or key != self._rng_key:
+            self._rng_key = key
+            self._rng = np.random.default_rng([self.seed, key[1] % (2**63)])
+        return self._rng
+
+    def frame_indices(self, num_frames: int, rng: np.random.Generator | None) -> np.ndarray:
+        """(T,) train indices or (num_clips, T) test indices for a video of `num_frames`."""
+        if self.mode == "train":
+            assert rng is not None
+            if self.sampling == "dense":
+                return dense_sample(num_frames, self.num_frames, self.sampling_rate, rng=rng,
+                                    spacing=self.dense_spacing)
+            return segment_sample(num_frames, self.num_frames, rng=rng)
+        if self.sampling == "dense":
+            return uniform_clips(num_frames, self.num_frames, self.sampling_rate, self.num_clips)
+        return segment_clips(num_frames, self.num_frames, self.num_clips)
+
+    def _read(self, index: int, rng: np.random.Generator | None) -> np.ndarray:
+        record = self.records[index]
+        try:
+            src = open_record(record, backend=self.backend, num_threads=self.num_threads,
+                              rawframe_template=self.rawframe_template,
+                              rawframe_start=self.rawframe_start)
+            try:
+                return src.get(self.frame_indices(src.num_frames, rng))
+            finally:
+                src.close()
+        except VideoDecodeError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any reader failure is a bad sample
+            raise VideoDecodeError(f"{record.path}: {type(e).__name__}: {e}") from e
+
+    def _fail(self, index: int, err: Exception) -> None:
+        record = self.records[index]
+        self.failed[index] = str(err)
+        n = len(self.failed)
+        log.warning("cannot read %s (row %s): %s -- replaced by another sample "
+                    "(%d/%d rows failed in this process)", record.path, record.line, err, n,
+                    len(self))
+        if n > self.max_failure_ratio * len(self):
+            last = "; ".join(f"{self.records[i].line}: {r}" for i, r in
+                             list(self.failed.items())[-3:])
+            raise RuntimeError(f"{n} of {len(self)} videos could not be read, more than "
+                               f"max_failure_ratio={self.max_failure_ratio}; last errors: {last}")
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        rng = self._stream() if self.mode == "train" else None
+        frames = None
+        i = int(index)
+        for _ in range(len(self)):
+            if i not in self.failed:
+                try:
+                    frames = self._read(i, rng)
+                    break
+                except VideoDecodeError as e:
+                    self._fail(i, e)
+            i = (i + 1) % len(self)
+        if frames is None:
+            raise RuntimeError(f"no row of the list could be read ({len(self.failed)} failed)")
+        gen = torch.Generator()
+        if rng is not None:
+            gen.manual_seed(int(rng.integers(2**63)))
+        video = torch.from_numpy(np.ascontiguousarray(frames))
+        out = self._apply(video, gen)
+        return {"video": out, "label": torch.tensor(self.records[i].label, dtype=torch.long),
+                "index": torch.tensor(i, dtype=torch.long)}
+
+    def _apply(self, video: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        if self.mode == "train":
+            if self.transform is None:
+                views = [video] * self.num_sample
+            else:
+                views = [self.transform(video, gen) for _ in range(self.num_sample)]
+            return views[0] if self.num_sample == 1 else torch.stack(views)
+        # test: video is (num_clips, T, H, W, 3)
+        if self.transform is None:
+            return video[0] if self.num_clips == 1 else video
+        views = []
+        for clip in video:
+            crops = self.transform(clip, gen)
+            if crops.dim() == 4:  # a single-view transform
+                crops = crops[None]
+            if crops.shape[0] != self.num_crops:
+                raise ValueError(f"the test transform made {crops.shape[0]} crops, the dataset "
+                                 f"expects num_crops={self.num_crops}")
+            views.append(crops)
+        stacked = torch.cat(views)  # (num_clips * num_crops, C, T, H, W), clip-major
+        return stacked[0] if stacked.shape[0] == 1 else stacked
+
+
+__all__ = [
+    "VideoRecord", "read_label_map", "read_annotation_list", "VideoDecodeError", "FrameSource",
+    "RawFrameSource", "open_video", "open_record", "decode_frames", "video_num_frames",
+    "dense_sample", "segment_sample", "segment_clips", "uniform_clips", "VideoDataset",
+]
