@@ -1,0 +1,86 @@
+"""Iterative farthest point sampling (FPS), batched."""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+import torch
+from einops import rearrange
+
+from mm3d.pointcloud.ops._backend import (Backend, check_cloud, check_positive_int,
+                                          compute_dtype, resolve_backend)
+from mm3d.pointcloud.ops.gather import gather_points
+
+Start = Literal["first", "random"]
+
+
+def farthest_point_sample(points: torch.Tensor, num_samples: int, *, start: Start = "first",
+                          generator: torch.Generator | None = None,
+                          backend: Backend = "auto") -> torch.Tensor:
+    """Select ``num_samples`` points per cloud, each farthest from those already chosen.
+
+    Rules (those of the pointnet2 CUDA kernel Point-MAE uses): the first sample is point 0
+    (``start="first"``) or a point drawn from ``generator`` (``start="random"``); every later
+    sample is the point whose squared distance to its nearest chosen point is largest, ties going
+    to the lowest index. The kernel's quirk of never choosing points within 0.032 of the origin
+    (``|p|^2 <= 1e-3``) is not reproduced. Once every point lies on a chosen one (a cloud with
+    fewer distinct points than ``num_samples``), index 0 is repeated.
+
+    Args:
+        points: (B, N, 3) point clouds (any coordinate count works).
+        num_samples: G, the number of samples, 1 <= G <= N.
+        start: how the first sample is chosen.
+        generator: random source for ``start="random"``.
+        backend: ``"auto"`` uses pytorch3d's kernel when importable, else the PyTorch loop.
+
+    Returns:
+        (B, G) int64 indices into the N axis, in selection order; never differentiable.
+    """
+    check_cloud("points", points)
+    num_samples = check_positive_int("num_samples", num_samples)
+    batch, num_points, _ = points.shape
+    if num_samples > num_points:
+        raise ValueError(f"num_samples={num_samples} exceeds the {num_points} points per cloud")
+    if start not in get_args(Start):
+        raise ValueError(f"start must be one of {get_args(Start)}, got {start!r}")
+    resolved = resolve_backend(backend)
+
+    points = points.detach().to(compute_dtype(points))
+    if start == "random":
+        device = generator.device if generator is not None else points.device
+        first = torch.randint(num_points, (batch,), generator=generator, device=device)
+        first = first.to(points.device)
+    else:
+        first = torch.zeros(batch, dtype=torch.long, device=points.device)
+
+    if resolved == "pytorch3d":
+        return _fps_pytorch3d(points, num_samples, first)
+    return _fps_torch(points, num_samples, first)
+
+
+def _fps_torch(points: torch.Tensor, num_samples: int, first: torch.Tensor) -> torch.Tensor:
+    """Greedy FPS looping over the G samples, vectorised over B and N."""
+    batch, num_points, _ = points.shape
+    # Coordinates first, so each step reduces over a leading axis (fast on CPU).
+    coords = rearrange(points, "b n c -> b c n").contiguous()
+    nearest = points.new_full((batch, num_points), float("inf"))
+    current = first
+    chosen = [current]
+    for _ in range(num_samples - 1):
+        centre = rearrange(gather_points(points, current[:, None]), "b 1 c -> b c 1")
+        nearest = torch.minimum(nearest, (coords - centre).square().sum(1))     # (B, N)
+        current = nearest.argmax(-1)                                     # first max wins ties
+        chosen.append(current)
+    return torch.stack(chosen, dim=1)
+
+
+def _fps_pytorch3d(points: torch.Tensor, num_samples: int, first: torch.Tensor) -> torch.Tensor:
+    """pytorch3d's kernel always starts at index 0: swap each start point into slot 0."""
+    from pytorch3d.ops import sample_farthest_points
+
+    batch, num_points, _ = points.shape
+    order = torch.arange(num_points, device=points.device).expand(batch, -1).clone()
+    order.scatter_(1, first[:, None], 0)
+    order[:, 0] = first
+    _, idx = sample_farthest_points(gather_points(points, order), K=num_samples)
+    return order.gather(1, idx.long())
