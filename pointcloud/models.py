@@ -1,1 +1,641 @@
-"""Point clouds: models (being written)."""
+"""Point-MAE: patch grouping, mini-PointNet patch embedding, masked pretraining, classification.
+
+The architecture follows Pang et al., "Masked Autoencoders for Point Cloud Self-supervised
+Learning" (ECCV 2022) and its official release, with the same parameter names and shapes where a
+weight exists in both (so :mod:`mm3d.pointcloud.convert` maps official checkpoints by renaming):
+
+* :class:`Group` picks G patch centres by farthest point sampling and K nearest neighbours per
+  centre; each patch is expressed relative to its centre.
+* :class:`PatchEmbed` is the official mini-PointNet (``first_conv`` / ``second_conv``).
+* :class:`PointMAEEncoder` holds the patch embedding, the positional MLP on the centres (added
+  before *every* block, as in the official ``TransformerEncoder``), timm blocks and a final norm.
+* :class:`PointMAEPretrain` encodes the visible patches only, decodes mask tokens and predicts the
+  K points of every masked patch; the loss is the Chamfer distance (L2 or L1).
+* :class:`PointMAEClassifier` adds a cls token / position and the official head.
+
+Axes: B batch, N points, G groups (patches), V visible and M masked groups, K points per group,
+D model width, C classes.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Literal, NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange, repeat
+from timm.layers import trunc_normal_
+from timm.models.vision_transformer import Block
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from mm3d.masking import num_masked, point_mask
+from mm3d.pointcloud.ops import chamfer_distance, farthest_point_sample, gather_points, knn
+from mm3d.registry import register_variant
+from mm3d.task import ModelOutput
+
+log = logging.getLogger(__name__)
+
+MaskType = Literal["random", "block"]
+LossType = Literal["cdl2", "cdl1"]
+
+
+# --------------------------------------------------------------------------------------------
+# Config and variants
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PointMAEConfig:
+    """The ``model`` section of Point-MAE runs (pretraining and classification).
+
+    Defaults are the official ``pointmae_small`` values (``cfgs/pretrain.yaml``).
+    """
+
+    variant: str = ""
+    trans_dim: int = 384  # transformer width D
+    depth: int = 12
+    num_heads: int = 6
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = False  # the official blocks have no qkv bias
+    drop_path: float = 0.1  # stochastic depth, linearly increasing over the blocks
+    encoder_dims: int = 384  # mini-PointNet output (== trans_dim officially; else a Linear maps it)
+    pointnet_dims: tuple[int, int, int] = (128, 256, 512)  # mini-PointNet hidden widths
+    pos_hidden: int = 128  # hidden width of the positional MLP on the centres
+    num_group: int = 64  # G patches
+    group_size: int = 32  # K points per patch
+    decoder_depth: int = 4
+    decoder_num_heads: int = 6
+    mask_ratio: float = 0.6
+    mask_type: MaskType = "random"
+    loss: LossType = "cdl2"
+    # classification (PointMAEClassifier)
+    num_classes: int = 0  # 0: taken from the dataset
+    cls_head_dims: tuple[int, ...] = (256, 256)
+    cls_dropout: float = 0.5
+    label_smoothing: float = 0.0  # the official fine-tuning uses plain cross-entropy
+
+    def validate(self) -> None:
+        for name in ("trans_dim", "depth", "num_heads", "encoder_dims", "pos_hidden",
+                     "num_group", "group_size", "decoder_num_heads"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.decoder_depth < 0:
+            raise ValueError(f"decoder_depth must be >= 0, got {self.decoder_depth}")
+        if any(d <= 0 for d in self.pointnet_dims):
+            raise ValueError(f"pointnet_dims must be positive, got {self.pointnet_dims}")
+        if self.trans_dim % self.num_heads:
+            raise ValueError(f"trans_dim {self.trans_dim} is not divisible by num_heads {self.num_heads}")
+        if self.trans_dim % self.decoder_num_heads:
+            raise ValueError(f"trans_dim {self.trans_dim} is not divisible by decoder_num_heads "
+                             f"{self.decoder_num_heads}")
+        if not 0.0 < self.mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio must be in (0, 1), got {self.mask_ratio}")
+        masked = int(self.mask_ratio * self.num_group + 1e-9)
+        if not 0 < masked < self.num_group:
+            raise ValueError(f"mask_ratio {self.mask_ratio} of num_group {self.num_group} masks "
+                             f"{masked} patches; need at least one masked and one visible")
+        if not 0.0 <= self.drop_path < 1.0:
+            raise ValueError(f"drop_path must be in [0, 1), got {self.drop_path}")
+        if not 0.0 <= self.cls_dropout < 1.0:
+            raise ValueError(f"cls_dropout must be in [0, 1), got {self.cls_dropout}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0 (0: from the dataset), got {self.num_classes}")
+        if any(d <= 0 for d in self.cls_head_dims):
+            raise ValueError(f"cls_head_dims must be positive, got {self.cls_head_dims}")
+
+
+register_variant(
+    "pointmae_small", "pointcloud", PointMAEConfig(),
+    "Official Point-MAE: width 384, depth 12, 6 heads, decoder 4 blocks x 6 heads, "
+    "64 groups x 32 points (1024 input points), drop path 0.1; ~22.1M parameters with decoder")
+register_variant(
+    "pointmae_tiny", "pointcloud",
+    PointMAEConfig(trans_dim=96, depth=4, num_heads=3, encoder_dims=96, pointnet_dims=(32, 64, 128),
+                   pos_hidden=64, num_group=32, group_size=16, decoder_depth=2, decoder_num_heads=3,
+                   drop_path=0.0),
+    "Demo Point-MAE for CPUs: width 96, depth 4, 3 heads, decoder 2 blocks, "
+    "32 groups x 16 points (512 input points)")
+register_variant(
+    "pointmae_tiny_test", "pointcloud",
+    PointMAEConfig(trans_dim=32, depth=2, num_heads=2, encoder_dims=32, pointnet_dims=(16, 32, 64),
+                   pos_hidden=16, num_group=16, group_size=8, decoder_depth=1, decoder_num_heads=2,
+                   drop_path=0.0, cls_head_dims=(32, 32)),
+    "Test-size Point-MAE: width 32, depth 2, 2 heads, 16 groups x 8 points (256 input points)")
+
+
+# --------------------------------------------------------------------------------------------
+# Building blocks
+# --------------------------------------------------------------------------------------------
+
+
+class Grouped(NamedTuple):
+    """Point patches. neighborhood: (B, G, K, 3) points relative to their centre; center: (B, G, 3)."""
+
+    neighborhood: torch.Tensor
+    center: torch.Tensor
+
+
+class Group(nn.Module):
+    """FPS centres + KNN patches, batched (no parameters).
+
+    The first centre is point 0 of every cloud, as in the official CUDA FPS; datasets shuffle or
+    resample the points, so this is not a bias.
+    """
+
+    def __init__(self, num_group: int, group_size: int) -> None:
+        super().__init__()
+        self.num_group = num_group
+        self.group_size = group_size
+
+    @torch.no_grad()
+    def _indices(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, G) centre indices (FPS) and (B, G, K) neighbour indices (KNN, nearest first)."""
+        center_idx = farthest_point_sample(points, self.num_group)  # (B, G)
+        center = gather_points(points, center_idx)
+        nn_idx = knn(center, points, self.group_size).idx  # (B, G, K), nearest first
+        return center_idx, nn_idx
+
+    def forward(self, points: torch.Tensor) -> Grouped:
+        """points: (B, N, 3) -> Grouped(neighborhood (B, G, K, 3), center (B, G, 3))."""
+        if points.dim() != 3 or points.shape[-1] != 3:
+            raise ValueError(f"points must be a (B, N, 3) tensor, got shape {tuple(points.shape)}")
+        n = points.shape[1]
+        if n < self.num_group or n < self.group_size:
+            raise ValueError(f"a cloud of {n} points cannot be split into {self.num_group} groups of "
+                             f"{self.group_size} points; use more points or fewer/smaller groups")
+        center_idx, nn_idx = self._indices(points)
+        center = gather_points(points, center_idx)
+        neighborhood = gather_points(points, nn_idx) - center.unsqueeze(2)
+        return Grouped(neighborhood, center)
+
+
+class PatchEmbed(nn.Module):
+    """Official mini-PointNet: per-point MLP, max-pool, concat global, per-point MLP, max-pool.
+
+    Parameter names match the official ``Encoder`` (``first_conv.{0,1,3}``, ``second_conv.{0,1,3}``).
+    """
+
+    def __init__(self, out_dim: int, dims: Sequence[int] = (128, 256, 512)) -> None:
+        super().__init__()
+        h1, h2, h3 = dims
+        self.out_dim = out_dim
+        self.first_conv = nn.Sequential(
+            nn.Conv1d(3, h1, 1), nn.BatchNorm1d(h1), nn.ReLU(inplace=True), nn.Conv1d(h1, h2, 1))
+        self.second_conv = nn.Sequential(
+            nn.Conv1d(2 * h2, h3, 1), nn.BatchNorm1d(h3), nn.ReLU(inplace=True), nn.Conv1d(h3, out_dim, 1))
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        """patches: (B, G, K, 3) -> tokens (B, G, out_dim)."""
+        b, g, k, _ = patches.shape
+        x = rearrange(patches, "b g k c -> (b g) c k")
+        x = self.first_conv(x)  # (BG, h2, K)
+        pooled = x.amax(dim=2, keepdim=True)
+        x = torch.cat([pooled.expand(-1, -1, k), x], dim=1)  # (BG, 2 h2, K)
+        x = self.second_conv(x).amax(dim=2)  # (BG, out_dim)
+        return rearrange(x, "(b g) d -> b g d", b=b, g=g)
+
+
+def _pos_mlp(hidden: int, dim: int) -> nn.Sequential:
+    """Positional MLP on centres: Linear(3, hidden), GELU, Linear(hidden, dim) (official layout)."""
+    return nn.Sequential(nn.Linear(3, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+
+def _blocks(dim: int, depth: int, num_heads: int, mlp_ratio: float, qkv_bias: bool,
+            drop_path: float) -> nn.ModuleList:
+    """timm ViT blocks (SDPA attention) with torch LayerNorm (eps 1e-5, as the official model)."""
+    rates = torch.linspace(0, drop_path, depth, device="cpu").tolist() if depth else []
+    return nn.ModuleList(
+        Block(dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop_path=r, norm_layer=nn.LayerNorm)
+        for r in rates)
+
+
+def _run_blocks(blocks: nn.ModuleList, x: torch.Tensor, pos: torch.Tensor, grad_ckpt: bool,
+                fetch: Sequence[int] = ()) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """x = block(x + pos) for every block; also returns the outputs of the blocks in `fetch`."""
+    fetched = []
+    for i, blk in enumerate(blocks):
+        if grad_ckpt and torch.is_grad_enabled():
+            x = checkpoint(blk, x + pos, use_reentrant=False)
+        else:
+            x = blk(x + pos)
+        if i in fetch:
+            fetched.append(x)
+    return x, fetched
+
+
+def _init_trunc_normal(m: nn.Module) -> None:
+    """Official encoder init: trunc-normal(0.02) Linear/Conv1d weights, zero bias, unit LayerNorm."""
+    if isinstance(m, (nn.Linear, nn.Conv1d)):
+        trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
+def _init_xavier(m: nn.Module) -> None:
+    """Official decoder init: Xavier-uniform Linear weights, zero bias, unit LayerNorm."""
+    if isinstance(m, nn.Linear):
+        nn.init.xavier_uniform_(m.weight)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
+class BlockFeatures(NamedTuple):
+    """Per-patch features of chosen blocks. features: tuple of (B, G, D), each after the final
+    norm (as the official segmentation model); center: (B, G, 3); neighborhood: (B, G, K, 3)."""
+
+    features: tuple[torch.Tensor, ...]
+    center: torch.Tensor
+    neighborhood: torch.Tensor
+
+
+class PointMAEEncoder(nn.Module):
+    """Patch embedding, positional MLP, transformer blocks and final norm (no masking, no cls).
+
+    Shared by pretraining and classification under the attribute name ``encoder``, so a
+    pretraining checkpoint initialises a classifier by name.
+    """
+
+    def __init__(self, *, embed_dim: int = 384, depth: int = 12, num_heads: int = 6,
+                 mlp_ratio: float = 4.0, qkv_bias: bool = False, drop_path: float = 0.1,
+                 encoder_dims: int = 384, pointnet_dims: Sequence[int] = (128, 256, 512),
+                 pos_hidden: int = 128) -> None:
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.depth = depth
+        self.patch_embed = PatchEmbed(encoder_dims, pointnet_dims)
+        self.patch_proj = nn.Identity() if encoder_dims == embed_dim else nn.Linear(encoder_dims, embed_dim)
+        self.pos_embed = _pos_mlp(pos_hidden, embed_dim)
+        self.blocks = _blocks(embed_dim, depth, num_heads, mlp_ratio, qkv_bias, drop_path)
+        self.norm = nn.LayerNorm(embed_dim)
+        self.grad_checkpointing = False
+        self.apply(_init_trunc_normal)
+
+    def embed(self, neighborhood: torch.Tensor) -> torch.Tensor:
+        """neighborhood: (B, G, K, 3) relative patches -> tokens (B, G, D)."""
+        return self.patch_proj(self.patch_embed(neighborhood))
+
+    def transform(self, x: torch.Tensor, pos: torch.Tensor,
+                  fetch: Sequence[int] = ()) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """x, pos: (B, L, D) -> normed tokens (B, L, D) and the raw outputs of blocks `fetch`."""
+        x, fetched = _run_blocks(self.blocks, x, pos, self.grad_checkpointing, fetch)
+        return self.norm(x), fetched
+
+    def forward(self, neighborhood: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
+        """neighborhood: (B, L, K, 3), center: (B, L, 3) of the patches to encode -> (B, L, D)."""
+        return self.transform(self.embed(neighborhood), self.pos_embed(center))[0]
+
+    def pooled_features(self, neighborhood: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
+        """All patches encoded, then [max, mean] over patches: (B, 2D) (the linear-probe feature)."""
+        x = self(neighborhood, center)
+        return torch.cat([x.amax(dim=1), x.mean(dim=1)], dim=-1)
+
+    def block_features(self, grouped: Grouped, blocks: Sequence[int]) -> BlockFeatures:
+        """Outputs of `blocks` (0-based) for all patches, each passed through the final norm."""
+        for b in blocks:
+            if not 0 <= b < self.depth:
+                raise ValueError(f"block index {b} out of range for depth {self.depth}")
+        x = self.embed(grouped.neighborhood)
+        _, fetched = _run_blocks(self.blocks, x, self.pos_embed(grouped.center), self.grad_checkpointing,
+                                 sorted(set(blocks)))
+        by_index = dict(zip(sorted(set(blocks)), fetched))
+        return BlockFeatures(tuple(self.norm(by_index[b]) for b in blocks), grouped.center,
+                             grouped.neighborhood)
+
+
+class PointMAEDecoder(nn.Module):
+    """Transformer decoder: x = block(x + pos), then the final norm of the last `num_last` tokens."""
+
+    def __init__(self, *, embed_dim: int, depth: int, num_heads: int, mlp_ratio: float = 4.0,
+                 qkv_bias: bool = False, drop_path: float = 0.1) -> None:
+        super().__init__()
+        self.blocks = _blocks(embed_dim, depth, num_heads, mlp_ratio, qkv_bias, drop_path)
+        self.norm = nn.LayerNorm(embed_dim)
+        self.grad_checkpointing = False
+        self.apply(_init_xavier)
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, num_last: int) -> torch.Tensor:
+        """x, pos: (B, L, D) -> (B, num_last, D)."""
+        x, _ = _run_blocks(self.blocks, x, pos, self.grad_checkpointing)
+        return self.norm(x[:, x.shape[1] - num_last:])
+
+
+def _take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x: (B, G, ...), idx: (B, L) group indices -> (B, L, ...)."""
+    index = idx.reshape(*idx.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
+    return torch.gather(x, 1, index)
+
+
+def _check_points(batch: dict) -> torch.Tensor:
+    if not isinstance(batch, dict) or "points" not in batch:
+        raise TypeError("the batch must be a dict with a 'points' (B, N, 3) tensor")
+    points = batch["points"]
+    if not isinstance(points, torch.Tensor) or points.dim() != 3 or points.shape[-1] < 3:
+        raise ValueError(f"batch['points'] must be a (B, N, 3) tensor, got "
+                         f"{getattr(points, 'shape', type(points).__name__)}")
+    return points[..., :3]
+
+
+def chamfer_loss(pred: torch.Tensor, target: torch.Tensor, kind: LossType) -> torch.Tensor:
+    """Point-MAE's reconstruction loss over the masked patches.
+
+    pred, target: (B, M, K, 3). Every patch is its own cloud: the result is the official
+    ``ChamferDistanceL2/L1`` on (B*M, K, 3), i.e. the mean over patches of the per-patch Chamfer
+    distance (every patch has K points, so this equals the official global means).
+    """
+    x = rearrange(pred.float(), "b m k c -> (b m) k c")  # fp32 distances under mixed precision
+    y = rearrange(target.float(), "b m k c -> (b m) k c")
+    return chamfer_distance(x, y, kind="l2" if kind == "cdl2" else "l1", reduction="mean")
+
+
+# --------------------------------------------------------------------------------------------
+# Pretraining
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PointMAEPretrainOutput(ModelOutput):
+    """loss: () Chamfer distance; pred: (B, M, K, 3) predicted masked patches relative to their
+    centres; target: (B, M, K, 3) the true masked patches (relative); mask: (B, G) bool, True =
+    masked; center: (B, G, 3); neighborhood: (B, G, K, 3) all patches (relative)."""
+
+    pred: torch.Tensor
+    target: torch.Tensor
+    mask: torch.Tensor
+    center: torch.Tensor
+    neighborhood: torch.Tensor
+
+
+class PointMAEReconstruction(NamedTuple):
+    """Absolute coordinates for pictures. visible: (B, V, K, 3) visible patches; masked:
+    (B, M, K, 3) the true masked patches; predicted: (B, M, K, 3) their reconstruction;
+    mask: (B, G) bool; center: (B, G, 3); loss: () tensor."""
+
+    visible: torch.Tensor
+    masked: torch.Tensor
+    predicted: torch.Tensor
+    mask: torch.Tensor
+    center: torch.Tensor
+    loss: torch.Tensor
+
+
+class PointMAEPretrain(nn.Module):
+    """Masked point-patch autoencoder (Point-MAE pretraining).
+
+    forward(batch) takes ``batch["points"]``: (B, N, 3) and optionally ``batch["mask"]``: (B, G)
+    bool (True = masked, the same count in every row); otherwise the mask is drawn with
+    :func:`mm3d.masking.point_mask` (from `generator` when given).
+
+    Unlike the official code, the mini-PointNet embeds only the visible patches, so its
+    BatchNorm statistics come from visible patches; the weights are the same.
+    """
+
+    def __init__(self, *, embed_dim: int = 384, depth: int = 12, num_heads: int = 6,
+                 mlp_ratio: float = 4.0, qkv_bias: bool = False, drop_path: float = 0.1,
+                 encoder_dims: int = 384, pointnet_dims: Sequence[int] = (128, 256, 512),
+                 pos_hidden: int = 128, num_group: int = 64, group_size: int = 32,
+                 decoder_depth: int = 4, decoder_num_heads: int = 6, mask_ratio: float = 0.6,
+                 mask_type: MaskType = "random", loss: LossType = "cdl2") -> None:
+        super().__init__()
+        if loss not in ("cdl2", "cdl1"):
+            raise ValueError(f"loss must be 'cdl2' or 'cdl1', got {loss!r}")
+        if mask_type not in ("random", "block"):
+            raise ValueError(f"mask_type must be 'random' or 'block', got {mask_type!r}")
+        self.num_group, self.group_size = num_group, group_size
+        self.mask_ratio, self.mask_type, self.loss_type = mask_ratio, mask_type, loss
+        self.group = Group(num_group, group_size)
+        self.encoder = PointMAEEncoder(
+            embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
+            qkv_bias=qkv_bias, drop_path=drop_path, encoder_dims=encoder_dims,
+            pointnet_dims=pointnet_dims, pos_hidden=pos_hidden)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.decoder_pos_embed = _pos_mlp(pos_hidden, embed_dim)
+        self.decoder = PointMAEDecoder(embed_dim=embed_dim, depth=decoder_depth, num_heads=decoder_num_heads,
+                                       mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop_path=drop_path)
+        # official `increase_dim`: Conv1d(D, 3K, 1); output channels are (K, 3) with xyz fastest
+        self.recon_head = nn.Conv1d(embed_dim, 3 * group_size, 1)
+        trunc_normal_(self.mask_token, std=0.02)
+
+    def make_mask(self, center: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """center: (B, G, 3) -> (B, G) bool mask of this model's kind and ratio."""
+        return point_mask(self.mask_type, center, self.mask_ratio, generator=generator)
+
+    def _check_mask(self, mask: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
+        if mask.shape != center.shape[:2] or mask.dtype != torch.bool:
+            raise ValueError(f"mask must be a (B, G) = {tuple(center.shape[:2])} bool tensor, got "
+                             f"{tuple(mask.shape)} {mask.dtype}")
+        counts = mask.sum(dim=1)
+        if bool((counts != counts[0]).any()) or int(counts[0]) in (0, mask.shape[1]):
+            raise ValueError(f"every sample must mask the same number of patches, at least one "
+                             f"masked and one visible; got per-sample counts {counts.tolist()}")
+        return mask.to(center.device)
+
+    def forward(self, batch: dict, *, generator: torch.Generator | None = None) -> PointMAEPretrainOutput:
+        points = _check_points(batch)
+        neighborhood, center = self.group(points)
+        b, g, k, _ = neighborhood.shape
+        mask = batch.get("mask")
+        if mask is None:
+            mask = self.make_mask(center, generator)
+            num_mask = num_masked(g, self.mask_ratio)
+        else:
+            mask = self._check_mask(mask, center)
+            num_mask = int(mask[0].sum())
+        num_vis = g - num_mask
+        # group indices: the visible ones, then the masked ones, each in group order (no host sync)
+        order = torch.argsort(mask.to(torch.uint8), dim=1, stable=True)
+        vis_idx, mask_idx = order[:, :num_vis], order[:, num_vis:]
+
+        # encoder: visible patches only
+        vis_patches = _take(neighborhood, vis_idx)  # (B, V, K, 3)
+        vis_center = _take(center, vis_idx)  # (B, V, 3)
+        x_vis = self.encoder(vis_patches, vis_center)  # (B, V, D)
+
+        # decoder: [visible tokens, mask tokens] with their centre embeddings
+        pos = self.decoder_pos_embed(torch.cat([vis_center, _take(center, mask_idx)], dim=1))
+        x = torch.cat([x_vis, self.mask_token.expand(b, num_mask, -1)], dim=1)
+        x_rec = self.decoder(x, pos, num_mask)  # (B, M, D)
+
+        out = self.recon_head(rearrange(x_rec, "b m d -> b d m"))  # (B, 3K, M)
+        pred = rearrange(out, "b (k c) m -> b m k c", c=3)
+        target = _take(neighborhood, mask_idx)  # (B, M, K, 3)
+        loss = chamfer_loss(pred, target, self.loss_type)
+        return PointMAEPretrainOutput(loss=loss, pred=pred, target=target, mask=mask, center=center,
+                                      neighborhood=neighborhood)
+
+    @torch.no_grad()
+    def reconstruct(self, points: torch.Tensor, *, mask: torch.Tensor | None = None,
+                    generator: torch.Generator | None = None) -> PointMAEReconstruction:
+        """points: (B, N, 3) -> absolute visible, masked and predicted patches (for pictures)."""
+        batch = {"points": points} if mask is None else {"points": points, "mask": mask}
+        out = self(batch, generator=generator)
+        b, g, k, _ = out.neighborhood.shape
+        m = out.pred.shape[1]
+        absolute = out.neighborhood + out.center.unsqueeze(2)
+        mask_center = out.center[out.mask].reshape(b, m, 1, 3)
+        return PointMAEReconstruction(
+            visible=absolute[~out.mask].reshape(b, g - m, k, 3),
+            masked=absolute[out.mask].reshape(b, m, k, 3),
+            predicted=out.pred + mask_center,
+            mask=out.mask, center=out.center, loss=out.loss)
+
+    def forward_features(self, points: torch.Tensor) -> torch.Tensor:
+        """points: (B, N, 3) -> (B, 2D) max- and mean-pooled tokens of all patches (no masking)."""
+        return self.encoder.pooled_features(*self.group(points))
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.encoder.grad_checkpointing = enable
+        self.decoder.grad_checkpointing = enable
+
+    def no_weight_decay(self) -> set[str]:
+        # official `add_weight_decay`: 1-D params, biases and names containing "token" skip decay
+        return {"mask_token"}
+
+
+# --------------------------------------------------------------------------------------------
+# Classification
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PointClassifierOutput(ModelOutput):
+    """loss: () cross-entropy (None without ``batch["label"]``); logits: (B, C)."""
+
+    logits: torch.Tensor
+
+
+def _cls_head(in_dim: int, hidden: Sequence[int], num_classes: int, dropout: float) -> nn.Sequential:
+    """Official ``cls_head_finetune``: [Linear, BatchNorm1d, ReLU, Dropout] per hidden width, Linear.
+
+    With hidden (256, 256) the indices (0, 1, 4, 5, 8) match the official state-dict names.
+    """
+    layers: list[nn.Module] = []
+    for h in hidden:
+        layers += [nn.Linear(in_dim, h), nn.BatchNorm1d(h), nn.ReLU(inplace=True), nn.Dropout(dropout)]
+        in_dim = h
+    layers.append(nn.Linear(in_dim, num_classes))
+    return nn.Sequential(*layers)
+
+
+class PointMAEClassifier(nn.Module):
+    """Point-MAE encoder + cls token/position + official head on [cls token, max-pooled tokens].
+
+    forward(batch) takes ``batch["points"]``: (B, N, 3) and optionally ``batch["label"]``: (B,).
+    """
+
+    def __init__(self, *, num_classes: int, embed_dim: int = 384, depth: int = 12, num_heads: int = 6,
+                 mlp_ratio: float = 4.0, qkv_bias: bool = False, drop_path: float = 0.1,
+                 encoder_dims: int = 384, pointnet_dims: Sequence[int] = (128, 256, 512),
+                 pos_hidden: int = 128, num_group: int = 64, group_size: int = 32,
+                 cls_head_dims: Sequence[int] = (256, 256), cls_dropout: float = 0.5,
+                 label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        if num_classes <= 0:
+            raise ValueError(f"num_classes must be positive, got {num_classes}")
+        self.num_classes = num_classes
+        self.label_smoothing = label_smoothing
+        self.group = Group(num_group, group_size)
+        self.encoder = PointMAEEncoder(
+            embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
+            qkv_bias=qkv_bias, drop_path=drop_path, encoder_dims=encoder_dims,
+            pointnet_dims=pointnet_dims, pos_hidden=pos_hidden)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.cls_pos = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.head = _cls_head(2 * embed_dim, cls_head_dims, num_classes, cls_dropout)
+        self.head.apply(_init_trunc_normal)
+        trunc_normal_(self.cls_token, std=0.02)
+        trunc_normal_(self.cls_pos, std=0.02)
+
+    def forward_tokens(self, points: torch.Tensor) -> torch.Tensor:
+        """points: (B, N, 3) -> normed tokens (B, 1 + G, D), cls token first."""
+        neighborhood, center = self.group(points)
+        b = points.shape[0]
+        x = torch.cat([repeat(self.cls_token, "1 1 d -> b 1 d", b=b), self.encoder.embed(neighborhood)], dim=1)
+        pos = torch.cat([repeat(self.cls_pos, "1 1 d -> b 1 d", b=b), self.encoder.pos_embed(center)], dim=1)
+        return self.encoder.transform(x, pos)[0]
+
+    def forward_head_input(self, points: torch.Tensor) -> torch.Tensor:
+        """points: (B, N, 3) -> (B, 2D) = [cls token, max over patch tokens] (the head's input)."""
+        x = self.forward_tokens(points)
+        return torch.cat([x[:, 0], x[:, 1:].amax(dim=1)], dim=-1)
+
+    def forward(self, batch: dict) -> PointClassifierOutput:
+        points = _check_points(batch)
+        logits = self.head(self.forward_head_input(points))
+        loss = None
+        if batch.get("label") is not None:
+            label = batch["label"].reshape(-1).long()
+            if label.shape[0] != logits.shape[0]:
+                raise ValueError(f"batch['label'] has {label.shape[0]} entries for {logits.shape[0]} clouds")
+            loss = F.cross_entropy(logits, label, label_smoothing=self.label_smoothing)
+        return PointClassifierOutput(loss=loss, logits=logits)
+
+    def forward_features(self, points: torch.Tensor) -> torch.Tensor:
+        """points: (B, N, 3) -> (B, 2D) max- and mean-pooled patch tokens, without the cls token.
+
+        The same feature as :meth:`PointMAEPretrain.forward_features`, so the linear-probe
+        feature of a classifier initialised from a pretraining checkpoint equals the pretrained one.
+        """
+        return self.encoder.pooled_features(*self.group(points))
+
+    def forward_block_features(self, points: torch.Tensor,
+                               blocks: Sequence[int] = (3, 7, 11)) -> BlockFeatures:
+        """points: (B, N, 3) -> normed outputs of `blocks` (0-based) for all G patches (no cls)."""
+        return self.encoder.block_features(self.group(points), blocks)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.encoder.grad_checkpointing = enable
+
+    def no_weight_decay(self) -> set[str]:
+        # official `add_weight_decay`: names containing "token" skip decay (cls_pos is decayed)
+        return {"cls_token"}
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """timm-style parameter groups for layer-wise LR decay (stem, blocks, then the head)."""
+        return {
+            "stem": r"^cls_token|^cls_pos|^encoder\.patch_embed|^encoder\.patch_proj|^encoder\.pos_embed",
+            "blocks": [(r"^encoder\.blocks\.(\d+)", None), (r"^encoder\.norm", (99999,))],
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# Builders
+# --------------------------------------------------------------------------------------------
+
+
+def _encoder_kwargs(cfg: PointMAEConfig) -> dict:
+    return dict(embed_dim=cfg.trans_dim, depth=cfg.depth, num_heads=cfg.num_heads,
+                mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias, drop_path=cfg.drop_path,
+                encoder_dims=cfg.encoder_dims, pointnet_dims=tuple(cfg.pointnet_dims),
+                pos_hidden=cfg.pos_hidden, num_group=cfg.num_group, group_size=cfg.group_size)
+
+
+def build_pretrain_model(cfg: PointMAEConfig) -> PointMAEPretrain:
+    """The pretraining model of a ``model`` config section."""
+    cfg.validate()
+    return PointMAEPretrain(**_encoder_kwargs(cfg), decoder_depth=cfg.decoder_depth,
+                            decoder_num_heads=cfg.decoder_num_heads, mask_ratio=cfg.mask_ratio,
+                            mask_type=cfg.mask_type, loss=cfg.loss)
+
+
+def build_classifier(cfg: PointMAEConfig, num_classes: int | None = None) -> PointMAEClassifier:
+    """The classifier of a ``model`` config section; `num_classes` overrides ``cfg.num_classes``."""
+    cfg.validate()
+    n = num_classes if num_classes is not None else cfg.num_classes
+    if not n or n <= 0:
+        raise ValueError(f"the classifier needs num_classes > 0 (config or dataset), got {n}")
+    if cfg.num_classes and num_classes is not None and cfg.num_classes != num_classes:
+        raise ValueError(f"model.num_classes={cfg.num_classes} disagrees with the dataset's "
+                         f"{num_classes} classes")
+    return PointMAEClassifier(**_encoder_kwargs(cfg), num_classes=n, cls_head_dims=tuple(cfg.cls_head_dims),
+                              cls_dropout=cfg.cls_dropout, label_smoothing=cfg.label_smoothing)

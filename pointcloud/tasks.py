@@ -1,1 +1,266 @@
-"""Point clouds: tasks (being written)."""
+"""Point-cloud tasks: Point-MAE pretraining (``pointmae_pretrain``).
+
+Fine-tuning and evaluation tasks (classification, few-shot, segmentation) live beside it.
+
+Augmentation is applied by the task's :meth:`~mm3d.task.Task.batch_transform` hook: the trainer
+calls it on every *training* batch after moving it to the device, so the augmentation runs
+batched on the GPU (or CPU) and evaluation batches are never augmented.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Literal
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from mm3d.config import RunConfig
+from mm3d.registry import register_task
+from mm3d.task import EvalResult, Task
+from mm3d.pointcloud.models import PointMAEConfig, PointMAEPretrain, build_pretrain_model
+
+log = logging.getLogger(__name__)
+
+Augmentation = Literal["scale_translate", "rotate", "none"]
+
+
+@dataclass
+class PointDataConfig:
+    """The ``data`` section of point-cloud pretraining.
+
+    dataset: ``shapenet55`` (Point-BERT's ShapeNet-55 layout, also what ``mm3d data synth
+    shapenet55`` writes), ``modelnet40`` / ``modelnet10`` (``modelnet40_normal_resampled``
+    layout) or ``folder`` (any ``.ply/.pcd/.xyz/.npy/.bin`` files, unlabeled).
+    """
+
+    dataset: Literal["shapenet55", "modelnet40", "modelnet10", "folder"] = "shapenet55"
+    root: str = ""
+    npoints: int = 1024
+    use_both_splits: bool = False  # ShapeNet-55: pretrain on train + test (Point-BERT); no test split then
+    split_dir: str = "ShapeNet-55"  # ShapeNet: folder of train.txt / test.txt ("ShapeNet-34" for that split)
+    augmentation: Augmentation = "scale_translate"  # official pretraining: scale-and-translate
+    scale_low: float = 2.0 / 3.0
+    scale_high: float = 3.0 / 2.0
+    translate_range: float = 0.2
+    up_axis: Literal["x", "y", "z"] = "y"  # rotation axis of augmentation="rotate"
+    cache_points: int = 8192  # ModelNet: FPS points cached per shape
+    cache_dir: str = ""  # ModelNet: where the cache goes ("": <root>/.mm3d_cache, else a user cache)
+    sample: Literal["random", "fps"] = "random"  # folder: how to pick npoints from each file
+    bin_columns: int = 4  # folder: float32 values per point in raw .bin files
+    report_shapes: int = 4  # reconstruction pictures written after training (0: none)
+
+    def validate(self) -> None:
+        if self.npoints <= 0:
+            raise ValueError(f"npoints must be positive, got {self.npoints}")
+        if not 0 < self.scale_low <= self.scale_high:
+            raise ValueError(f"need 0 < scale_low <= scale_high, got {self.scale_low}, {self.scale_high}")
+        if self.translate_range < 0:
+            raise ValueError(f"translate_range must be >= 0, got {self.translate_range}")
+        if self.report_shapes < 0:
+            raise ValueError(f"report_shapes must be >= 0, got {self.report_shapes}")
+        if self.dataset.startswith("modelnet") and self.npoints > self.cache_points:
+            raise ValueError(f"npoints={self.npoints} exceeds cache_points={self.cache_points}")
+
+
+@dataclass
+class PointPretrainConfig(RunConfig):
+    """A Point-MAE pretraining run."""
+
+    task: str = "pointmae_pretrain"
+    model: PointMAEConfig = field(default_factory=PointMAEConfig)
+    data: PointDataConfig = field(default_factory=PointDataConfig)
+
+    def validate(self) -> None:
+        parent = getattr(super(), "validate", None)
+        if callable(parent):
+            parent()
+        need = max(self.model.num_group, self.model.group_size)
+        if self.data.npoints < need:
+            raise ValueError(f"data.npoints={self.data.npoints} is fewer than model.num_group="
+                             f"{self.model.num_group} / group_size={self.model.group_size} need")
+
+
+def build_pretrain_datasets(data: PointDataConfig, splits: Iterable[str], *, seed: int = 0) -> dict[str, Dataset]:
+    """Datasets of the requested splits that exist: ``train`` always, ``test`` when held out.
+
+    Evaluation splits sample their points with a fixed seed, so their loss is comparable
+    between evaluations.
+    """
+    from mm3d.pointcloud import datasets as D
+
+    if not data.root:
+        raise ValueError(f"data.root is empty: give the {data.dataset} folder (e.g. data.root=DIR on "
+                         f"the command line)")
+    root = Path(data.root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"data.root {root} is not a folder")
+    splits = set(splits)
+    out: dict[str, Dataset] = {}
+    if data.dataset == "shapenet55":
+        def make(split: str, s: int | None) -> Dataset:
+            return D.ShapeNet55(root, split, data.npoints, use_both_splits=data.use_both_splits and split == "train",
+                                split_dir=data.split_dir, seed=s)
+        if "train" in splits:
+            out["train"] = make("train", None)
+        if "test" in splits:
+            if data.use_both_splits:
+                log.info("data.use_both_splits: the ShapeNet-55 test list is trained on; no test split")
+            else:
+                out["test"] = make("test", seed)
+    elif data.dataset in ("modelnet40", "modelnet10"):
+        n = 40 if data.dataset == "modelnet40" else 10
+        for split in ("train", "test"):
+            if split in splits:
+                out[split] = D.ModelNet(root, split, num_classes=n, npoints=data.npoints,
+                                        cache_points=data.cache_points, cache_dir=data.cache_dir or None)
+    elif data.dataset == "folder":
+        if "train" in splits:
+            out["train"] = D.PointFolder(root, data.npoints, bin_columns=data.bin_columns, sample=data.sample)
+        if "test" in splits:
+            out["test"] = D.PointFolder(root, data.npoints, bin_columns=data.bin_columns, sample=data.sample,
+                                        seed=seed)
+            log.info("data.dataset=folder has no held-out split: 'test' re-reads the training files")
+    else:  # guarded by the config's Literal
+        raise ValueError(f"unknown data.dataset {data.dataset!r}")
+    return out
+
+
+def augmentation_fn(data: PointDataConfig, generator: torch.Generator | None = None
+                    ) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The batched augmentation of `data` on (B, N, 3) points (None for ``none``)."""
+    from mm3d.pointcloud import transforms as T
+
+    if data.augmentation == "scale_translate":
+        return lambda p: T.scale_and_translate(p, scale_low=data.scale_low, scale_high=data.scale_high,
+                                               translate_range=data.translate_range, generator=generator)
+    if data.augmentation == "rotate":
+        return lambda p: T.rotate_up_axis(p, up_axis=data.up_axis, generator=generator)
+    return None
+
+
+def prepare_points(points: torch.Tensor, npoints: int, *, seed: int = 0) -> torch.Tensor:
+    """A raw (N, C) cloud -> (npoints, 3): random points (repeats when N < npoints) on the unit sphere,
+    as the datasets prepare their items."""
+    from mm3d.pointcloud.transforms import normalize_unit_sphere, sample_indices
+
+    xyz = torch.as_tensor(points, dtype=torch.float32)[:, :3]
+    idx = sample_indices(xyz, npoints, "random", generator=torch.Generator().manual_seed(seed))
+    return normalize_unit_sphere(xyz[idx])
+
+
+class PointMAEPretrainTask(Task):
+    """Point-MAE pretraining: masked patch reconstruction with a Chamfer loss."""
+
+    name = "pointmae_pretrain"
+    modality = "pointcloud"
+    stage = "pretrain"
+    config_class = PointPretrainConfig
+    description = "Point-MAE masked point-patch pretraining (ShapeNet-55, ModelNet, a folder of scans)"
+
+    def build_model(self, cfg: PointPretrainConfig) -> nn.Module:
+        return build_pretrain_model(cfg.model)
+
+    def build_datasets(self, cfg: PointPretrainConfig, splits: Iterable[str]) -> dict[str, Dataset]:
+        return build_pretrain_datasets(cfg.data, splits, seed=cfg.seed)
+
+    def batch_transform(self, cfg: PointPretrainConfig, device: torch.device) -> Callable[[Any], Any] | None:
+        aug = augmentation_fn(cfg.data)
+        if aug is None:
+            return None
+
+        def transform(batch: dict[str, Any]) -> dict[str, Any]:
+            return {**batch, "points": aug(batch["points"])}
+
+        return transform
+
+    def bench_extra(self, cfg: PointPretrainConfig, device: torch.device) -> list[dict[str, Any]]:
+        """`mm3d bench`: FPS, KNN and Chamfer at Point-MAE's sizes vs brute force (and pytorch3d)."""
+        from mm3d.pointcloud.ops.bench import bench_ops
+
+        return bench_ops(device)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, loader: Iterable[Any], cfg: PointPretrainConfig,
+                 device: torch.device, split: str) -> EvalResult:
+        """Chamfer L2 and L1 on the masked patches, masks drawn from a fixed seed."""
+        from mm3d.distributed import all_reduce_sum
+        from mm3d.pointcloud.models import chamfer_loss
+        from mm3d.trainer import move_to_device
+
+        model.eval()
+        gen = torch.Generator(device=device).manual_seed(cfg.seed)
+        total = torch.zeros(4, dtype=torch.float64, device=device)
+        for batch in loader:
+            batch = move_to_device(batch, device)
+            out = model(batch, generator=gen)
+            n = out.pred.shape[0]
+            pred, target = out.pred.float(), out.target.float()
+            total += torch.stack([out.loss.double() * n, chamfer_loss(pred, target, "cdl2").double() * n,
+                                  chamfer_loss(pred, target, "cdl1").double() * n,
+                                  torch.tensor(n, dtype=torch.float64, device=device)])
+        total = all_reduce_sum(total)
+        count = total[3].clamp(min=1)
+        return EvalResult({"loss": float(total[0] / count), "cd_l2": float(total[1] / count),
+                           "cd_l1": float(total[2] / count)})
+
+    def _report_items(self, datasets: dict[str, Dataset], count: int) -> list[tuple[str, torch.Tensor]]:
+        split = "test" if "test" in datasets else "train"
+        ds = datasets.get(split)
+        if ds is None or count == 0:
+            return []
+        step = max(len(ds) // count, 1)
+        return [(f"{split}_{i:05d}", ds[i]["points"]) for i in range(0, len(ds), step)[:count]]
+
+    def write_report(self, run_dir: Path, model: nn.Module, cfg: PointPretrainConfig,
+                     results: dict[str, EvalResult], datasets: dict[str, Dataset],
+                     device: torch.device) -> list[Path]:
+        """Reconstruction pictures (PNG + PLY) of a few held-out shapes in ``run_dir/plots``."""
+        from mm3d.pointcloud.visualize import CloudRenderer, write_reconstruction_figure
+
+        items = self._report_items(datasets, cfg.data.report_shapes)
+        if not items or not isinstance(model, PointMAEPretrain):
+            return []
+        try:
+            renderer = CloudRenderer(480, 480)
+        except (ImportError, RuntimeError) as e:  # no Open3D / no offscreen rendering here
+            log.warning("no reconstruction pictures: Open3D offscreen rendering failed (%s)", e)
+            return []
+        files: list[Path] = []
+        for i, (name, points) in enumerate(items):
+            files += write_reconstruction_figure(model, points, run_dir / "plots", seed=cfg.seed + i,
+                                                 name=f"reconstruction_{name}", renderer=renderer)
+        return files
+
+    def visualize(self, model: nn.Module, cfg: PointPretrainConfig, *, inputs: list[str],
+                  dataset_index: int | None, out_dir: Path, interactive: bool, seed: int,
+                  device: torch.device) -> list[Path]:
+        """``mm3d visualize``: reconstruction figures of point-cloud files or a dataset item."""
+        from mm3d.pointcloud.io import read_points
+        from mm3d.pointcloud.visualize import CloudRenderer, write_reconstruction_figure
+
+        clouds: list[tuple[str, torch.Tensor]] = []
+        for path in inputs:
+            raw = read_points(path, bin_columns=cfg.data.bin_columns)
+            clouds.append((Path(path).stem, prepare_points(torch.from_numpy(raw), cfg.data.npoints, seed=seed)))
+        if dataset_index is not None:
+            ds = build_pretrain_datasets(cfg.data, ["train", "test"], seed=seed)
+            split = "test" if "test" in ds else "train"
+            if not 0 <= dataset_index < len(ds[split]):
+                raise ValueError(f"--dataset-index {dataset_index} is out of range: the {split} split of "
+                                 f"{cfg.data.root} has {len(ds[split])} items")
+            clouds.append((f"{split}_{dataset_index:05d}", ds[split][dataset_index]["points"]))
+        if not clouds:
+            raise ValueError("nothing to visualise: give input files or a dataset index")
+        renderer = CloudRenderer(480, 480)
+        files: list[Path] = []
+        for name, points in clouds:
+            files += write_reconstruction_figure(model, points, out_dir, seed=seed, name=name,
+                                                 interactive=interactive, renderer=renderer)
+        return files
+
+
+register_task(PointMAEPretrainTask())

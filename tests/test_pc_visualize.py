@@ -1,0 +1,172 @@
+"""Open3D reconstruction pictures and the Point-MAE pretraining task end to end (tiny)."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("open3d")
+
+from PIL import Image  # noqa: E402
+
+from mm3d.config import load_config  # noqa: E402
+from mm3d.pointcloud.io import read_points  # noqa: E402
+from mm3d.pointcloud.models import build_pretrain_model  # noqa: E402
+from mm3d.pointcloud.visualize import (  # noqa: E402
+    CAPTION_HEIGHT, PREDICTED_COLOR, CloudRenderer, render_clouds, show_interactive,
+    write_reconstruction_figure)
+from mm3d.registry import SYNTH, TASKS, variant_config  # noqa: E402
+
+W, H = 160, 120
+
+
+def sphere_cloud(n: int = 256, seed: int = 0) -> np.ndarray:
+    x = np.random.default_rng(seed).normal(size=(n, 3))
+    return (0.8 * x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def assert_non_blank(panel: np.ndarray, what: str) -> None:
+    white = (panel == 255).all(axis=-1)
+    assert white.any(), f"{what}: no background pixel"
+    assert (~white).mean() > 0.005, f"{what}: almost no foreground ({(~white).mean():.4f})"
+    assert panel.std() > 5, f"{what}: flat image (std {panel.std():.2f})"
+
+
+def near(panel: np.ndarray, rgb) -> np.ndarray:
+    target = np.asarray(rgb) * 255
+    return (np.abs(panel.astype(float) - target) < 30).all(axis=-1)
+
+
+def test_render_clouds_size_and_content():
+    img = render_clouds([sphere_cloud()], [(0.1, 0.2, 0.9)], W, H)
+    assert img.shape == (H, W, 3) and img.dtype == np.uint8
+    assert_non_blank(img, "render")
+    # nothing drawn: pure white; a cloud outside the unit sphere's view is clipped, not an error
+    r = CloudRenderer(W, H)
+    assert (r.render([np.zeros((0, 3))], [(0, 0, 0)]) == 255).all()
+    with pytest.raises(ValueError, match="colours"):
+        r.render([sphere_cloud()], [])
+
+
+def test_reconstruction_figure_panels_and_ply_files(tmp_path):
+    torch.manual_seed(0)
+    model = build_pretrain_model(variant_config("pointmae_tiny_test"))
+    pts = sphere_cloud(256)
+    files = write_reconstruction_figure(model, pts, tmp_path, seed=0, size=(W, H), name="fig")
+    assert [f.name for f in files] == ["fig.png", "fig_input.ply", "fig_visible.ply", "fig_reconstruction.ply"]
+    img = np.asarray(Image.open(files[0]).convert("RGB"))
+    assert img.shape == (CAPTION_HEIGHT + H, 3 * W, 3)
+    panels = [img[CAPTION_HEIGHT:, i * W:(i + 1) * W] for i in range(3)]
+    for i, p in enumerate(panels):
+        assert p.shape == (H, W, 3)
+        assert_non_blank(p, f"panel {i + 1}")
+    # the predicted patches (their own colour) appear in panel 3 only
+    assert near(panels[2], PREDICTED_COLOR).sum() > 20
+    assert near(panels[1], PREDICTED_COLOR).sum() == 0 and near(panels[0], PREDICTED_COLOR).sum() == 0
+    assert model.training  # the train/eval mode is restored
+
+    g, k = model.num_group, model.group_size
+    m = int(0.6 * g)
+    counts = [len(read_points(f)) for f in files[1:]]
+    assert counts == [256, (g - m) * k, g * k]
+    recon = read_points(files[3])
+    assert recon.shape[1] == 6 and np.allclose(recon[-1, 3:], PREDICTED_COLOR, atol=1 / 255)
+    assert np.allclose(read_points(files[1])[:, :3], pts, atol=1e-6)
+
+
+def test_interactive_without_display_is_a_clear_message(monkeypatch, caplog):
+    monkeypatch.delenv("DISPLAY", raising=False)
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    with caplog.at_level(logging.WARNING):
+        assert show_interactive([([sphere_cloud()], [(0, 0, 1)])]) is False
+    assert "no display" in caplog.text
+
+
+@pytest.fixture(scope="module")
+def synth_shapenet(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapenet55")
+    SYNTH.get("shapenet55")(root, seed=0, scale="tiny")
+    return root
+
+
+def test_pretrain_task_end_to_end(synth_shapenet, tmp_path):
+    """Config -> trainer -> loss, evaluation with fixed masks, and the report pictures."""
+    from mm3d.trainer import run
+
+    out = tmp_path / "run"
+    cfg = load_config("configs/pointcloud/pointmae_pretrain_demo.yaml", [
+        f"data.root={synth_shapenet}", f"output_dir={out}", "model.variant=pointmae_tiny_test",
+        "data.npoints=256", "train.max_steps=4", "train.batch_size=8", "data.report_shapes=2",
+        "train.progress=off", "train.log_every=1"])
+    task = TASKS.get(cfg.task)
+    ds = task.build_datasets(cfg, ["train", "val", "test"])
+    assert set(ds) == {"train", "test"} and ds["train"][0]["points"].shape == (256, 3)
+    tf = task.batch_transform(cfg, torch.device("cpu"))
+    batch = {"points": ds["train"][0]["points"][None]}
+    assert not torch.equal(tf(batch)["points"], batch["points"])
+    results = run(cfg)
+    assert np.isfinite(results["test"]["loss"]) and set(results["test"]) == {"loss", "cd_l2", "cd_l1"}
+    pngs = sorted((out / "plots").glob("reconstruction_*.png"))
+    assert len(pngs) == 2
+    assert json.loads((out / "results.json").read_text())["test"]["loss"] == results["test"]["loss"]
+    # evaluation draws its masks from the seed: two evaluations agree
+    model = task.build_model(cfg)
+    loader = torch.utils.data.DataLoader(ds["test"], batch_size=4)
+    a = task.evaluate(model, loader, cfg, torch.device("cpu"), "test").metrics
+    b = task.evaluate(model, loader, cfg, torch.device("cpu"), "test").metrics
+    assert a == b
+
+
+def test_visualize_files_and_dataset_items(synth_shapenet, tmp_path):
+    cfg = load_config("configs/pointcloud/pointmae_pretrain_demo.yaml", [
+        f"data.root={synth_shapenet}", "model.variant=pointmae_tiny_test", "data.npoints=256"])
+    task = TASKS.get(cfg.task)
+    model = task.build_model(cfg).eval()
+    src = tmp_path / "scan.xyz"
+    np.savetxt(src, 5.0 * sphere_cloud(100) + 3.0)  # fewer points than npoints, off-centre
+    files = task.visualize(model, cfg, inputs=[str(src)], dataset_index=1, out_dir=tmp_path / "vis",
+                           interactive=False, seed=0, device=torch.device("cpu"))
+    names = [f.name for f in files if f.suffix == ".png"]
+    assert names == ["scan.png", "test_00001.png"]
+    inp = read_points(tmp_path / "vis" / "scan_input.ply")[:, :3]
+    assert inp.shape == (256, 3) and np.linalg.norm(inp, axis=1).max() == pytest.approx(1.0, abs=1e-4)
+    with pytest.raises(ValueError, match="out of range"):
+        task.visualize(model, cfg, inputs=[], dataset_index=10_000, out_dir=tmp_path / "vis",
+                       interactive=False, seed=0, device=torch.device("cpu"))
+
+
+def test_realdata_scan_visualises(realdata, tmp_path):
+    """The Stanford bunny (PCD) through the same path as `mm3d visualize --input`."""
+    cfg = load_config("configs/pointcloud/pointmae_pretrain_demo.yaml", [
+        "model.variant=pointmae_tiny_test", "data.npoints=256"])
+    task = TASKS.get(cfg.task)
+    model = task.build_model(cfg).eval()
+    files = task.visualize(model, cfg, inputs=[str(realdata / "pointcloud" / "scans" / "bunny.pcd")],
+                           dataset_index=None, out_dir=tmp_path, interactive=False, seed=0,
+                           device=torch.device("cpu"))
+    img = np.asarray(Image.open(files[0]).convert("RGB"))
+    for i in range(3):
+        assert_non_blank(img[CAPTION_HEIGHT:, i * 480:(i + 1) * 480], f"bunny panel {i + 1}")
+
+
+def test_pretrain_datasets_on_real_layouts(realdata, tmp_path):
+    """ModelNet40 files and a folder of real scans as pretraining data (the config's dataset choices)."""
+    from mm3d.pointcloud.tasks import PointDataConfig, build_pretrain_datasets
+
+    pc = realdata / "pointcloud"
+    mn = build_pretrain_datasets(PointDataConfig(dataset="modelnet40", root=str(pc / "modelnet40_sample"),
+                                                 npoints=256, cache_points=256, cache_dir=str(tmp_path)),
+                                 ["train", "test"])
+    assert len(mn["train"]) == 8 and len(mn["test"]) == 4 and mn["train"][0]["points"].shape == (256, 3)
+    folder = build_pretrain_datasets(PointDataConfig(dataset="folder", root=str(pc / "scans"), npoints=256,
+                                                     bin_columns=6), ["train"])
+    assert len(folder["train"]) == 3
+    for i in range(3):
+        p = folder["train"][i]["points"]
+        assert p.shape == (256, 3) and torch.linalg.norm(p, dim=1).max() == pytest.approx(1.0, abs=1e-4)
+    with pytest.raises(ValueError, match="data.root is empty"):
+        build_pretrain_datasets(PointDataConfig(), ["train"])
