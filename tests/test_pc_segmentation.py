@@ -1,0 +1,160 @@
+"""Point-MAE part segmentation: model shapes and gradients, the official head layout, the
+ShapeNetPart task end to end with mIoU and renders, real ShapeNetPart files, label errors."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mm3d.config import load_config
+from mm3d.registry import TASKS, variant_config
+from mm3d.testing import assert_close
+from mm3d.pointcloud.segmentation import (PointMAESegmentation, SegHeadConfig, build_segmentation_model,
+                                          default_fetch_blocks)
+
+SMALL_HEAD = ["head.label_dim=8", "head.propagation_dims=[32,32]", "head.head_dims=[32,16]"]
+TINY = ["model.variant=pointmae_tiny_test", "data.npoints=64", "train.batch_size=4", "train.epochs=1",
+        "train.device=cpu", "train.tensorboard=false", "train.progress=off", "train.best_metric=instance_miou",
+        "train.best_mode=max", "optim.lr=1e-3", "train.keep_last=1", *SMALL_HEAD]
+
+
+def tiny_model(**kw) -> PointMAESegmentation:
+    head = SegHeadConfig(label_dim=8, propagation_dims=(32, 32), head_dims=(32, 16), **kw)
+    return build_segmentation_model(variant_config("pointmae_tiny_test"), head)
+
+
+@pytest.fixture(scope="module")
+def snp_root(tmp_path_factory) -> Path:
+    """Synthetic ShapeNetPart layout: 11 categories with shapes, 2/1/1 per category."""
+    from mm3d.pointcloud.synth import synth_shapenetpart
+
+    root = tmp_path_factory.mktemp("snp") / "snp"
+    synth_shapenetpart(root, seed=0, scale="tiny")
+    return root
+
+
+def test_default_fetch_blocks():
+    assert default_fetch_blocks(12) == (3, 7, 11)  # blocks 4, 8, 12 of the official model
+    assert default_fetch_blocks(4) == (0, 2, 3)
+    assert default_fetch_blocks(2) == (0, 0, 1)
+
+
+def test_forward_backward_shapes_and_grads():
+    torch.manual_seed(0)
+    model = tiny_model()
+    b, n = 3, 64
+    batch = {"points": torch.randn(b, n, 3), "cls_label": torch.tensor([0, 5, 15]),
+             "seg": torch.randint(0, 50, (b, n))}
+    out = model(batch)
+    assert out.logits.shape == (b, n, 50) and torch.isfinite(out.logits).all()
+    assert_close(out.loss, F.cross_entropy(out.logits.reshape(-1, 50), batch["seg"].reshape(-1)), atol=1e-5)
+    out.loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    assert model({"points": batch["points"], "cls_label": batch["cls_label"]}).loss is None
+
+
+def test_category_changes_the_prediction():
+    torch.manual_seed(0)
+    model = tiny_model().eval()
+    pts = torch.randn(1, 64, 3).expand(2, -1, -1)
+    logits = model({"points": pts, "cls_label": torch.tensor([0, 9])}).logits
+    assert not torch.allclose(logits[0], logits[1])  # the label embedding reaches every point
+
+
+def test_official_head_layout():
+    model = build_segmentation_model(variant_config("pointmae_small"), SegHeadConfig())
+    assert model.fetch_blocks == (3, 7, 11)
+    assert model.label_conv[0].weight.shape == (64, 16, 1) and model.label_conv[0].bias is None
+    assert model.propagation[0].weight.shape == (1536, 3 + 1152, 1)  # xyz + 3 x 384 block features
+    assert model.propagation[3].weight.shape == (1024, 1536, 1)
+    assert model.convs1.weight.shape == (512, 3392, 1)  # 1024 + 2 x 1152 + 64, as the official convs1
+    assert model.hidden[0].weight.shape == (256, 512, 1) and model.convs3.weight.shape == (50, 256, 1)
+
+
+def test_bad_inputs():
+    model = tiny_model()
+    with pytest.raises(ValueError, match=r"cls_label'\] values must lie in \[0, 16\)"):
+        model({"points": torch.randn(1, 64, 3), "cls_label": torch.tensor([16])})
+    with pytest.raises(TypeError, match="cls_label"):
+        model({"points": torch.randn(1, 64, 3)})
+    with pytest.raises(ValueError, match="fetch_blocks"):
+        tiny_model(fetch_blocks=(0, 5))
+
+
+def test_init_from_pretraining_weights():
+    from mm3d.pointcloud.finetune import load_encoder_checkpoint
+    from mm3d.pointcloud.models import build_pretrain_model
+
+    pre = build_pretrain_model(variant_config("pointmae_tiny_test"))
+    model = tiny_model()
+    notes = " ".join(load_encoder_checkpoint(model, {"model": pre.state_dict()}))
+    assert torch.equal(model.encoder.blocks[1].mlp.fc1.weight, pre.encoder.blocks[1].mlp.fc1.weight)
+    assert "decoder.*" in notes and "label_conv.*" in notes
+
+
+def seg_cfg(root, out, *extra):
+    return load_config(None, [f"data.root={root}", f"output_dir={out}", *TINY, *extra], task="pointmae_partseg")
+
+
+def test_part_label_outside_category_names_file_and_line(snp_root, tmp_path):
+    root = tmp_path / "snp"
+    shutil.copytree(snp_root, root, ignore=shutil.ignore_patterns(".mm3d_cache"))
+    entry = json.loads((root / "train_test_split" / "shuffled_train_file_list.json").read_text())[0]
+    path = root / entry.split("/")[1] / (entry.split("/")[2] + ".txt")
+    lines = path.read_text().splitlines()
+    cols = lines[4].split()
+    cols[6] = "49.000000" if float(cols[6]) < 47 else "0.000000"  # a part of another category
+    lines[4] = " ".join(cols)
+    path.write_text("\n".join(lines) + "\n")
+    task = TASKS.get("pointmae_partseg")
+    with pytest.raises(ValueError, match=rf"{path.name}, line 5: part label .* is not in the \w+ part set"):
+        task.build_datasets(seg_cfg(root, tmp_path), ["train", "val", "test"])
+
+
+@pytest.mark.slow
+def test_partseg_end_to_end(snp_root, tmp_path):
+    from mm3d.trainer import run
+
+    out = tmp_path / "run"
+    res = run(seg_cfg(snp_root, out, "train.epochs=2", "data.render_shapes=2"))
+    assert res["selected_on"] == "val"
+    test = res["test"]
+    cats = ["Airplane", "Bag", "Cap", "Chair", "Guitar", "Knife", "Lamp", "Laptop", "Mug", "Rocket", "Table"]
+    assert {f"iou_{c}" for c in cats} <= set(test) and "iou_Car" not in test  # no Car shapes in the synthetic set
+    assert test["class_miou"] == pytest.approx(np.mean([test[f"iou_{c}"] for c in cats]))
+    assert 0.0 <= test["instance_miou"] <= 1.0 and test["num_samples"] == 11
+    md = (out / "results.md").read_text()
+    assert "selected on val (honest)" in md and "instance_miou" in md and "| Airplane |" in md
+    pngs = sorted((out / "plots").glob("partseg_test_*.png"))
+    assert len(pngs) == 2
+    from PIL import Image
+
+    img = np.asarray(Image.open(pngs[0]).convert("RGB"))
+    assert img.shape[1] == 800
+    half = img[40:, :400], img[40:, 400:]
+    for panel in half:  # ground truth and prediction both show coloured points on white
+        assert (panel.min(axis=-1) < 200).mean() > 0.005
+
+
+def test_real_shapenetpart_sample(realdata, tmp_path, monkeypatch):
+    monkeypatch.setenv("MM3D_CACHE_DIR", str(tmp_path / "cache"))  # the sample folder is read-only
+    root = realdata / "pointcloud" / "shapenetpart_sample"
+    cfg = seg_cfg(root, tmp_path, "data.npoints=256")
+    task = TASKS.get("pointmae_partseg")
+    ds = task.build_datasets(cfg, ["train", "val", "test"])
+    assert sorted(ds) == ["test", "train"]  # the real val list is empty: left out, selection falls back
+    assert len(ds["test"].categories) == 16 and ds["test"].categories[-1] == "Table"
+    torch.manual_seed(0)
+    model = task.build_model(cfg)
+    loader = torch.utils.data.DataLoader(ds["test"], batch_size=2)
+    res = task.evaluate(model, loader, cfg, torch.device("cpu"), "test")
+    m = res.metrics
+    assert m["num_samples"] == 1 and [k for k in m if k.startswith("iou_")] == ["iou_Table"]
+    assert m["class_miou"] == pytest.approx(m["iou_Table"]) == pytest.approx(m["instance_miou"])
+    papers = task.build_datasets(seg_cfg(root, tmp_path, "train.select_on=test"), ["train", "val", "test"])
+    assert len(papers["train"]) == 1 and "val" not in papers  # trainval = 1 train + 0 val shapes
