@@ -79,7 +79,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     trainer = Trainer(cfg, TASKS.get(cfg.task))
     for note in load_model_weights(trainer.model, cfg.checkpoint, allow_pickle=cfg.allow_pickle):
         log.info("%s", note)
-    results: dict[str, Any] = {"checkpoint": cfg.checkpoint}
+    results: dict[str, Any] = {"checkpoint": cfg.checkpoint,
+                               "protocol": trainer.task.run_info(cfg, trainer.datasets)}
     evals = {}
     for split in ("val", "test"):
         if split in trainer.datasets:

@@ -304,8 +304,8 @@ def _coerce(value: Any, tp: Any, key: str, src: _Source) -> Any:
     fail(_type_name(tp))
 
 
-def _build(cls: type, data: dict[str, Any], prefix: str, src: _Source) -> Any:
-    """Build dataclass `cls` from `data` over its defaults (or over a registered variant)."""
+def _build(cls: type, data: dict[str, Any], prefix: str, src: _Source, base: Any = None) -> Any:
+    """Build dataclass `cls` from `data` over `base` (default: the class defaults, or a variant)."""
     hints = typing.get_type_hints(cls)
     names = [f.name for f in fields(cls) if f.init]
     for k in data:
@@ -313,7 +313,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str, src: _Source) -> Any:
             raise ConfigError(f"{src.where(prefix + k)}: unknown key '{prefix}{k}'"
                               f"{suggest(k, names)}; valid keys of '{prefix.rstrip('.') or 'top level'}': "
                               f"{', '.join(names)}")
-    base = cls()
+    base = base if base is not None else cls()
     if "variant" in names and data.get("variant"):
         vname = data["variant"]
         if vname not in MODELS:
@@ -327,7 +327,13 @@ def _build(cls: type, data: dict[str, Any], prefix: str, src: _Source) -> Any:
     kwargs = {}
     for name in names:
         if name in data:
-            kwargs[name] = _coerce(data[name], hints[name], prefix + name, src)
+            current = getattr(base, name)
+            if is_dataclass(current) and isinstance(data[name], dict) and "variant" not in data[name]:
+                # merge over the parent's default for this section (a task may preset it with
+                # field(default_factory=...)), not over the section class's bare defaults
+                kwargs[name] = _build(type(current), data[name], f"{prefix}{name}.", src, current)
+            else:
+                kwargs[name] = _coerce(data[name], hints[name], prefix + name, src)
         else:
             kwargs[name] = getattr(base, name)
     obj = cls(**kwargs)

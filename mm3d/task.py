@@ -51,6 +51,10 @@ class Task:
         """Return the requested splits (``train``, ``val``, ``test``) that exist for this task."""
         raise NotImplementedError
 
+    def run_info(self, cfg: Any, datasets: dict[str, Dataset]) -> dict[str, Any]:
+        """Protocol facts written into every results file (e.g. augmentation, voting, selection)."""
+        return {}
+
     def collate_fn(self, cfg: Any) -> Callable[[list[Any]], Any] | None:
         """Custom collate (None: torch's default stacking)."""
         return None

@@ -486,7 +486,8 @@ class Trainer:
         if select_split == "test" and "test" not in self.datasets:
             select_split = "last"
         progress = Progress(self.total_steps, self.state.step, cfg.train.progress, self.is_main, cfg.train.log_every)
-        results: dict[str, Any] = {"selected_on": select_split}
+        results: dict[str, Any] = {"selected_on": select_split,
+                                   "protocol": self.task.run_info(cfg, self.datasets)}
         try:
             while self.state.step < self.total_steps:
                 epoch = self.state.epoch
@@ -578,7 +579,8 @@ def run_seeds(cfg: RunConfig) -> dict[str, Any]:
     for s in cfg.seeds:
         sub = replace(cfg, seed=s, seeds=[], output_dir=str(cfg.run_dir / f"seed_{s}"))
         per_seed[s] = Trainer(sub).fit()
-    summary: dict[str, Any] = {"seeds": list(cfg.seeds), "per_seed": {}, "mean": {}, "std": {}}
+    summary: dict[str, Any] = {"seeds": list(cfg.seeds), "per_seed": {}, "mean": {}, "std": {},
+                               "protocol": next(iter(per_seed.values())).get("protocol", {})}
     for split in ("val", "test"):
         keys = set().union(*(r.get(split, {}).keys() for r in per_seed.values()))
         for k in sorted(keys):

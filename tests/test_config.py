@@ -102,3 +102,14 @@ def test_variant_preset_then_overrides():
     assert (cfg.model.width, cfg.model.depth) == (64, 5)
     with pytest.raises(ConfigError, match="unknown model variant 'unit_test_arc'.*did you mean 'unit_test_arch'"):
         config_from_dict(Holder, {"model": {"variant": "unit_test_arc"}})
+
+
+def test_task_section_defaults_survive_partial_yaml():
+    from mm3d.config import RunConfig, TrainConfig
+
+    @dataclass
+    class Preset(RunConfig):
+        train: TrainConfig = field(default_factory=lambda: TrainConfig(best_metric="top1", best_mode="max"))
+
+    cfg = config_from_dict(Preset, {"train": {"epochs": 3}})
+    assert (cfg.train.epochs, cfg.train.best_metric, cfg.train.best_mode) == (3, "top1", "max")
