@@ -1,1 +1,333 @@
-"""Video: tasks (being written)."""
+"""Video tasks: VideoMAE pretraining (``videomae_pretrain``).
+
+The clip dataset (:class:`mm3d.video.data.VideoDataset`) decodes and augments clips in the
+loader workers; tube masks are drawn by the model on the device for each batch (validation uses
+masks from a fixed-seed generator, so validation losses are comparable between evaluations).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Iterable, Literal
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from mm3d.config import RunConfig
+from mm3d.registry import register_task
+from mm3d.task import EvalResult, Task, batch_size_of
+from mm3d.video.models import VideoMAEConfig, VideoMAEPretrain, build_pretrain_model
+
+log = logging.getLogger(__name__)
+
+__all__ = ["VideoDataConfig", "VideoPretrainConfig", "VideoMAEPretrainTask", "build_video_dataset",
+           "resolve_list"]
+
+
+@dataclass
+class VideoDataConfig:
+    """The ``data`` section of a video run.
+
+    Lists (see :func:`mm3d.video.data.read_annotation_list`): ``path label`` (VideoMAE /
+    mmaction2), ``path start total_frames`` (VideoMAEv2 pretraining, ``path 0 -1`` for video
+    files) or ``dir total_frames label`` (rawframes). Relative paths inside a list are joined to
+    `root`; a relative list path is looked up in the working directory, then under `root`.
+    ``train_list`` / ``val_list`` may name several lists separated by commas (read in order).
+    """
+
+    root: str = ""
+    train_list: str = ""
+    val_list: str = ""  # optional: a held-out list for the validation loss and the report pictures
+    list_format: Literal["auto", "video", "pretrain", "rawframes"] = "auto"
+    label_map: str = ""  # class names, one a line (lets lists name classes; optional for pretraining)
+    num_frames: int | None = None  # frames per clip (None: model.num_frames)
+    sampling_rate: int = 4  # frame step of dense sampling: 4 Kinetics, 2 SSv2
+    sampling: Literal["dense", "segment"] = "dense"  # segment: TSN sampling (SSv2-style data)
+    input_size: int | None = None  # crop size (None: model.img_size)
+    scales: tuple[float, ...] = (1.0, 0.875, 0.75, 0.66)  # VideoMAE's multi-scale crop
+    flip: bool = False  # VideoMAE pretraining does not flip
+    num_sample: int = 1  # repeated augmentation: views per decoded clip (VideoMAEv2 uses 4)
+    backend: Literal["auto", "decord", "pyav"] = "auto"
+    num_threads: int = 1  # decoder threads per loader worker
+    rawframe_template: str = "img_{:05d}.jpg"
+    rawframe_start: int = 1
+    max_failure_ratio: float = 0.01  # fail once this share of the videos could not be read
+    report_clips: int = 2  # reconstruction pictures written after training (0: none)
+
+    def validate(self) -> None:
+        if self.sampling_rate < 1 or self.num_sample < 1 or self.num_threads < 0:
+            raise ValueError(f"sampling_rate and num_sample must be >= 1 and num_threads >= 0, got "
+                             f"{self.sampling_rate}, {self.num_sample}, {self.num_threads}")
+        if not self.scales or any(not 0 < s <= 1 for s in self.scales):
+            raise ValueError(f"scales must be in (0, 1], got {self.scales}")
+        if not 0.0 <= self.max_failure_ratio <= 1.0:
+            raise ValueError(f"max_failure_ratio must be in [0, 1], got {self.max_failure_ratio}")
+        if self.report_clips < 0:
+            raise ValueError(f"report_clips must be >= 0, got {self.report_clips}")
+
+
+@dataclass
+class VideoPretrainConfig(RunConfig):
+    """A VideoMAE pretraining run."""
+
+    task: str = "videomae_pretrain"
+    model: VideoMAEConfig = field(default_factory=VideoMAEConfig)
+    data: VideoDataConfig = field(default_factory=VideoDataConfig)
+
+    def validate(self) -> None:
+        if self.data.num_frames is not None and self.data.num_frames != self.model.num_frames:
+            raise ValueError(f"data.num_frames={self.data.num_frames} differs from model.num_frames="
+                             f"{self.model.num_frames}; set one (data.num_frames may stay null)")
+        if self.data.input_size is not None and self.data.input_size != self.model.img_size:
+            raise ValueError(f"data.input_size={self.data.input_size} differs from model.img_size="
+                             f"{self.model.img_size}; set one (data.input_size may stay null)")
+
+
+def resolve_list(path: str, root: str) -> Path:
+    """A list file: as given, else under `root`; FileNotFoundError naming both when absent."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    if root and not p.is_absolute() and (Path(root) / p).is_file():
+        return Path(root) / p
+    where = f" (nor under data.root={root!r})" if root else ""
+    raise FileNotFoundError(f"annotation list {path!r} not found{where}")
+
+
+def build_video_dataset(data: VideoDataConfig, list_path: str, *, mode: Literal["train", "test"],
+                        num_frames: int, input_size: int, seed: int = 0) -> Dataset:
+    """A :class:`~mm3d.video.data.VideoDataset` of one list: pretraining augmentation in ``train``
+    mode, a centre crop (one clip, one crop) in ``test`` mode."""
+    from mm3d.video import data as D
+    from mm3d.video import transforms as TR
+
+    records = []
+    for one in (p.strip() for p in list_path.split(",") if p.strip()):
+        records += D.read_annotation_list(resolve_list(one, data.root), fmt=data.list_format,
+                                          data_root=data.root, label_map=data.label_map or None)
+    if mode == "train":
+        transform = TR.pretrain_transform(input_size, data.scales, flip=data.flip)
+    else:
+        transform = TR.test_transform(input_size, input_size, 1)
+    return D.VideoDataset(records, mode=mode, num_frames=num_frames, sampling_rate=data.sampling_rate,
+                          sampling=data.sampling, num_clips=1, num_crops=1,
+                          num_sample=data.num_sample if mode == "train" else 1, transform=transform,
+                          backend=data.backend, num_threads=data.num_threads,
+                          rawframe_template=data.rawframe_template, rawframe_start=data.rawframe_start,
+                          max_failure_ratio=data.max_failure_ratio, seed=seed)
+
+
+def _flatten_views(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Collate repeated-augmentation items: (S, C, T, H, W) views become S batch entries."""
+    video = torch.stack([s["video"] for s in samples])  # (B, S, C, T, H, W)
+    views = video.shape[1]
+    out = {"video": video.flatten(0, 1)}
+    for key in ("label", "index"):
+        if key in samples[0]:
+            out[key] = torch.stack([s[key] for s in samples]).repeat_interleave(views)
+    return out
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, "module", model)
+
+
+class VideoMAEPretrainTask(Task):
+    """VideoMAE pretraining: tube-masked pixel reconstruction of video clips."""
+
+    name = "videomae_pretrain"
+    modality = "video"
+    stage = "pretrain"
+    config_class = VideoPretrainConfig
+    description = "VideoMAE masked-video pretraining (tube masking, pixel reconstruction)"
+
+    def build_model(self, cfg: VideoPretrainConfig) -> nn.Module:
+        return build_pretrain_model(cfg.model)
+
+    def build_datasets(self, cfg: VideoPretrainConfig, splits: Iterable[str]) -> dict[str, Dataset]:
+        d = cfg.data
+        if not d.train_list and "train" in splits:
+            raise ValueError("data.train_list is empty: give an annotation list (data.train_list=FILE, "
+                             "with data.root=DIR for relative paths)")
+        size, frames = cfg.model.img_size, cfg.model.num_frames
+        out: dict[str, Dataset] = {}
+        if "train" in splits and d.train_list:
+            out["train"] = build_video_dataset(d, d.train_list, mode="train", num_frames=frames, input_size=size,
+                                               seed=cfg.seed)
+        if "val" in splits and d.val_list:
+            out["val"] = build_video_dataset(d, d.val_list, mode="test", num_frames=frames, input_size=size,
+                                             seed=cfg.seed)
+        return out
+
+    def collate_fn(self, cfg: VideoPretrainConfig) -> Callable[[list[Any]], Any] | None:
+        return _flatten_views if cfg.data.num_sample > 1 else None
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, loader: Iterable[Any], cfg: VideoPretrainConfig, device: torch.device,
+                 split: str) -> EvalResult:
+        """Mean reconstruction loss with masks from a generator seeded by ``cfg.seed``."""
+        from mm3d.distributed import all_reduce_sum
+        from mm3d.trainer import move_to_device
+
+        model.eval()
+        raw = _unwrap(model)
+        gen = torch.Generator(device=device).manual_seed(cfg.seed)
+        total = torch.zeros(2, dtype=torch.float64, device=device)
+        for batch in loader:
+            batch = move_to_device(batch, device)
+            n = batch_size_of(batch)
+            mask, dec_mask = raw.sample_masks(n, device, generator=gen)
+            batch = {**batch, "mask": mask, **({"decoder_mask": dec_mask} if dec_mask is not None else {})}
+            out = model(batch)
+            total += torch.stack([out.loss.detach().double() * n, torch.tensor(float(n), device=device,
+                                                                                 dtype=torch.float64)])
+        total = all_reduce_sum(total)
+        return EvalResult({"loss": float(total[0] / total[1].clamp(min=1))})
+
+    def init_weights(self, model: nn.Module, path: str, cfg: VideoPretrainConfig) -> list[str]:
+        """Start from one of our checkpoints or converted weights; a position table of another grid
+        (other frame count or size) is interpolated and reported."""
+        from mm3d.checkpoint import extract_state_dict, load_checkpoint, load_model_weights
+        from mm3d.video.models import adapt_pos_embeds, token_grid
+
+        ck = load_checkpoint(path, allow_pickle=cfg.allow_pickle)
+        sd = {k.removeprefix("module."): v for k, v in extract_state_dict(ck).items()}
+        notes = []
+        m = (ck.get("config") or {}).get("model") if isinstance(ck.get("config"), dict) else None
+        if m:
+            old = token_grid(m["num_frames"], m["img_size"], m["tubelet_size"], m["patch_size"])
+            notes += adapt_pos_embeds(sd, model, old)
+        return notes + load_model_weights(model, sd, strict=False)
+
+    def _report_clips(self, datasets: dict[str, Dataset], count: int) -> list[tuple[str, torch.Tensor]]:
+        split = "val" if "val" in datasets else "train"
+        ds = datasets.get(split)
+        if ds is None or count == 0:
+            return []
+        step = max(len(ds) // count, 1)
+        clips = []
+        for i in list(range(0, len(ds), step))[:count]:
+            video = ds[i]["video"]
+            if video.dim() == 5:  # repeated augmentation: the first view
+                video = video[0]
+            clips.append((f"{split}_{i:05d}", video))
+        return clips
+
+    def write_report(self, run_dir: Path, model: nn.Module, cfg: VideoPretrainConfig,
+                     results: dict[str, EvalResult], datasets: dict[str, Dataset],
+                     device: torch.device) -> list[Path]:
+        """Reconstruction grids (PNG) and animations (GIF) of a few clips in ``run_dir/plots``."""
+        from mm3d.video.visualize import write_visualization
+
+        model = _unwrap(model)
+        if not isinstance(model, VideoMAEPretrain):
+            return []
+        files: list[Path] = []
+        for i, (name, video) in enumerate(self._report_clips(datasets, cfg.data.report_clips)):
+            files += write_visualization(model, video[None], run_dir / "plots", seed=cfg.seed + i,
+                                         name=f"reconstruction_{name}")
+        return files
+
+    def visualize(self, model: nn.Module, cfg: VideoPretrainConfig, *, inputs: list[str],
+                  dataset_index: int | None, out_dir: Path, interactive: bool, seed: int,
+                  device: torch.device) -> list[Path]:
+        """``mm3d visualize``: reconstruction grid + animation of each video file (its centre clip)
+        or of item `dataset_index` of the configured validation (else training) list."""
+        from mm3d.video.visualize import write_visualization
+
+        model = _unwrap(model)
+        if interactive:
+            log.info("video reconstructions are written as PNG and GIF files; no window is opened")
+        files: list[Path] = []
+        for path in inputs:
+            files += write_visualization(model, path, out_dir, seed=seed, sampling_rate=cfg.data.sampling_rate)
+        if dataset_index is not None:
+            ds = self.build_datasets(cfg, ["val"] if cfg.data.val_list else ["train"])
+            split, data = next(iter(ds.items()))
+            if not 0 <= dataset_index < len(data):
+                raise ValueError(f"--dataset-index {dataset_index} is out of range: the {split} list has "
+                                 f"{len(data)} videos")
+            video = data[dataset_index]["video"]
+            video = video[0] if video.dim() == 5 else video
+            files += write_visualization(model, video[None], out_dir, seed=seed, name=f"{split}_{dataset_index:05d}")
+        if not files:
+            raise ValueError("nothing to visualise: give --input VIDEO or --dataset-index I")
+        return files
+
+    def bench_extra(self, cfg: VideoPretrainConfig, device: torch.device) -> list[dict[str, Any]]:
+        """Loader throughput of one worker on the training list (decode + augmentation per clip),
+        for each available decoder."""
+        import importlib.util
+        import time
+
+        rows = []
+        backends = ["pyav"] + (["decord"] if importlib.util.find_spec("decord") is not None else [])
+        n = max(8, cfg.bench.loader_batches)
+        for backend in backends:
+            d = replace(cfg.data, backend=backend, max_failure_ratio=1.0)
+            ds = build_video_dataset(d, d.train_list, mode="train", num_frames=cfg.model.num_frames,
+                                     input_size=cfg.model.img_size, seed=cfg.seed)
+            ds[0]  # warm up (imports, codec initialisation)
+            t = time.perf_counter()
+            for i in range(n):
+                ds[i % len(ds)]
+            dt = time.perf_counter() - t
+            rows.append({"what": "train clips/s per loader worker", "backend": backend,
+                         "clips_per_s": round(n / dt, 2), "ms_per_clip": round(1e3 * dt / n, 1), "clips": n,
+                         "videos": len(ds), "clip": f"{cfg.model.num_frames}x{cfg.model.img_size}^2",
+                         "failed": len(ds.failed)})
+        return rows
+
+    def bench_peer(self, cfg: VideoPretrainConfig, model: nn.Module, batch: Any, device: torch.device
+                   ) -> tuple[str, Callable[[], Any]] | None:
+        """The same pretraining step with ``transformers.VideoMAEForPreTraining`` (our weights loaded,
+        a fresh tube mask per step as ours, the same optimizer settings and precision)."""
+        try:
+            import transformers
+        except ImportError:
+            log.info("transformers is not installed: no peer timing")
+            return None
+        from safetensors.torch import save_file
+
+        from mm3d.masking import video_mask
+        from mm3d.trainer import build_optimizer, peak_lr
+        from mm3d.video.convert import ours_to_hf
+
+        m = cfg.model
+        if m.decoder_mask_type is not None:
+            log.info("transformers' VideoMAE has no decoder masking: no peer timing")
+            return None
+        try:
+            hf_sd, hf_cfg, _ = ours_to_hf({k: v.detach().cpu() for k, v in _unwrap(model).state_dict().items()}, m, "pretrain")
+        except ValueError as e:
+            log.info("no peer timing: %s", e)
+            return None
+        with tempfile.TemporaryDirectory() as tmp:
+            save_file(hf_sd, f"{tmp}/model.safetensors", metadata={"format": "pt"})
+            Path(tmp, "config.json").write_text(json.dumps(hf_cfg))
+            peer = transformers.VideoMAEForPreTraining.from_pretrained(tmp, attn_implementation="sdpa")
+        peer = peer.to(device).train()
+        opt = build_optimizer(peer, cfg, peak_lr(cfg, 1))
+        pixels = batch["video"].transpose(1, 2).contiguous()  # HF layout (B, T, C, H, W)
+        amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.train.precision]
+        scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)
+        b = pixels.shape[0]
+
+        def step() -> None:
+            mask = video_mask(m.mask_type, b, m.grid, m.mask_ratio, device=device)
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                loss = peer(pixel_values=pixels, bool_masked_pos=mask).loss
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+
+        return f"transformers {transformers.__version__} VideoMAEForPreTraining (sdpa)", step
+
+
+register_task(VideoMAEPretrainTask())
