@@ -123,7 +123,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(row))
         else:
-            print(row["input"])
+            print(row["input"] + (f"  ERROR: {row['error']}" if row.get("error") else ""))
             for name, p in row["topk"]:
                 print(f"  {p:7.2%}  {name}")
     return 0

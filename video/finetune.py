@@ -1,0 +1,600 @@
+"""Action recognition with VideoMAE: fine-tuning, multi-view evaluation, linear probing, prediction.
+
+Tasks (``task:`` key of a config):
+
+- ``videomae_finetune``: the official VideoMAE fine-tuning recipe. The classifier (encoder over
+  all tokens, mean pooling, ``fc_norm``, dropout, linear head) starts from our pretraining
+  checkpoints, converted official / Hugging Face weights (``mm3d convert``), an official
+  ``.pth`` or a Hugging Face directory; the position table is interpolated when the frame count
+  or resolution differs, and a head of another class count is left out (both reported in the
+  log). Training uses RandAugment, random resized crop, flip (off for SSv2), random erasing,
+  repeated augmentation (``data.num_sample`` views of each decoded clip), timm's ``Mixup``
+  (mixup 0.8 / cutmix 1.0 / label smoothing 0.1) and layer-wise LR decay through timm's
+  optimizer factory (``optim.layer_decay``); EMA comes from the trainer (``train.ema``).
+- ``videomae_linprobe``: the same data and evaluation with the encoder frozen; only a
+  ``BatchNorm1d`` (no affine) + linear head on the pooled features is trained (MAE's probe).
+
+Evaluation scores ``num_clips x num_crops`` views per video (5 x 3 Kinetics, 2 x 3 SSv2): the
+softmax of every view is averaged per video by :class:`mm3d.metrics.ClassificationMeter`, which
+gathers the scores of all DDP ranks (no per-rank files) and counts each video once. Metrics:
+top-1, top-5, mean per-class accuracy and the NLL of the averaged probabilities (``loss``).
+:meth:`VideoMAEFinetuneTask.write_report` writes ``<split>/predictions.json`` (video, label,
+top-5 with scores), ``<split>/confusion.png`` and ``<split>/per_class.json``;
+:meth:`~VideoMAEFinetuneTask.predict` serves ``mm3d predict`` with the same views and decoders.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Iterable, Literal, Mapping
+
+import torch
+from einops import rearrange
+from torch import nn
+from torch.utils.data import Dataset
+
+from mm3d.config import ConfigError, RunConfig
+from mm3d.metrics import ClassificationMeter, ClassificationResult, per_class_accuracy, plot_confusion
+from mm3d.registry import register_task
+from mm3d.task import EvalResult, Task
+from mm3d.video.models import VideoMAEClassifier, VideoMAEConfig, build_classifier, token_grid
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "FinetuneDataConfig",
+    "MixupConfig",
+    "VideoFinetuneConfig",
+    "VideoMixup",
+    "VideoMAEFinetuneTask",
+    "VideoMAELinearProbeTask",
+    "collate_views",
+    "classifier_init_from",
+    "label_names",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FinetuneDataConfig:
+    """The ``data`` section of a fine-tuning / evaluation run.
+
+    Lists are VideoMAE / mmaction2 ``path label`` lists (or rawframe ``dir total_frames label``
+    lists, see :func:`mm3d.video.data.read_annotation_list`); relative paths inside them are
+    joined to `root`, and a relative list or label-map path is looked up in the working
+    directory, then under `root`. Every label must lie below ``model.num_classes`` (the head's
+    size); a label map (one class name a line) must have exactly that many names. Clip length
+    and crop size come from the model section (``model.num_frames``, ``model.img_size``).
+    """
+
+    root: str = ""
+    train_list: str = ""
+    val_list: str = ""  # scored with val_num_clips x val_num_crops views (checkpoint selection)
+    test_list: str = ""  # scored with test_num_clips x test_num_crops views
+    list_format: Literal["auto", "video", "rawframes"] = "auto"
+    label_map: str = ""
+    # temporal sampling
+    sampling: Literal["dense", "segment"] = "dense"  # segment: TSN sampling (SSv2)
+    sampling_rate: int = 4  # dense sampling frame step (4 Kinetics, 2 SSv2-like dense lists)
+    dense_spacing: Literal["stride", "spread"] = "spread"  # "spread": VideoMAE's fine-tuning loader
+    # training augmentation
+    auto_augment: str = "rand-m7-n4-mstd0.5-inc1"  # timm RandAugment string ("" disables)
+    flip: bool = True  # horizontal flip; false for SSv2-style (direction-sensitive) classes
+    rrc_scale: tuple[float, float] = (0.08, 1.0)  # random resized crop area range
+    rrc_ratio: tuple[float, float] = (0.75, 1.3333333333333333)  # and aspect range
+    reprob: float = 0.25  # random erasing probability
+    remode: Literal["pixel", "rand", "const"] = "pixel"
+    recount: int = 1
+    num_sample: int = 2  # repeated augmentation: augmented views of each decoded training clip
+    # evaluation views
+    short_side: int | None = None  # evaluation resize of the short side (None: model.img_size)
+    val_num_clips: int = 1
+    val_num_crops: int = 1
+    test_num_clips: int = 5  # 5 x 3 Kinetics / UCF101 / HMDB51, 2 x 3 SSv2
+    test_num_crops: int = 3
+    # decoding
+    backend: Literal["auto", "decord", "pyav"] = "auto"
+    num_threads: int = 1
+    rawframe_template: str = "img_{:05d}.jpg"
+    rawframe_start: int = 1
+    max_failure_ratio: float = 0.01
+
+    def validate(self) -> None:
+        for name in ("sampling_rate", "recount", "num_sample", "val_num_clips", "val_num_crops",
+                     "test_num_clips", "test_num_crops"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.reprob <= 1.0:
+            raise ValueError(f"reprob must be in [0, 1], got {self.reprob}")
+        lo, hi = self.rrc_scale
+        if not 0.0 < lo <= hi <= 1.0:
+            raise ValueError(f"rrc_scale must satisfy 0 < min <= max <= 1, got {self.rrc_scale}")
+        if not 0.0 < self.rrc_ratio[0] <= self.rrc_ratio[1]:
+            raise ValueError(f"rrc_ratio must satisfy 0 < min <= max, got {self.rrc_ratio}")
+        if self.auto_augment and not self.auto_augment.startswith("rand"):
+            raise ValueError(f"auto_augment must be a timm RandAugment string 'rand-...' or empty, "
+                             f"got {self.auto_augment!r}")
+        if self.short_side is not None and self.short_side < 1:
+            raise ValueError(f"short_side must be positive, got {self.short_side}")
+        if not 0.0 <= self.max_failure_ratio <= 1.0:
+            raise ValueError(f"max_failure_ratio must be in [0, 1], got {self.max_failure_ratio}")
+
+
+@dataclass
+class MixupConfig:
+    """timm ``Mixup`` / CutMix and label smoothing (VideoMAE: 0.8 / 1.0 / 0.1).
+
+    Mixing is active when ``mixup > 0`` or ``cutmix > 0`` (or ``cutmix_minmax`` is set); the
+    targets then become soft and carry the smoothing. Without mixing, ``label_smoothing`` goes
+    to the model's cross-entropy.
+    """
+
+    mixup: float = 0.8  # mixup alpha
+    cutmix: float = 1.0  # cutmix alpha
+    cutmix_minmax: tuple[float, float] | None = None
+    prob: float = 1.0  # probability of mixing a batch
+    switch_prob: float = 0.5  # probability of cutmix instead of mixup when both are on
+    mode: Literal["batch", "pair", "elem"] = "batch"
+    label_smoothing: float = 0.1
+
+    @property
+    def active(self) -> bool:
+        return self.mixup > 0 or self.cutmix > 0 or self.cutmix_minmax is not None
+
+    def validate(self) -> None:
+        if self.mixup < 0 or self.cutmix < 0:
+            raise ValueError(f"mixup and cutmix alphas must be >= 0, got {self.mixup}, {self.cutmix}")
+        for name in ("prob", "switch_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+
+
+@dataclass
+class VideoFinetuneConfig(RunConfig):
+    """A VideoMAE fine-tuning, linear-probing or evaluation run.
+
+    The optimiser and trainer sections keep the core defaults; the configs in ``configs/video/``
+    spell out the official recipe (layer decay, warm-up, ``train.best_metric: top1``...).
+    """
+
+    task: str = "videomae_finetune"
+    model: VideoMAEConfig = field(default_factory=VideoMAEConfig)
+    data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
+    mixup: MixupConfig = field(default_factory=MixupConfig)
+
+    def validate(self) -> None:
+        if self.model.num_classes < 1:
+            raise ValueError(f"model.num_classes must be >= 1 for classification, got {self.model.num_classes}")
+        if self.model.label_smoothing:
+            raise ValueError("set label smoothing with mixup.label_smoothing (model.label_smoothing must stay 0 "
+                             "for fine-tuning)")
+        short = self.data.short_side or self.model.img_size
+        if short < self.model.img_size:
+            raise ValueError(f"data.short_side={short} is smaller than the crop size model.img_size="
+                             f"{self.model.img_size}")
+
+
+# --------------------------------------------------------------------------------------------
+# Batches: views, mixup
+# --------------------------------------------------------------------------------------------
+
+
+def collate_views(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Stack samples, flattening the views of multi-view items into the batch.
+
+    Each sample's ``"video"`` is (C, T, H, W), or (V, C, T, H, W) for V views of one video
+    (repeated augmentation in training, clips x crops in evaluation). Returns ``"video"``
+    (B * V, C, T, H, W) ordered video-major, and ``"label"`` / ``"index"`` (B * V,) repeated
+    for every view, so that scores can be grouped per video by ``index``.
+    """
+    video = torch.stack([s["video"] for s in samples])
+    views = 1
+    if video.dim() == 6:  # (B, V, C, T, H, W)
+        views = video.shape[1]
+        video = rearrange(video, "b v c t h w -> (b v) c t h w")
+    elif video.dim() != 5:
+        raise ValueError(f"samples must hold (C, T, H, W) or (V, C, T, H, W) clips, got {tuple(video.shape[1:])}")
+    out = {"video": video}
+    for key in ("label", "index"):
+        if key in samples[0]:
+            out[key] = torch.stack([s[key] for s in samples]).repeat_interleave(views)
+    return out
+
+
+class VideoMixup:
+    """timm's :class:`~timm.data.Mixup` for clip batches (B, C, T, H, W).
+
+    timm cuts its CutMix box from the last two axes of a (B, C, H, W) batch; on a 5-D clip
+    batch its ``x[:, :, y0:y1, x0:x1]`` would cut time and height instead. The clips are
+    therefore viewed as (B, C * T, H, W): the same box is cut from every frame and channel, as
+    VideoMAE's own copy of the Mixup code does. Mixup is elementwise and unaffected.
+
+    Call: ``batch`` with ``"video"`` (B, C, T, H, W) and ``"label"`` (B,) -> the same dict with
+    mixed clips and ``"label"`` (B, num_classes) soft targets (smoothing included). timm mixes
+    pairs (i, B - 1 - i) and needs an even B: of an odd batch the last clip stays unmixed (its
+    target smoothed only).
+    """
+
+    def __init__(self, *, num_classes: int, mixup_alpha: float = 0.8, cutmix_alpha: float = 1.0,
+                 cutmix_minmax: tuple[float, float] | None = None, prob: float = 1.0, switch_prob: float = 0.5,
+                 mode: Literal["batch", "pair", "elem"] = "batch", label_smoothing: float = 0.1) -> None:
+        from timm.data import Mixup
+
+        self.num_classes, self.label_smoothing = num_classes, label_smoothing
+        self.mixup = Mixup(mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha,
+                           cutmix_minmax=list(cutmix_minmax) if cutmix_minmax else None, prob=prob,
+                           switch_prob=switch_prob, mode=mode, label_smoothing=label_smoothing,
+                           num_classes=num_classes)
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        video, label = batch["video"], batch["label"]
+        if video.dim() != 5:
+            raise ValueError(f"expected clips (B, C, T, H, W), got shape {tuple(video.shape)}")
+        from timm.data.mixup import mixup_target
+
+        b, c = video.shape[:2]
+        even = b - b % 2
+        x = rearrange(video, "b c t h w -> b (c t) h w").clone()
+        target = mixup_target(label, self.num_classes, smoothing=self.label_smoothing)  # (B, num_classes)
+        if even:
+            x[:even], target[:even] = self.mixup(x[:even], label[:even])
+        return {**batch, "video": rearrange(x, "b (c t) h w -> b c t h w", c=c), "label": target}
+
+
+# --------------------------------------------------------------------------------------------
+# Weights
+# --------------------------------------------------------------------------------------------
+
+
+def _infer_grid(num_tokens: int, like: tuple[int, int, int]) -> tuple[int, int, int]:
+    """A (T', H', W') grid of `num_tokens` square frames: with `like`'s T', else its H' x W'."""
+    t, h, w = like
+    if num_tokens % t == 0 and math.isqrt(num_tokens // t) ** 2 == num_tokens // t:
+        s = math.isqrt(num_tokens // t)
+        return t, s, s
+    if num_tokens % (h * w) == 0:
+        return num_tokens // (h * w), h, w
+    raise ValueError(f"cannot tell the token grid of a position table with {num_tokens} tokens (the model's "
+                     f"grid is {like}); use a checkpoint that stores its config (mm3d convert)")
+
+
+def _source_state(path: str, model: VideoMAEClassifier, allow_pickle: bool
+                  ) -> tuple[dict[str, torch.Tensor], tuple[int, int, int] | None, list[str]]:
+    """(our-layout state dict, its token grid or None when unknown, notes) of any VideoMAE weights."""
+    from mm3d.checkpoint import extract_state_dict, load_checkpoint
+    from mm3d.video.convert import hf_to_ours, load_hf_dir, official_to_ours
+
+    t, h, _ = model.grid
+    size, frames = h * model.encoder.patch_size, t * model.encoder.tubelet_size
+    if Path(path).is_dir():  # a Hugging Face transformers directory
+        sd, hf_cfg = load_hf_dir(path, allow_pickle=allow_pickle)
+        conv = hf_to_ours(sd, hf_cfg, strict=False)
+        return conv.state_dict, conv.config.grid, [f"{path}: Hugging Face VideoMAE weights"] + conv.notes
+    ck = load_checkpoint(path, allow_pickle=allow_pickle)
+    sd = {k.removeprefix("module."): v for k, v in extract_state_dict(ck).items()}
+    cfg = ck.get("config")
+    m = cfg.get("model") if isinstance(cfg, Mapping) else None
+    if isinstance(m, Mapping) and all(k in m for k in ("num_frames", "img_size", "tubelet_size", "patch_size")):
+        return sd, token_grid(m["num_frames"], m["img_size"], m["tubelet_size"], m["patch_size"]), []
+    if any(k.startswith("videomae.") for k in sd):
+        raise ValueError(f"{path} holds Hugging Face VideoMAE weights without their config.json: pass the model "
+                         f"directory, or convert it first with `mm3d convert --from videomae-hf`")
+    if "encoder.pos_embed" not in sd:  # official VideoMAE: fixed tables are not stored, rebuilt for this model
+        # head counts are not stored: the model's own; the decoder is dropped, any valid count will do
+        conv = official_to_ours(sd, img_size=size, num_frames=frames, num_heads=model.encoder.blocks[0].attn.num_heads,
+                                decoder_num_heads=1, strict=False)
+        return conv.state_dict, conv.config.grid, [f"{path}: official VideoMAE weights"] + conv.notes
+    return sd, _infer_grid(sd["encoder.pos_embed"].shape[1], model.grid), []
+
+
+def classifier_init_from(model: VideoMAEClassifier, path: str, *, allow_pickle: bool = False) -> list[str]:
+    """Initialise `model` from any VideoMAE weights; returns the notes for the log.
+
+    `path`: one of our checkpoints (pretraining or classification, or converted by
+    ``mm3d convert``), an official VideoMAE ``.pth`` (pretrained or fine-tuned) or a Hugging Face
+    directory. The pretraining decoder is dropped, a head of another class count is left out
+    (and said so), the position table is interpolated to the model's grid (and the keys named).
+    Raises CheckpointError when encoder weights are missing or do not fit.
+    """
+    from mm3d.checkpoint import CheckpointError, load_model_weights
+    from mm3d.video.convert import classifier_init_state
+
+    sd, grid, notes = _source_state(path, model, allow_pickle)
+    sd, more = classifier_init_state(sd, model, old_grid=grid)
+    notes += more
+    own = model.state_dict()
+    # a fresh class token, final norm or (fixed) position table is expected; any other encoder
+    # weight missing means the checkpoint is another architecture
+    fresh_ok = ("encoder.cls_token", "encoder.norm.", "encoder.pos_embed")
+    missing_encoder = sorted(k for k in own if k.startswith("encoder.") and k not in sd and not k.startswith(fresh_ok))
+    if missing_encoder:
+        raise CheckpointError(f"{path} does not fit the encoder (another depth or width?): missing "
+                              f"{', '.join(missing_encoder[:8])}{' ...' if len(missing_encoder) > 8 else ''}")
+    notes += load_model_weights(model, {"model": sd}, strict=False)
+    return notes
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------
+
+
+def _resolve_file(path: str, root: str, what: str) -> Path:
+    p = Path(path)
+    if p.is_file():
+        return p
+    if root and not p.is_absolute() and (Path(root) / p).is_file():
+        return Path(root) / p
+    raise FileNotFoundError(f"{what} {path!r} not found" + (f" (nor under data.root={root!r})" if root else ""))
+
+
+def label_names(cfg: VideoFinetuneConfig, label_map: str | None = None, *, required: bool = False) -> list[str]:
+    """Class names: from `label_map`, else ``data.label_map`` (when it exists), else ``"0"``, ``"1"``, ...
+
+    Raises ConfigError (a ValueError) when the map's length differs from ``model.num_classes``.
+    """
+    from mm3d.video.data import read_label_map
+
+    n = cfg.model.num_classes
+    path = label_map or cfg.data.label_map
+    if not path:
+        return [str(i) for i in range(n)]
+    try:
+        file = _resolve_file(path, cfg.data.root, "label map")
+    except FileNotFoundError:
+        if required or label_map:
+            raise
+        log.warning("label map %s not found; classes are shown by number", path)
+        return [str(i) for i in range(n)]
+    names = read_label_map(file)
+    if len(names) != n:
+        raise ConfigError(f"label map {file} has {len(names)} classes but the model's head has "
+                         f"model.num_classes={n}")
+    return names
+
+
+def _test_transform(cfg: VideoFinetuneConfig, num_crops: int):
+    from mm3d.video.transforms import test_transform
+
+    return test_transform(cfg.model.img_size, cfg.data.short_side or cfg.model.img_size, num_crops)
+
+
+def _dataset(cfg: VideoFinetuneConfig, records: list, mode: Literal["train", "test"], *, num_clips: int = 1,
+             num_crops: int = 1, max_failure_ratio: float | None = None) -> Dataset:
+    from mm3d.video.data import VideoDataset
+    from mm3d.video.transforms import finetune_train_transform
+
+    d = cfg.data
+    if mode == "train":
+        transform = finetune_train_transform(cfg.model.img_size, auto_augment=d.auto_augment or None, flip=d.flip,
+                                             reprob=d.reprob, remode=d.remode, recount=d.recount,
+                                             scale=tuple(d.rrc_scale), ratio=tuple(d.rrc_ratio))
+    else:
+        transform = _test_transform(cfg, num_crops)
+    return VideoDataset(records, mode=mode, num_frames=cfg.model.num_frames, sampling_rate=d.sampling_rate,
+                        sampling=d.sampling, dense_spacing=d.dense_spacing, num_clips=num_clips,
+                        num_crops=num_crops, num_sample=d.num_sample if mode == "train" else 1,
+                        transform=transform, backend=d.backend, num_threads=d.num_threads,
+                        rawframe_template=d.rawframe_template, rawframe_start=d.rawframe_start,
+                        max_failure_ratio=d.max_failure_ratio if max_failure_ratio is None else max_failure_ratio,
+                        seed=cfg.seed)
+
+
+def _records(cfg: VideoFinetuneConfig, list_path: str) -> list:
+    from mm3d.video.data import read_annotation_list
+
+    d = cfg.data
+    label_map = str(_resolve_file(d.label_map, d.root, "label map")) if d.label_map else None
+    if label_map:
+        label_names(cfg, label_map)  # fail early on a map of the wrong length
+    return read_annotation_list(_resolve_file(list_path, d.root, "annotation list"), fmt=d.list_format,
+                                data_root=d.root, label_map=label_map, num_classes=cfg.model.num_classes)
+
+
+def _input_record(path: str, cfg: VideoFinetuneConfig, position: int):
+    """A list row for a file given on the command line (a folder is read as rawframes)."""
+    from mm3d.video.data import RawFrameSource, VideoRecord
+
+    if os.path.isdir(path):
+        frames = RawFrameSource(path, None, template=cfg.data.rawframe_template,
+                                start=cfg.data.rawframe_start).num_frames
+        return VideoRecord(path, 0, frames, f"input {position}")
+    return VideoRecord(path, 0, None, f"input {position}")
+
+
+# --------------------------------------------------------------------------------------------
+# Tasks
+# --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def _view_logits(model: nn.Module, video: torch.Tensor, chunk: int) -> torch.Tensor:
+    """video: (N, C, T, H, W) views. Returns (N, num_classes) logits, at most `chunk` views per forward."""
+    return torch.cat([model({"video": v}).logits for v in video.split(max(1, chunk))])
+
+
+class VideoMAEFinetuneTask(Task):
+    """VideoMAE action-recognition fine-tuning with multi-view evaluation (see the module docstring)."""
+
+    name = "videomae_finetune"
+    modality = "video"
+    stage = "finetune"
+    config_class = VideoFinetuneConfig
+    description = "VideoMAE action-recognition fine-tuning, multi-view evaluation and prediction"
+
+    # ---- model and weights -----------------------------------------------------------------
+
+    def build_model(self, cfg: VideoFinetuneConfig) -> nn.Module:
+        return build_classifier(replace(cfg.model, label_smoothing=0.0 if cfg.mixup.active
+                                        else cfg.mixup.label_smoothing))
+
+    def init_weights(self, model: nn.Module, path: str, cfg: VideoFinetuneConfig) -> list[str]:
+        return classifier_init_from(model, path, allow_pickle=cfg.allow_pickle)
+
+    # ---- data ------------------------------------------------------------------------------
+
+    def build_datasets(self, cfg: VideoFinetuneConfig, splits: Iterable[str]) -> dict[str, Dataset]:
+        d = cfg.data
+        splits = list(splits)
+        if "train" in splits and not d.train_list:
+            raise ValueError("data.train_list is empty: give an annotation list 'path label' (data.train_list=FILE, "
+                             "with data.root=DIR for relative paths)")
+        out: dict[str, Dataset] = {}
+        if "train" in splits:
+            out["train"] = _dataset(cfg, _records(cfg, d.train_list), "train")
+        if "val" in splits and d.val_list:
+            out["val"] = _dataset(cfg, _records(cfg, d.val_list), "test", num_clips=d.val_num_clips,
+                                  num_crops=d.val_num_crops)
+        if "test" in splits and d.test_list:
+            out["test"] = _dataset(cfg, _records(cfg, d.test_list), "test", num_clips=d.test_num_clips,
+                                   num_crops=d.test_num_crops)
+        return out
+
+    def collate_fn(self, cfg: VideoFinetuneConfig) -> Callable[[list[Any]], Any] | None:
+        return collate_views
+
+    def batch_transform(self, cfg: VideoFinetuneConfig, device: torch.device) -> Callable[[Any], Any] | None:
+        m = cfg.mixup
+        if not m.active:
+            return None
+        return VideoMixup(num_classes=cfg.model.num_classes, mixup_alpha=m.mixup, cutmix_alpha=m.cutmix,
+                          cutmix_minmax=m.cutmix_minmax, prob=m.prob, switch_prob=m.switch_prob, mode=m.mode,
+                          label_smoothing=m.label_smoothing)
+
+    # ---- evaluation ------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, loader: Iterable[Any], cfg: VideoFinetuneConfig, device: torch.device,
+                 split: str) -> EvalResult:
+        """Multi-view scores: softmax averaged over the views of each video, gathered over ranks.
+
+        Metrics: ``top1``, ``top5``, ``mean_class_acc``, ``num_samples`` (videos) and ``loss``
+        (mean negative log-likelihood of the true class under the averaged probabilities).
+        Artefacts: ``{"classification": ClassificationResult}``.
+        """
+        model.eval()
+        meter = ClassificationMeter(cfg.model.num_classes, ks=(1, 5))
+        chunk = cfg.train.batch_size * cfg.data.num_sample
+        for batch in loader:
+            video = batch["video"].to(device, non_blocking=True)
+            meter.update(_view_logits(model, video, chunk), batch["label"].to(device), batch["index"].to(device))
+        res = meter.compute()
+        metrics = dict(res.metrics)
+        if len(res.labels):
+            p_true = res.probs.gather(1, res.labels[:, None]).squeeze(1)
+            metrics["loss"] = float(-p_true.clamp(min=1e-12).log().mean())
+        else:
+            metrics["loss"] = float("nan")
+        return EvalResult(metrics, {"classification": res})
+
+    def write_report(self, run_dir: Path, model: nn.Module, cfg: VideoFinetuneConfig,
+                     results: dict[str, EvalResult], datasets: dict[str, Dataset],
+                     device: torch.device) -> list[Path]:
+        """Per split: ``predictions.json`` (video, label, top-5 with scores), ``confusion.png`` and
+        ``per_class.json`` (accuracy and support per class) in ``run_dir/<split>/``."""
+        names = label_names(cfg)
+        files: list[Path] = []
+        for split, res in results.items():
+            art = (res.artifacts or {}).get("classification")
+            if not isinstance(art, ClassificationResult):
+                continue
+            out = run_dir / split
+            out.mkdir(parents=True, exist_ok=True)
+            records = getattr(datasets.get(split), "records", None)
+            k = min(5, art.probs.shape[1])
+            top = art.probs.topk(k, dim=1)
+            rows = []
+            for i, idx in enumerate(art.index.tolist()):
+                label = int(art.labels[i])
+                rows.append({"video": records[idx].path if records else idx, "index": idx, "label": label,
+                             "label_name": names[label], "correct": int(top.indices[i, 0]) == label,
+                             "topk": [[names[c], round(float(p), 6)] for c, p in
+                                      zip(top.indices[i].tolist(), top.values[i].tolist())]})
+            (out / "predictions.json").write_text("[\n" + ",\n".join(json.dumps(r) for r in rows) + "\n]\n")
+            acc = per_class_accuracy(art.confusion)
+            support = art.confusion.sum(dim=1)
+            per_class = {names[c]: {"accuracy": None if math.isnan(float(acc[c])) else float(acc[c]),
+                                    "support": int(support[c])} for c in range(len(names))}
+            (out / "per_class.json").write_text(json.dumps({"metrics": res.metrics, "per_class": per_class},
+                                                           indent=1))
+            title = (f"{split}: top-1 {res.metrics.get('top1', 0):.3f}, mean class acc "
+                     f"{res.metrics.get('mean_class_acc', 0):.3f} ({len(rows)} videos)")
+            files += [out / "predictions.json", out / "per_class.json",
+                      plot_confusion(art.confusion, names, out / "confusion.png", title=title)]
+        return files
+
+    # ---- prediction ------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def predict(self, model: nn.Module, cfg: VideoFinetuneConfig, inputs: list[str], *, topk: int,
+                label_map: str | None, device: torch.device) -> list[dict[str, Any]]:
+        """Top-k classes of each video file (or rawframe folder) with the test views of the config
+        (``data.test_num_clips x data.test_num_crops``, softmax averaged) and the loaders' decoder
+        fallbacks. A file that cannot be read gives ``{"input", "error", "topk": []}``."""
+        from mm3d.video.data import open_record
+
+        names = label_names(cfg, label_map)
+        model.eval()
+        d = cfg.data
+        k = max(1, min(topk, cfg.model.num_classes))
+        rows: list[dict[str, Any]] = []
+        for i, path in enumerate(inputs):
+            try:
+                record = _input_record(path, cfg, i)
+                # the evaluation dataset's sampling and views, without its replacement of bad files
+                ds = _dataset(cfg, [record], "test", num_clips=d.test_num_clips, num_crops=d.test_num_crops)
+                src = open_record(record, backend=d.backend, num_threads=d.num_threads,
+                                  rawframe_template=d.rawframe_template, rawframe_start=d.rawframe_start)
+                try:
+                    clips = torch.from_numpy(src.get(ds.frame_indices(src.num_frames, None)))  # (N, T, H, W, 3)
+                finally:
+                    src.close()
+            except (RuntimeError, OSError, ValueError) as e:
+                log.error("cannot read %s: %s", path, e)
+                rows.append({"input": path, "error": str(e), "topk": []})
+                continue
+            views = torch.cat([ds.transform(c, None) for c in clips])  # (N * crops, C, T, H, W)
+            logits = _view_logits(model, views.to(device), cfg.train.batch_size * d.num_sample)
+            probs = logits.float().softmax(dim=1).mean(dim=0)
+            top = probs.topk(k)
+            rows.append({"input": path, "views": int(views.shape[0]),
+                         "topk": [(names[c], float(p)) for c, p in zip(top.indices.tolist(), top.values.tolist())]})
+        return rows
+
+
+class VideoMAELinearProbeTask(VideoMAEFinetuneTask):
+    """Linear probe: the encoder (and ``fc_norm``) frozen; ``BatchNorm1d(affine=False)`` + linear head
+    trained on the pooled features, with the fine-tuning data pipeline and evaluation."""
+
+    name = "videomae_linprobe"
+    stage = "finetune"
+    description = "VideoMAE linear probe on frozen pooled features (BatchNorm + linear head)"
+
+    def build_model(self, cfg: VideoFinetuneConfig) -> nn.Module:
+        m = cfg.model
+        if m.drop_path or m.attn_drop or m.proj_drop:
+            raise ValueError(f"a linear probe freezes the encoder: set model.drop_path, model.attn_drop and "
+                             f"model.proj_drop to 0 (got {m.drop_path}, {m.attn_drop}, {m.proj_drop})")
+        model = super().build_model(cfg)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        head = model.head
+        model.head = nn.Sequential(nn.BatchNorm1d(model.num_features, affine=False, eps=1e-6), head)
+        for p in model.head.parameters():
+            p.requires_grad_(True)
+        return model
+
+
+register_task(VideoMAEFinetuneTask())
+register_task(VideoMAELinearProbeTask())
