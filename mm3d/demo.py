@@ -114,7 +114,9 @@ def run_demo(out: Path, only: str | None = None, quick: bool = False) -> int:
                 ckpt = out / "runs" / name / "checkpoints" / "last.pt"
                 ckpts[name] = str(ckpt)
                 first, last = _loss_curve(res)
+                classes = getattr(getattr(cfg, "model", None), "num_classes", 0) if stage.kind == "finetune" else 0
                 rows[name] = {"seconds": round(time.time() - t0, 1), "first_loss": first, "last_loss": last,
+                              "chance_uniform": round(1.0 / classes, 4) if classes else None,
                               "val": res.get("val"), "test": res.get("test"), "files": res.get("files", []),
                               "selected_on": res.get("selected_on")}
             summary.update(rows)
@@ -136,6 +138,8 @@ def _stage_report(stage: Stage, rows: dict[str, dict[str, Any]], out: Path) -> l
     for name, r in rows.items():
         lines.append(f"- **{name}** ({r['seconds']} s): loss {_fmt(r['first_loss'])} (first steps) → "
                      f"{_fmt(r['last_loss'])} (last steps)")
+        if r.get("chance_uniform"):
+            lines.append(f"  - chance (uniform over classes): top1={r['chance_uniform']:.4f}")
         for split in ("val", "test"):
             if r.get(split):
                 metrics = ", ".join(f"{k}={_fmt(v)}" for k, v in r[split].items() if not isinstance(v, (list, dict)))

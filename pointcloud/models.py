@@ -31,6 +31,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from mm3d.layers import init_trunc_normal, init_xavier
 from mm3d.masking import num_masked, point_mask
 from mm3d.pointcloud.ops import chamfer_distance, farthest_point_sample, gather_points, knn
 from mm3d.registry import register_variant
@@ -228,28 +229,6 @@ def _run_blocks(blocks: nn.ModuleList, x: torch.Tensor, pos: torch.Tensor, grad_
     return x, fetched
 
 
-def _init_trunc_normal(m: nn.Module) -> None:
-    """Official encoder init: trunc-normal(0.02) Linear/Conv1d weights, zero bias, unit LayerNorm."""
-    if isinstance(m, (nn.Linear, nn.Conv1d)):
-        trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
-
-
-def _init_xavier(m: nn.Module) -> None:
-    """Official decoder init: Xavier-uniform Linear weights, zero bias, unit LayerNorm."""
-    if isinstance(m, nn.Linear):
-        nn.init.xavier_uniform_(m.weight)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
-
-
 class BlockFeatures(NamedTuple):
     """Per-patch features of chosen blocks. features: tuple of (B, G, D), each after the final
     norm (as the official segmentation model); center: (B, G, 3); neighborhood: (B, G, K, 3)."""
@@ -279,7 +258,7 @@ class PointMAEEncoder(nn.Module):
         self.blocks = _blocks(embed_dim, depth, num_heads, mlp_ratio, qkv_bias, drop_path)
         self.norm = nn.LayerNorm(embed_dim)
         self.grad_checkpointing = False
-        self.apply(_init_trunc_normal)
+        self.apply(init_trunc_normal)
 
     def embed(self, neighborhood: torch.Tensor) -> torch.Tensor:
         """neighborhood: (B, G, K, 3) relative patches -> tokens (B, G, D)."""
@@ -322,7 +301,7 @@ class PointMAEDecoder(nn.Module):
         self.blocks = _blocks(embed_dim, depth, num_heads, mlp_ratio, qkv_bias, drop_path)
         self.norm = nn.LayerNorm(embed_dim)
         self.grad_checkpointing = False
-        self.apply(_init_xavier)
+        self.apply(init_xavier)
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, num_last: int) -> torch.Tensor:
         """x, pos: (B, L, D) -> (B, num_last, D)."""
@@ -552,7 +531,7 @@ class PointMAEClassifier(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.cls_pos = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.head = _cls_head(2 * embed_dim, cls_head_dims, num_classes, cls_dropout)
-        self.head.apply(_init_trunc_normal)
+        self.head.apply(init_trunc_normal)
         trunc_normal_(self.cls_token, std=0.02)
         trunc_normal_(self.cls_pos, std=0.02)
 

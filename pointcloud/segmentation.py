@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import nn
 
-from mm3d.pointcloud.models import Group, PointMAEConfig, PointMAEEncoder, _init_trunc_normal
+from mm3d.layers import init_trunc_normal
+from mm3d.pointcloud.models import Group, PointMAEConfig, PointMAEEncoder
 from mm3d.task import ModelOutput
 
 
@@ -123,7 +124,7 @@ class PointMAESegmentation(nn.Module):
         self.hidden = _pointwise_mlp(h1, rest)  # official: convs2 + bns2 + ReLU
         self.convs3 = nn.Conv1d(head_dims[-1], num_parts, 1)
         for m in (self.label_conv, self.propagation, self.convs1, self.hidden, self.convs3):
-            m.apply(_init_trunc_normal)
+            m.apply(init_trunc_normal)
 
     def forward_features(self, points: torch.Tensor, cls_label: torch.Tensor) -> torch.Tensor:
         """points: (B, N, 3), cls_label: (B,) -> per-point head input (B, C_in, N)."""

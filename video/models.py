@@ -36,6 +36,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from mm3d.layers import init_trunc_normal, init_xavier
 from mm3d.masking import RUNNING_CELL_RATIOS, video_mask, video_num_masked
 from mm3d.registry import register_variant
 from mm3d.task import ModelOutput
@@ -519,24 +520,6 @@ class VideoMAEDecoder(nn.Module):
         return self.head(self.norm(x[:, x.shape[1] - num_out:]))
 
 
-def _init_linear_xavier(m: nn.Module) -> None:
-    if isinstance(m, nn.Linear):
-        nn.init.xavier_uniform_(m.weight)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
-
-
-def _init_linear_trunc(m: nn.Module) -> None:
-    if isinstance(m, nn.Linear):
-        trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
 
 
 # --------------------------------------------------------------------------------------------
@@ -605,7 +588,7 @@ class VideoMAEPretrain(nn.Module):
             out_dim=in_chans * tubelet_size * patch_size ** 2, grad_checkpointing=grad_checkpointing)
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32), persistent=False)
-        self.apply(_init_linear_xavier)
+        self.apply(init_xavier)
         trunc_normal_(self.mask_token, std=0.02, a=-0.02, b=0.02)
 
     @property
@@ -733,7 +716,7 @@ class VideoMAEClassifier(nn.Module):
         self.fc_norm = nn.LayerNorm(embed_dim, eps=head_norm_eps) if use_mean_pooling else None
         self.head_drop = nn.Dropout(head_drop)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
-        self.apply(_init_linear_trunc)
+        self.apply(init_trunc_normal)
         if self.encoder.cls_token is not None:
             trunc_normal_(self.encoder.cls_token, std=0.02)
         if isinstance(self.head, nn.Linear):
