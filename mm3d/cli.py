@@ -297,8 +297,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from mm3d.checkpoint import CheckpointError
     from mm3d.config import ConfigError
 
+    from mm3d.distributed import barrier, cleanup
+
     try:
-        return int(args.fn(args) or 0)
+        code = int(args.fn(args) or 0)
+        barrier()  # under torchrun: no rank tears down the process group while another still uses it
+        cleanup()
+        return code
     except (ConfigError, CheckpointError) as e:
         print(f"mm3d {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -56,7 +56,7 @@ PLANS = [
     ]),
 ]
 
-QUICK = ["train.max_steps=3", "train.epochs=1"]
+QUICK = ["train.max_steps=3", "train.epochs=1", "train.batch_size=4"]
 
 
 def _loss_curve(results: dict[str, Any]) -> tuple[float | None, float | None]:
