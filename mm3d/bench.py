@@ -48,8 +48,8 @@ def flop_counter() -> FlopCounterMode:
 
 
 def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    if device.type != "cpu":
+        torch.accelerator.synchronize(device)
 
 
 def time_steps(step: Callable[[], Any], device: torch.device, warmup: int, steps: int) -> list[float]:

@@ -8,12 +8,12 @@ versions (chunked over rows so that 20k x 20k fits in memory), run on the CPU.
 from __future__ import annotations
 
 import statistics
-import time
 from typing import Callable
 
 import numpy as np
 import torch
 
+from mm3d.bench import time_steps
 from mm3d.pointcloud.ops._backend import pytorch3d_available
 from mm3d.pointcloud.ops.chamfer import chamfer_distance
 from mm3d.pointcloud.ops.fps import farthest_point_sample
@@ -56,24 +56,10 @@ def numpy_chamfer_l2(x: np.ndarray, y: np.ndarray) -> float:
     return float((np.concatenate(to_y, 1).mean(-1) + to_x.mean(-1)).mean())
 
 
-def _sync(device: torch.device) -> None:
-    if device.type != "cpu":
-        torch.accelerator.synchronize(device)
-
-
 def _time_ms(fn: Callable[[], object], repeats: int, device: torch.device, *,
              warmup: bool = True) -> float:
-    """Median wall time of ``repeats`` calls, after one untimed call if ``warmup``."""
-    if warmup:
-        fn()
-        _sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
+    """Median wall time in ms of ``repeats`` calls, after one untimed call if ``warmup``."""
+    return statistics.median(time_steps(fn, device, int(warmup), repeats)) * 1000
 
 
 def bench_ops(device: str | torch.device = "cpu", repeats: int = 5,
