@@ -483,14 +483,6 @@ def eval_points(points: torch.Tensor, data: ClsDataConfig) -> torch.Tensor:
 # ================================================================================================
 
 
-def _check_npoints(npoints: int, model: PointMAEConfig) -> None:
-    """Each cloud must hold at least as many points as the model's groups and group size need."""
-    need = max(model.num_group, model.group_size)
-    if npoints < need:
-        raise ValueError(f"data.npoints={npoints} is fewer than model.num_group={model.num_group} "
-                         f"/ group_size={model.group_size} need")
-
-
 def _cls_train_defaults() -> TrainConfig:
     return TrainConfig(best_metric="top1", best_mode="max")
 
@@ -505,7 +497,7 @@ class PointClassifyConfig(RunConfig):
     train: TrainConfig = field(default_factory=_cls_train_defaults)
 
     def validate(self) -> None:
-        _check_npoints(self.data.npoints, self.model)
+        self.model.check_npoints(self.data.npoints)
 
 
 class PointMAEClassifyTask(Task):
@@ -902,7 +894,7 @@ class PointPartSegConfig(RunConfig):
     train: TrainConfig = field(default_factory=_seg_train_defaults)
 
     def validate(self) -> None:
-        _check_npoints(self.data.npoints, self.model)
+        self.model.check_npoints(self.data.npoints)
 
 
 def seg_augmentation(data: PartSegDataConfig) -> Callable[[torch.Tensor], torch.Tensor] | None:

@@ -78,6 +78,13 @@ class PointMAEConfig:
     cls_dropout: float = 0.5
     label_smoothing: float = 0.0  # the official fine-tuning uses plain cross-entropy
 
+    def check_npoints(self, npoints: int) -> None:
+        """ValueError unless clouds of `npoints` points can be grouped (G centres, K neighbours)."""
+        need = max(self.num_group, self.group_size)
+        if npoints < need:
+            raise ValueError(f"data.npoints={npoints} is fewer than model.num_group={self.num_group} "
+                             f"/ group_size={self.group_size} need")
+
     def validate(self) -> None:
         for name in ("trans_dim", "depth", "num_heads", "encoder_dims", "pos_hidden",
                      "num_group", "group_size", "decoder_num_heads"):

@@ -75,13 +75,7 @@ class PointPretrainConfig(RunConfig):
     data: PointDataConfig = field(default_factory=PointDataConfig)
 
     def validate(self) -> None:
-        parent = getattr(super(), "validate", None)
-        if callable(parent):
-            parent()
-        need = max(self.model.num_group, self.model.group_size)
-        if self.data.npoints < need:
-            raise ValueError(f"data.npoints={self.data.npoints} is fewer than model.num_group="
-                             f"{self.model.num_group} / group_size={self.model.group_size} need")
+        self.model.check_npoints(self.data.npoints)
 
 
 def build_pretrain_datasets(data: PointDataConfig, splits: Iterable[str], *, seed: int = 0) -> dict[str, Dataset]:
