@@ -18,7 +18,7 @@ from mm3d.video import transforms as vt
 from mm3d.video.data import (VideoDataset, VideoDecodeError, decode_frames, dense_sample,
                              open_video, read_annotation_list, read_label_map, segment_clips,
                              segment_sample, uniform_clips, video_num_frames)
-from mm3d.video.synth import CLASSES, SCALES, render_clip, write_mp4, write_video_dataset
+from mm3d.video.synth import CLASSES, SCALES, SynthVideoSpec, render_clip, write_mp4, write_video_dataset
 
 
 @pytest.fixture(scope="module")
@@ -604,3 +604,31 @@ def test_synth_motion_classes_move_as_named():
             coords = np.arange(64)
             pos = [(w[t].sum(axis=1 - axis) * coords).sum() / w[t].sum() for t in (0, 11)]
             assert sign * (pos[1] - pos[0]) > 5, (motion, seed, pos)
+
+
+def test_synth_actors_pair_opposite_motions_and_carry_their_colour():
+    """Opposite motions share an actor; every clip shows its actor's colour family over a
+    background far from it, so appearance narrows a clip to a pair and motion decides."""
+    from mm3d.video.synth import ACTOR_COLOURS, ACTORS, COLOUR_JITTER
+
+    pairs = [("move_left", "move_right"), ("move_up", "move_down"), ("rotate_cw", "rotate_ccw"),
+             ("grow", "shrink")]
+    assert all(ACTORS[a] == ACTORS[b] for a, b in pairs)
+    assert len({ACTORS[a] for a, _ in pairs} | {ACTORS["static"]}) == 5 and set(ACTORS) == set(CLASSES)
+    for motion in CLASSES:
+        for seed in range(3):
+            v = render_clip(motion, np.random.default_rng(seed), num_frames=4, size=64).astype(float)
+            ref = np.asarray(ACTOR_COLOURS[ACTORS[motion]], dtype=float)
+            near = np.linalg.norm(v - ref, axis=-1) <= COLOUR_JITTER * np.sqrt(3) + 30  # jitter, stripes, noise
+            assert near.mean() > 0.05, (motion, seed, near.mean())
+            assert near.mean() < 0.7, (motion, seed, near.mean())  # the background is not the actor
+
+
+def test_synth_small_scale_writes_frame_folders_for_eval_splits_only(tmp_path):
+    spec = SCALES["small"]
+    assert spec.rawframe_splits == ("val", "test") and SCALES["tiny"].rawframe_splits == ("train", "val", "test")
+    small = SynthVideoSpec(size=32, min_frames=8, max_frames=8, per_class=(1, 1, 0), rawframe_splits=("val",))
+    summary = write_video_dataset(tmp_path, small, seed=0)
+    assert summary["rawframes"] == ["val"]
+    assert (tmp_path / "rawframes_val.txt").is_file() and not (tmp_path / "rawframes_train.txt").exists()
+    assert len(list((tmp_path / "rawframes").iterdir())) == len(CLASSES)

@@ -51,6 +51,8 @@ def test_variants_registered_with_official_widths():
             (dim, depth, heads, ddim, dheads)
         assert (c.img_size, c.num_frames, c.tubelet_size, c.patch_size) == (224, 16, 2, 16)
         assert c.grid == (8, 14, 14) and c.mask_type == "tube" and c.mask_ratio == 0.9
+        # 4 deep for S/B; 12 for L/H, as the released ViT-L/H K400 pretraining scripts and weights
+        assert c.decoder_depth == (12 if name in ("videomae_large", "videomae_huge") else 4), name
     assert "videomae_tiny" in MODELS and "videomae_tiny_test" in MODELS
 
 

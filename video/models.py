@@ -195,8 +195,9 @@ _variant("videomae_huge", "VideoMAE ViT-H/16, 16x224^2, tubelet 2 (decoder 640 w
          embed_dim=1280, depth=32, num_heads=16, decoder_embed_dim=640, decoder_num_heads=8,
          decoder_depth=12)
 _variant("videomae_tiny", "tiny VideoMAE for the CPU demo: 8x64^2 clips, patch 8, width 128, depth 4, "
-         "3-D sin-cos positions", img_size=64, num_frames=8, patch_size=8, embed_dim=128, depth=4, num_heads=4,
-         decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4, num_classes=9, pos_embed="sincos_3d")
+         "decoder 128 wide and 2 deep, 3-D sin-cos positions",
+         img_size=64, num_frames=8, patch_size=8, embed_dim=128, depth=4, num_heads=4,
+         decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4, num_classes=9, pos_embed="sincos_3d")
 _variant("videomae_tiny_test", "minimal VideoMAE for unit tests: 4x32^2 clips, patch 8, width 48, depth 2",
          img_size=32, num_frames=4, patch_size=8, embed_dim=48, depth=2, num_heads=3,
          decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2, mask_ratio=0.75, num_classes=5)
