@@ -67,7 +67,6 @@ def _model_from_checkpoint(path: str, allow_pickle: bool, overrides: Sequence[st
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from mm3d.checkpoint import load_model_weights
     from mm3d.distributed import init_distributed
     from mm3d.registry import TASKS
     from mm3d.trainer import Trainer, _jsonable
@@ -76,8 +75,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if not cfg.checkpoint:
         raise SystemExit("mm3d evaluate: give the weights to score with checkpoint=PATH")
     cfg = replace(cfg, output_dir=str(cfg.run_dir / "eval"), init="", train=replace(cfg.train, resume=""))
-    trainer = Trainer(cfg, TASKS.get(cfg.task))
-    for note in load_model_weights(trainer.model, cfg.checkpoint, allow_pickle=cfg.allow_pickle):
+    trainer = Trainer(cfg, TASKS.get(cfg.task), train=False)
+    for note in trainer.task.load_trained(trainer.model, cfg.checkpoint, cfg):
         log.info("%s", note)
     results: dict[str, Any] = {"checkpoint": cfg.checkpoint,
                                "protocol": trainer.task.run_info(cfg, trainer.datasets)}

@@ -53,6 +53,9 @@ PLANS = [
         Stage("videomae_pretrain", "configs/video/videomae_pretrain_demo.yaml", ["data.root={data[clips]}"]),
         Stage("videomae_finetune", "configs/video/videomae_finetune_demo.yaml",
               ["data.root={data[clips]}", "init={ckpt[videomae_pretrain]}"], "finetune", True),
+        # frozen features: the pretrained encoder against the same encoder at random initialisation
+        Stage("videomae_linprobe", "configs/video/videomae_linprobe_demo.yaml",
+              ["data.root={data[clips]}", "init={ckpt[videomae_pretrain]}"], "finetune", True),
     ]),
 ]
 
@@ -138,6 +141,8 @@ def _stage_report(stage: Stage, rows: dict[str, dict[str, Any]], out: Path) -> l
     for name, r in rows.items():
         lines.append(f"- **{name}** ({r['seconds']} s): loss {_fmt(r['first_loss'])} (first steps) → "
                      f"{_fmt(r['last_loss'])} (last steps)")
+        if name.endswith("_scratch"):
+            lines.append("  - the same run without `init`: the model starts from random initialisation")
         if r.get("chance_uniform"):
             lines.append(f"  - chance (uniform over classes): top1={r['chance_uniform']:.4f}")
         for split in ("val", "test"):

@@ -86,6 +86,16 @@ class Task:
 
         return load_model_weights(model, path, allow_pickle=cfg.allow_pickle)
 
+    def load_trained(self, model: nn.Module, path: str, cfg: Any) -> list[str]:
+        """Load weights to score (``mm3d evaluate``): every key must fit; return notes for the log.
+
+        Unlike :meth:`init_weights` nothing is dropped; a task may adapt tables that depend only on
+        the input size (position embeddings) to the configured one.
+        """
+        from mm3d.checkpoint import load_model_weights
+
+        return load_model_weights(model, path, allow_pickle=cfg.allow_pickle)
+
     def write_report(self, run_dir: Path, model: nn.Module, cfg: Any, results: dict[str, EvalResult],
                      datasets: dict[str, Dataset], device: torch.device) -> list[Path]:
         """After training (rank 0 only): pictures and reports. Returns the files written."""

@@ -242,7 +242,9 @@ class Progress:
 class Trainer:
     """Train `task` with `cfg`; call :meth:`fit` (training + evaluation + report)."""
 
-    def __init__(self, cfg: RunConfig, task: Task | None = None) -> None:
+    def __init__(self, cfg: RunConfig, task: Task | None = None, *, train: bool = True) -> None:
+        """`train=False` (``mm3d evaluate``) builds only the val and test splits: no training list
+        is needed and :meth:`fit` is unavailable."""
         self.cfg = cfg
         self.task = task or TASKS.get(cfg.task)
         self.info, self.device = init_distributed(cfg.train.device)
@@ -260,8 +262,8 @@ class Trainer:
         if self.amp_dtype is torch.bfloat16 and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise ValueError("train.precision=bf16 is not supported by this GPU; use fp16 or fp32")
 
-        self.datasets = self.task.build_datasets(cfg, ["train", "val", "test"])
-        if "train" not in self.datasets:
+        self.datasets = self.task.build_datasets(cfg, ["train", "val", "test"] if train else ["val", "test"])
+        if train and "train" not in self.datasets:
             raise ValueError(f"task {cfg.task!r} built no 'train' split")
         self.model = self.task.build_model(cfg).to(self.device)
         self.init_notes: list[str] = []
@@ -288,11 +290,11 @@ class Trainer:
         self.collate = self.task.collate_fn(cfg)
         self.batch_tf = self.task.batch_transform(cfg, self.device)
         self.train_sampler = ResumableSampler(len(self.datasets["train"]), shuffle=True, seed=cfg.seed,
-                                              rank=self.info.rank, world_size=self.info.world_size)
-        micro = len(self.train_sampler) // cfg.train.batch_size if cfg.train.drop_last else \
-            math.ceil(len(self.train_sampler) / cfg.train.batch_size)
+                                              rank=self.info.rank, world_size=self.info.world_size) if train else None
+        n_train = len(self.train_sampler) if self.train_sampler is not None else 0
+        micro = n_train // cfg.train.batch_size if cfg.train.drop_last else math.ceil(n_train / cfg.train.batch_size)
         self.steps_per_epoch = micro // cfg.train.accum_steps
-        if self.steps_per_epoch == 0:
+        if train and self.steps_per_epoch == 0:
             raise ValueError(f"the training split has {len(self.datasets['train'])} samples: too few for "
                              f"batch_size={cfg.train.batch_size} x accum_steps={cfg.train.accum_steps} "
                              f"x world_size={self.info.world_size}")
@@ -479,6 +481,8 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train to the end, evaluating and checkpointing per epoch; then test and report."""
         cfg = self.cfg
+        if self.train_sampler is None:
+            raise RuntimeError("this Trainer was built with train=False (evaluation only)")
         log.info("task %s | %d train samples | %d steps/epoch | %d total steps | lr %.3g | device %s x%d",
                  cfg.task, len(self.datasets["train"]), self.steps_per_epoch, self.total_steps, self.lr,
                  self.device, self.info.world_size)

@@ -13,7 +13,8 @@ def test_demo_quick_runs_every_stage(tmp_path):
     report = (tmp_path / "REPORT.md").read_text()
     summary = json.loads((tmp_path / "summary.json").read_text())
     for name in ("pointmae_pretrain", "pointmae_finetune", "pointmae_finetune_scratch",
-                 "videomae_pretrain", "videomae_finetune", "videomae_finetune_scratch"):
+                 "videomae_pretrain", "videomae_finetune", "videomae_finetune_scratch", "videomae_linprobe",
+                 "videomae_linprobe_scratch"):
         assert name in summary, report
         assert summary[name]["first_loss"] is not None
     assert "not available" not in report

@@ -160,6 +160,32 @@ def test_ddp_evaluation_on_two_processes_matches_one(tmp_path):
             assert [s for _, s in a["topk"]] == pytest.approx([s for _, s in b["topk"]], abs=1e-5)
 
 
+def test_evaluate_scores_weights_at_another_frame_count_and_refuses_another_head(tmp_path, caplog, capsys):
+    """`mm3d evaluate` interpolates the position table of weights fine-tuned at 4 frames to score
+    at 8 (naming the key), and fails, naming the head, on weights with another class count."""
+    root = tmp_path / "synth"
+    write_video_dataset(root, SynthVideoSpec(size=32, min_frames=10, max_frames=12, per_class=(0, 1, 0)),
+                        seed=2, rawframes=False)
+    overrides = [f"data.root={root}", "data.val_list=val.txt", "model.num_classes=9", "data.val_num_clips=1",
+                 "data.sampling_rate=1", "train.batch_size=3", "train.device=cpu", "train.tensorboard=false",
+                 "train.progress=off", "train.num_workers=0"]
+    cfg_file = tmp_path / "eval.yaml"
+    cfg_file.write_text("task: videomae_finetune\nmodel:\n  variant: videomae_tiny_test\n")
+    ckpt = tmp_path / "cls4.pt"
+    _write_classifier(ckpt, load_config(cfg_file, overrides))  # the variant's 4 frames
+    with caplog.at_level("INFO"):
+        assert cli_main(["evaluate", str(cfg_file), *overrides, "model.num_frames=8", f"checkpoint={ckpt}",
+                         f"output_dir={tmp_path / 'at8'}"]) == 0
+    assert "encoder.pos_embed: interpolated" in caplog.text
+    res = json.loads((tmp_path / "at8" / "eval" / "results.json").read_text())
+    assert res["val"]["num_samples"] == 9 and 0.0 <= res["val"]["top1"] <= 1.0
+    other = tmp_path / "cls5.pt"
+    _write_classifier(other, load_config(cfg_file, [*overrides[:2], "model.num_classes=5", *overrides[3:]]))
+    assert cli_main(["evaluate", str(cfg_file), *overrides, f"checkpoint={other}",
+                     f"output_dir={tmp_path / 'bad'}"]) != 0
+    assert "head.weight: checkpoint (5, 48) vs model (9, 48)" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------------- predict
 
 

@@ -42,7 +42,7 @@ from mm3d.config import ConfigError, RunConfig
 from mm3d.metrics import ClassificationMeter, ClassificationResult, per_class_accuracy, plot_confusion
 from mm3d.registry import register_task
 from mm3d.task import EvalResult, Task
-from mm3d.video.models import VideoMAEClassifier, VideoMAEConfig, build_classifier, token_grid
+from mm3d.video.models import VideoMAEClassifier, VideoMAEConfig, adapt_pos_embeds, build_classifier, token_grid
 
 log = logging.getLogger(__name__)
 
@@ -441,6 +441,16 @@ class VideoMAEFinetuneTask(Task):
 
     def init_weights(self, model: nn.Module, path: str, cfg: VideoFinetuneConfig) -> list[str]:
         return classifier_init_from(model, path, allow_pickle=cfg.allow_pickle)
+
+    def load_trained(self, model: nn.Module, path: str, cfg: VideoFinetuneConfig) -> list[str]:
+        """Fine-tuned weights (ours, official or Hugging Face) to score at the configured frame count
+        and size: the position table is interpolated (and the key named); everything else must fit,
+        the head included."""
+        from mm3d.checkpoint import load_model_weights
+
+        sd, grid, notes = _source_state(path, model, cfg.allow_pickle)
+        notes += adapt_pos_embeds(sd, model, grid or model.grid)
+        return notes + load_model_weights(model, {"model": sd})
 
     # ---- data ------------------------------------------------------------------------------
 
