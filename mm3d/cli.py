@@ -229,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="key=value",
                         help="override keys of the stored config (e.g. data.root=...)")
 
-    sp = sub.add_parser("visualize", help="Render reconstructions of a pretrained model.")
+    sp = sub.add_parser("visualize", help="Render reconstructions of a pretrained model (or part segmentations).")
     ckpt_args(sp)
     sp.add_argument("--input", nargs="*", help="video or point-cloud file(s)")
     sp.add_argument("--dataset-index", type=int, help="use sample I of the checkpoint's dataset instead")

@@ -1065,9 +1065,6 @@ class PointMAEPartSegTask(Task):
     def render_shapes(self, model: nn.Module, cfg: PointPartSegConfig, dataset: Dataset | None, out_dir: Path,
                       device: torch.device) -> list[Path]:
         """Ground truth next to prediction for ``data.render_shapes`` test shapes (evenly spaced)."""
-        from mm3d.pointcloud.datasets import SHAPENETPART_SEG_CLASSES
-        from mm3d.pointcloud.seg_metrics import part_ious, restrict_to_category
-
         count = cfg.data.render_shapes
         if dataset is None or count == 0 or len(dataset) == 0:
             return []
@@ -1078,22 +1075,51 @@ class PointMAEPartSegTask(Task):
         except (ImportError, RuntimeError) as e:  # no Open3D or no offscreen rendering here
             log.warning("no segmentation renders: Open3D offscreen rendering failed (%s)", e)
             return []
+        step = max(len(dataset) // count, 1)
+        return [self._render_one(model, dataset, i, out_dir / f"partseg_test_{i:05d}.png", renderer, device)
+                for i in list(range(0, len(dataset), step))[:count]]
+
+    @torch.no_grad()
+    def _render_one(self, model: nn.Module, dataset: Any, index: int, path: Path, renderer: Any,
+                    device: torch.device, interactive: bool = False) -> Path:
+        """Predict shape `index` of `dataset` and render ground truth | prediction to `path`."""
+        from mm3d.pointcloud.datasets import SHAPENETPART_SEG_CLASSES
+        from mm3d.pointcloud.seg_metrics import part_ious, restrict_to_category
+
         categories = dataset.categories
         mask = self._part_mask(categories, model.num_parts)
-        step = max(len(dataset) // count, 1)
         model.eval()
-        files = []
-        for i in list(range(0, len(dataset), step))[:count]:
-            item = dataset[i]
-            batch = {"points": item["points"][None].to(device), "cls_label": item["cls_label"].reshape(1).to(device)}
-            logits = model(batch).logits
-            pred = restrict_to_category(logits, batch["cls_label"], mask)
-            iou = float(part_ious(pred, item["seg"][None].to(device), batch["cls_label"], mask).shape_iou[0])
-            cat = categories[int(item["cls_label"])]
-            files.append(render_segmentation(item["points"].numpy(), item["seg"].numpy(), pred[0].cpu().numpy(),
-                                              SHAPENETPART_SEG_CLASSES[cat], out_dir / f"partseg_test_{i:05d}.png",
-                                              title=f"({cat}, shape mIoU {iou:.3f})", renderer=renderer))
-        return files
+        item = dataset[index]
+        batch = {"points": item["points"][None].to(device), "cls_label": item["cls_label"].reshape(1).to(device)}
+        pred = restrict_to_category(model(batch).logits, batch["cls_label"], mask)
+        iou = float(part_ious(pred, item["seg"][None].to(device), batch["cls_label"], mask).shape_iou[0])
+        cat = categories[int(item["cls_label"])]
+        points, parts = item["points"].numpy(), SHAPENETPART_SEG_CLASSES[cat]
+        if interactive:  # a window with the prediction (needs a display)
+            import open3d as o3d
+
+            cloud = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(points.astype(np.float64)))
+            cloud.colors = o3d.utility.Vector3dVector(part_colors(pred[0].cpu().numpy(), parts).astype(np.float64))
+            o3d.visualization.draw_geometries([cloud], window_name=f"{cat}: predicted parts")
+        return render_segmentation(points, item["seg"].numpy(), pred[0].cpu().numpy(), parts, path,
+                                   title=f"({cat}, shape mIoU {iou:.3f})", renderer=renderer)
+
+    def visualize(self, model: nn.Module, cfg: PointPartSegConfig, *, inputs: list[str], dataset_index: int | None,
+                  out_dir: Path, interactive: bool, seed: int, device: torch.device) -> list[Path]:
+        """``mm3d visualize --dataset-index I``: ground truth | predicted parts of test shape I (PNG)."""
+        from mm3d.pointcloud.visualize import CloudRenderer
+
+        if inputs:
+            raise NotImplementedError("part segmentation renders dataset shapes (their category and ground "
+                                      "truth come from the dataset): use --dataset-index I with data.root=...")
+        if dataset_index is None:
+            raise ValueError("give --dataset-index I (a shape of the test split)")
+        dataset = self.build_datasets(cfg, ["test"]).get("test")
+        if dataset is None or not 0 <= dataset_index < len(dataset):
+            raise ValueError(f"--dataset-index {dataset_index} is out of range: the test split of "
+                             f"{cfg.data.root or '(data.root unset)'} has {len(dataset) if dataset else 0} shapes")
+        return [self._render_one(model, dataset, dataset_index, Path(out_dir) / f"partseg_test_{dataset_index:05d}.png",
+                                 CloudRenderer(400, 400, point_size=4.0), device, interactive)]
 
 
 register_task(PointMAEClassifyTask())

@@ -140,6 +140,20 @@ def test_partseg_end_to_end(snp_root, tmp_path):
     for panel in half:  # ground truth and prediction both show coloured points on white
         assert (panel.min(axis=-1) < 200).mean() > 0.005
 
+    # `mm3d visualize` renders any test shape of the trained model; files and bad indices are refused
+    from mm3d.cli import main as cli_main
+
+    ckpt = out / "checkpoints" / "last.pt"
+    assert cli_main(["visualize", "--checkpoint", str(ckpt), "--dataset-index", "3", "--out", str(tmp_path / "vis"),
+                     "--set", f"data.root={snp_root}"]) == 0
+    img = np.asarray(Image.open(tmp_path / "vis" / "partseg_test_00003.png").convert("RGB"))
+    assert img.shape[1] == 800 and (img[40:].min(axis=-1) < 200).mean() > 0.005
+    with pytest.raises(ValueError, match="--dataset-index 99 is out of range: the test split .* has 11 shapes"):
+        cli_main(["visualize", "--checkpoint", str(ckpt), "--dataset-index", "99", "--out", str(tmp_path / "v2"),
+                  "--set", f"data.root={snp_root}"])
+    assert cli_main(["visualize", "--checkpoint", str(ckpt), "--input", str(pngs[0]), "--out", str(tmp_path / "v3"),
+                     "--set", f"data.root={snp_root}"]) == 3  # not available for files: says so
+
 
 def test_real_shapenetpart_sample(realdata, tmp_path, monkeypatch):
     monkeypatch.setenv("MM3D_CACHE_DIR", str(tmp_path / "cache"))  # the sample folder is read-only
