@@ -1094,15 +1094,16 @@ class PointMAEPartSegTask(Task):
         pred = restrict_to_category(model(batch).logits, batch["cls_label"], mask)
         iou = float(part_ious(pred, item["seg"][None].to(device), batch["cls_label"], mask).shape_iou[0])
         cat = categories[int(item["cls_label"])]
-        points, parts = item["points"].numpy(), SHAPENETPART_SEG_CLASSES[cat]
-        if interactive:  # a window with the prediction (needs a display)
-            import open3d as o3d
+        points, gt, pred = item["points"].numpy(), item["seg"].numpy(), pred[0].cpu().numpy()
+        parts = SHAPENETPART_SEG_CLASSES[cat]
+        out = render_segmentation(points, gt, pred, parts, path, title=f"({cat}, shape mIoU {iou:.3f})",
+                                  renderer=renderer)
+        if interactive:
+            from mm3d.pointcloud.visualize import show_interactive
 
-            cloud = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(points.astype(np.float64)))
-            cloud.colors = o3d.utility.Vector3dVector(part_colors(pred[0].cpu().numpy(), parts).astype(np.float64))
-            o3d.visualization.draw_geometries([cloud], window_name=f"{cat}: predicted parts")
-        return render_segmentation(points, item["seg"].numpy(), pred[0].cpu().numpy(), parts, path,
-                                   title=f"({cat}, shape mIoU {iou:.3f})", renderer=renderer)
+            show_interactive([([points], [part_colors(gt, parts)]), ([points], [part_colors(pred, parts)])],
+                             title=f"mm3d: {cat} ground truth | prediction")
+        return out
 
     def visualize(self, model: nn.Module, cfg: PointPartSegConfig, *, inputs: list[str], dataset_index: int | None,
                   out_dir: Path, interactive: bool, seed: int, device: torch.device) -> list[Path]:

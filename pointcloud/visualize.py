@@ -179,7 +179,8 @@ def write_reconstruction_figure(model: torch.nn.Module, points: np.ndarray | tor
     return files
 
 
-def show_interactive(panels: Sequence[tuple[Sequence[np.ndarray], Sequence[Any]]]) -> bool:
+def show_interactive(panels: Sequence[tuple[Sequence[np.ndarray], Sequence[Any]]],
+                     title: str = "mm3d: input | visible | reconstruction") -> bool:
     """Open an Open3D window with the panels side by side; False (with a logged reason) when no
     display is available."""
     if not display_available():
@@ -194,5 +195,5 @@ def show_interactive(panels: Sequence[tuple[Sequence[np.ndarray], Sequence[Any]]
             pcd = to_open3d(pts, col)
             pcd.translate([2.5 * i, 0.0, 0.0])
             geoms.append(pcd)
-    o3d.visualization.draw_geometries(geoms, window_name="mm3d: input | visible | reconstruction")
+    o3d.visualization.draw_geometries(geoms, window_name=title)
     return True

@@ -145,7 +145,7 @@ def test_partseg_end_to_end(snp_root, tmp_path):
 
     ckpt = out / "checkpoints" / "last.pt"
     assert cli_main(["visualize", "--checkpoint", str(ckpt), "--dataset-index", "3", "--out", str(tmp_path / "vis"),
-                     "--set", f"data.root={snp_root}"]) == 0
+                     "--interactive", "--set", f"data.root={snp_root}"]) == 0  # headless: PNG only, logged
     img = np.asarray(Image.open(tmp_path / "vis" / "partseg_test_00003.png").convert("RGB"))
     assert img.shape[1] == 800 and (img[40:].min(axis=-1) < 200).mean() > 0.005
     with pytest.raises(ValueError, match="--dataset-index 99 is out of range: the test split .* has 11 shapes"):
