@@ -168,14 +168,16 @@ def render_clip(motion: str, rng: np.random.Generator, *, num_frames: int = 16,
     """One clip of class `motion` with random appearance -> (T, H, W, 3) uint8 frames."""
     axis = np.arange(size, dtype=np.float32) + 0.5
     yy, xx = np.meshgrid(axis, axis, indexing="ij")
-    shape = ACTORS[motion] if motion in ACTORS else SHAPES[0]
+    if motion not in ACTORS:
+        raise ValueError(f"unknown motion {motion!r}; expected one of {CLASSES}")
+    shape = ACTORS[motion]
     colour = np.clip(np.asarray(ACTOR_COLOURS[shape], dtype=np.float64)
                      + rng.uniform(-COLOUR_JITTER, COLOUR_JITTER, 3), 0, 255)
     for _ in range(20):  # a background that leaves the actor visible
         frame = _background(rng, yy, xx, size)  # (H, W, 3)
         if np.linalg.norm(frame.mean(axis=(0, 1)) - colour) >= 100.0:
             break
-    if rng.random() < 0.5:  # a static distractor of another shape
+    if rng.random() < 0.5:  # a small static distractor of any shape and colour
         d_radius = rng.uniform(0.07, 0.12) * size
         d_cover, _ = _render_object(yy, xx, SHAPES[rng.integers(len(SHAPES))],
                                     rng.uniform(d_radius, size - d_radius, (1, 2)),
