@@ -157,6 +157,16 @@ def _item_generator(seed: int | None, index: int) -> torch.Generator | None:
     return torch.Generator().manual_seed(int(seed) * 1_000_003 + int(index))
 
 
+def _listed_file(folder: Path, name: str, listings: dict[Path, set[str]], where: str) -> Path:
+    """``folder / name``, checked against one cached directory listing per folder (cheaper than a
+    stat per file on network file systems); a missing file raises naming `where` (file, line)."""
+    if folder not in listings:
+        listings[folder] = set(os.listdir(folder)) if folder.is_dir() else set()
+    if name not in listings[folder]:
+        raise FileNotFoundError(f"{where}: listed file {folder / name} does not exist")
+    return folder / name
+
+
 def _read_lines(path: Path) -> list[tuple[int, str]]:
     """Non-blank stripped lines of a list file with their 1-based line numbers."""
     if not path.is_file():
@@ -321,21 +331,16 @@ class ModelNet(Dataset):
         self.ids: list[str] = []
         self.paths: list[Path] = []
         labels: list[int] = []
-        listing: dict[str, set[str]] = {}
+        listing: dict[Path, set[str]] = {}
         for line_no, shape_id in _read_lines(list_file):
             cls = shape_id.rsplit("_", 1)[0]
             if "_" not in shape_id or cls not in class_index:
                 raise ValueError(f"{list_file}, line {line_no}: shape {shape_id!r} has class "
                                  f"{cls!r}, which is not in {names_file} ({len(self.classes)} "
                                  f"classes)")
-            if cls not in listing:
-                cdir = self.root / cls
-                listing[cls] = set(os.listdir(cdir)) if cdir.is_dir() else set()
-            if f"{shape_id}.txt" not in listing[cls]:
-                raise FileNotFoundError(f"{list_file}, line {line_no}: listed file "
-                                        f"{self.root / cls / (shape_id + '.txt')} does not exist")
             self.ids.append(shape_id)
-            self.paths.append(self.root / cls / f"{shape_id}.txt")
+            self.paths.append(_listed_file(self.root / cls, f"{shape_id}.txt", listing,
+                                           f"{list_file}, line {line_no}"))
             labels.append(class_index[cls])
         if not self.ids:
             raise ValueError(f"{list_file}: no shapes listed")
@@ -548,7 +553,7 @@ class ShapeNetPart(Dataset):
 
         self.paths: list[Path] = []
         cls_labels: list[int] = []
-        present: dict[str, set[str]] = {}
+        present: dict[Path, set[str]] = {}
         for s in splits[split]:
             list_file = self.root / "train_test_split" / f"shuffled_{s}_file_list.json"
             if not list_file.is_file():
@@ -566,14 +571,8 @@ class ShapeNetPart(Dataset):
                 if synset not in synset_to_cat:
                     raise ValueError(f"{list_file}, entry {k}: synset {synset} of {entry!r} is "
                                      f"not in {cat_file}")
-                if synset not in present:
-                    sdir = self.root / synset
-                    present[synset] = set(os.listdir(sdir)) if sdir.is_dir() else set()
-                if f"{shape_id}.txt" not in present[synset]:
-                    raise FileNotFoundError(f"{list_file}, entry {k}: listed file "
-                                            f"{self.root / synset / (shape_id + '.txt')} "
-                                            f"does not exist")
-                self.paths.append(self.root / synset / f"{shape_id}.txt")
+                self.paths.append(_listed_file(self.root / synset, f"{shape_id}.txt", present,
+                                               f"{list_file}, entry {k}"))
                 cls_labels.append(synset_to_cat[synset])
         if not self.paths:  # e.g. the real sample's empty val list: allowed, but said
             log.warning("ShapeNetPart %s: the split lists under %s name no shapes", split,
