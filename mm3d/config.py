@@ -7,6 +7,11 @@ names the closest valid key, and a YAML error names the file and line.
 A ``model.variant`` key (or any nested ``variant`` key whose dataclass has that field) starts
 that section from the registered preset instead of the dataclass defaults, so the full merge
 order for a model is: dataclass defaults <- variant preset <- YAML <- command line.
+
+A YAML file may build on another with a top-level ``base: other.yaml`` key (a path relative to
+the file that names it; bases may chain). The file's keys merge over its base's, mappings
+key by key, so a benchmark config can state only what differs from a shared recipe. Errors
+name the file and line where the offending key was written, base or not.
 """
 
 from __future__ import annotations
@@ -160,6 +165,40 @@ def read_yaml(path: str | Path) -> tuple[dict[str, Any], dict[str, int]]:
     return data, _yaml_lines(text)
 
 
+def read_config_file(path: str | Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """Read a config YAML with its ``base:`` chain merged in.
+
+    Returns the merged mapping (without ``base``) and, for every dotted key, where it was
+    written (``file:line``) — the file that set it last wins, as in the merge.
+    """
+    chain: list[Path] = []
+    path = Path(path)
+    while True:
+        if path.resolve() in [p.resolve() for p in chain]:
+            cycle = " -> ".join(str(p) for p in [*chain, path])
+            raise ConfigError(f"{chain[-1]}: 'base' chain loops: {cycle}")
+        data, lines = read_yaml(path)
+        chain.append(path)
+        base = data.get("base")
+        if base is None:
+            break
+        if not isinstance(base, str) or not base:
+            raise ConfigError(f"{path}:{lines.get('base', '?')}: 'base' must be a path to another YAML "
+                              f"config (relative to this file), got {base!r}")
+        nxt = (path.parent / base) if not Path(base).is_absolute() else Path(base)
+        if not nxt.is_file():
+            raise ConfigError(f"{path}:{lines.get('base', '?')}: base config not found: {nxt}")
+        path = nxt
+    merged: dict[str, Any] = {}
+    where: dict[str, str] = {}
+    for p in reversed(chain):  # the furthest base first, the named file last
+        data, lines = read_yaml(p)
+        data.pop("base", None)
+        merged = deep_merge(merged, data)
+        where.update({k: f"{p}:{n}" for k, n in lines.items() if k != "base"})
+    return merged, where
+
+
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     """Turn ``["a.b=1", "c=[0,1]"]`` into a nested dict; values are parsed as YAML scalars."""
     out: dict[str, Any] = {}
@@ -198,8 +237,8 @@ def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
 class _Source:
     """Where a key came from, for error messages."""
 
-    def __init__(self, file: str | None, lines: dict[str, int], cli: dict[str, Any]):
-        self.file, self.lines, self.cli = file, lines, cli
+    def __init__(self, file: str | None, lines: dict[str, int] | dict[str, str], cli: dict[str, Any]):
+        self.file, self.lines, self.cli = file, lines, cli  # lines: key -> line, or "file:line"
 
     def where(self, key: str) -> str:
         node: Any = self.cli
@@ -212,6 +251,8 @@ class _Source:
             return "command line"
         if self.file:
             line = self.lines.get(key)
+            if isinstance(line, str):
+                return line
             return f"{self.file}:{line}" if line else self.file
         return "defaults"
 
@@ -236,15 +277,18 @@ def _coerce(value: Any, tp: Any, key: str, src: _Source) -> Any:
             if type(None) in args:
                 return None
             fail(_type_name(tp))
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
+        options = [a for a in args if a is not type(None)]
+        reasons = []
+        for a in options:
             try:
                 return _coerce(value, a, key, src)
             except ConfigError as e:
-                errors.append(e)
-        fail(" or ".join(_type_name(a) for a in args if a is not type(None)))
+                if len(options) == 1:  # `X | None`: X's own message says it best
+                    raise
+                reasons.append(str(e).split(": ", 1)[-1])
+        raise ConfigError(f"{src.where(key)}: key '{key}' expects "
+                          f"{' or '.join(_type_name(a) for a in options)}, got {value!r} "
+                          f"({type(value).__name__}): " + "; ".join(reasons))
     if origin is Literal:
         if isinstance(value, bool):  # YAML 1.1 reads off/on/no/yes as booleans
             for word in (("off", "false", "no") if not value else ("on", "true", "yes")):
@@ -358,7 +402,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
 
     The task comes from `task`, else an override ``task=...``, else the YAML's ``task`` key.
     """
-    data, lines = read_yaml(path) if path else ({}, {})
+    data, lines = read_config_file(path) if path else ({}, {})
     cli = parse_overrides(list(overrides))
     merged = deep_merge(data, cli)
     name = task or merged.get("task")

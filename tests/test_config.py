@@ -113,3 +113,40 @@ def test_task_section_defaults_survive_partial_yaml():
 
     cfg = config_from_dict(Preset, {"train": {"epochs": 3}})
     assert (cfg.train.epochs, cfg.train.best_metric, cfg.train.best_mode) == (3, "top1", "max")
+
+
+def test_base_chain_merges_and_names_the_file_of_each_key(tmp_path):
+    write(tmp_path, "task: toy_regression\nseed: 3\ntrain:\n  batch_size: 4\n  epochs: 7\n", "root.yaml")
+    (tmp_path / "sub").mkdir()
+    write(tmp_path, "base: ../root.yaml\ntrain:\n  epochs: 9\n", "sub/mid.yaml")
+    leaf = write(tmp_path, "base: mid.yaml\noptim:\n  lr: 0.5\ntrain:\n  epohcs: 1\n", "sub/leaf.yaml")
+    cfg = load_config(write(tmp_path, "base: mid.yaml\noptim:\n  lr: 0.5\n", "sub/ok.yaml"), ["seed=5"])
+    assert (cfg.seed, cfg.train.batch_size, cfg.train.epochs, cfg.optim.lr) == (5, 4, 9, 0.5)
+    with pytest.raises(ConfigError, match=rf"{leaf}:5: unknown key 'train.epohcs'"):
+        load_config(leaf)
+    with pytest.raises(ConfigError, match=r"root.yaml:4: key 'train.batch_size' expects an integer"):
+        write(tmp_path, "task: toy_regression\nseed: 3\ntrain:\n  batch_size: x\n", "root.yaml")
+        load_config(tmp_path / "sub" / "ok.yaml")
+
+
+def test_base_errors_name_the_file(tmp_path):
+    missing = write(tmp_path, "base: nowhere.yaml\ntask: toy_regression\n", "a.yaml")
+    with pytest.raises(ConfigError, match=rf"{missing}:1: base config not found: .*nowhere.yaml"):
+        load_config(missing)
+    write(tmp_path, "base: c.yaml\n", "b.yaml")
+    loop = write(tmp_path, "base: b.yaml\n", "c.yaml")
+    with pytest.raises(ConfigError, match="'base' chain loops"):
+        load_config(loop)
+
+
+def test_union_error_keeps_the_inner_reason():
+    @dataclass
+    class Inner:
+        size: int = 1
+
+    @dataclass
+    class Outer:
+        part: Inner | str = "x"
+
+    with pytest.raises(ConfigError, match=r"expects Inner or str, got .*unknown key 'part.sise'"):
+        config_from_dict(Outer, {"part": {"sise": 2}})
