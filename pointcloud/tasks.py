@@ -1,6 +1,7 @@
 """Point-cloud tasks: Point-MAE pretraining (``pointmae_pretrain``).
 
-Fine-tuning and evaluation tasks (classification, few-shot, segmentation) live beside it.
+Fine-tuning and evaluation tasks live beside it: :mod:`~mm3d.pointcloud.classification`
+(with few-shot), :mod:`~mm3d.pointcloud.probe` (linear SVM) and :mod:`~mm3d.pointcloud.partseg`.
 
 Augmentation is applied by the task's :meth:`~mm3d.task.Task.batch_transform` hook: the trainer
 calls it on every *training* batch after moving it to the device, so the augmentation runs

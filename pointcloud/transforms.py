@@ -142,6 +142,18 @@ def sample_points(points: torch.Tensor, num_samples: int,
     return _unbatch(out, single)
 
 
+def random_subset(points: torch.Tensor, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """points: (B, P, C) -> (B, n, C): n distinct points of every cloud at random (batched)."""
+    b, p = points.shape[:2]
+    if n >= p:
+        if n > p:
+            raise ValueError(f"cannot draw {n} distinct points from clouds of {p}")
+        n = p
+    device = generator.device if generator is not None else points.device
+    idx = torch.rand(b, p, generator=generator, device=device).argsort(dim=1)[:, :n].to(points.device)
+    return torch.gather(points, 1, idx.unsqueeze(-1).expand(-1, -1, points.shape[-1]))
+
+
 def scale_and_translate(points: torch.Tensor, *, scale_low: float = 2.0 / 3.0,
                         scale_high: float = 3.0 / 2.0, translate_range: float = 0.2,
                         generator: torch.Generator | None = None) -> torch.Tensor:

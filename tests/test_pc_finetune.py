@@ -14,10 +14,13 @@ from mm3d.config import load_config, save_config, to_dict
 from mm3d.registry import TASKS, variant_config
 from mm3d.testing import assert_close
 from mm3d.pointcloud import fewshot
-from mm3d.pointcloud.finetune import (build_cls_datasets, eval_points, fit_linear_svm,
-                                      load_encoder_checkpoint, random_subset, stratified_split)
+from mm3d.pointcloud.checkpoints import load_encoder_checkpoint
+from mm3d.pointcloud.classification import build_cls_datasets, eval_points
 from mm3d.pointcloud.models import build_classifier, build_pretrain_model
+from mm3d.pointcloud.probe import fit_linear_svm
+from mm3d.pointcloud.splits import stratified_split
 from mm3d.pointcloud.tasks import PointPretrainConfig
+from mm3d.pointcloud.transforms import random_subset
 
 TINY = ["model.variant=pointmae_tiny_test", "data.npoints=64", "data.fps_points=80", "data.cache_points=128",
         "train.batch_size=8", "train.epochs=1", "train.device=cpu", "train.tensorboard=false",

@@ -87,7 +87,7 @@ def test_bad_inputs():
 
 
 def test_init_from_pretraining_weights():
-    from mm3d.pointcloud.finetune import load_encoder_checkpoint
+    from mm3d.pointcloud.checkpoints import load_encoder_checkpoint
     from mm3d.pointcloud.models import build_pretrain_model
 
     pre = build_pretrain_model(variant_config("pointmae_tiny_test"))

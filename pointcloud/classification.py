@@ -1,0 +1,435 @@
+"""Point-MAE shape classification: ModelNet40/10, ScanObjectNN and few-shot ModelNet40.
+
+Task ``pointmae_classify`` (the ``task:`` key of a config; every protocol has a config in
+``configs/pointcloud/``): the Point-MAE encoder + cls token + the official head, fine-tuned with
+the one trainer. ``data.dataset`` picks ModelNet40/10 (1k or 8k points), ScanObjectNN
+(``data.scan_variant`` OBJ_BG, OBJ_ONLY, PB_T50_RS) or a few-shot ModelNet40 fold
+(``modelnet40_fewshot``).
+
+Training follows the official runner: each item carries ``data.fps_points`` farthest-point
+samples (ModelNet: the first points of the FPS cache, i.e. FPS 1200 for the 1k protocol) and
+:meth:`~PointMAEClassifyTask.batch_transform` draws a random ``data.npoints`` of them, then
+augments the batch on the device (``scale_translate`` or ``rotate``). Evaluation takes the FPS
+``npoints`` (the cache prefix; FPS on the device for ScanObjectNN subsets) and, on the splits in
+``data.vote_splits``, also a voting test: ``data.votes`` random subsets of the FPS pool, each
+scaled-and-translated, logits averaged (``vote_top1``...; plain ``top1`` beside it).
+
+Few-shot (``data.dataset: modelnet40_fewshot``): the fold files of :mod:`mm3d.pointcloud.fewshot`
+(``mm3d data fewshot``). The fold is ``data.fold``, or the run seed when it is -1, so
+``seeds: [0, ..., 9]`` in the config runs the ten folds through the trainer's multi-seed runner
+and reports mean ± std over folds.
+
+The reported checkpoint follows the honest protocol of :mod:`mm3d.pointcloud.protocol`;
+:meth:`~PointMAEClassifyTask.write_report` also writes a confusion-matrix PNG and per-class
+accuracy per split. Initialisation (``init=``): see
+:func:`~mm3d.pointcloud.checkpoints.load_encoder_checkpoint`.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Literal, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from mm3d.config import RunConfig, TrainConfig
+from mm3d.distributed import all_reduce_sum
+from mm3d.metrics import ClassificationMeter, per_class_accuracy, plot_confusion
+from mm3d.registry import register_task
+from mm3d.task import EvalResult, Task
+from mm3d.trainer import move_to_device
+from mm3d.pointcloud import datasets as D
+from mm3d.pointcloud import fewshot
+from mm3d.pointcloud.checkpoints import load_encoder_checkpoint
+from mm3d.pointcloud.io import read_points
+from mm3d.pointcloud.models import PointMAEConfig, build_classifier
+from mm3d.pointcloud.protocol import effective_selection, protocol_label, write_results_md
+from mm3d.pointcloud.splits import Indexed, require_root, stratified_split
+from mm3d.pointcloud.transforms import (normalize_unit_sphere, random_subset, rotate_up_axis, sample_indices,
+                                        sample_points, scale_and_translate)
+
+log = logging.getLogger(__name__)
+
+Augmentation = Literal["scale_translate", "rotate", "none"]
+
+
+@dataclass
+class ClsDataConfig:
+    """The ``data`` section of point-cloud classification (fine-tuning, few-shot, SVM probe)."""
+
+    dataset: Literal["modelnet40", "modelnet10", "scanobjectnn", "modelnet40_fewshot"] = "modelnet40"
+    root: str = ""  # ModelNet root (also for few-shot) or ScanObjectNN root
+    # ScanObjectNN variant (not called `variant`: that key names a model preset in the config system)
+    scan_variant: Literal["OBJ_BG", "OBJ_ONLY", "PB_T50_RS"] = "OBJ_BG"
+    npoints: int = 1024  # points the model sees
+    fps_points: int = 1200  # FPS pool per item: training draws npoints at random from it (official 1200 for 1k)
+    cache_points: int = 8192  # ModelNet: FPS points cached per shape
+    classes: list[str] = field(default_factory=list)  # expected class names in label order ([]: from the data)
+    val_fraction: float = 0.1  # carved from train (stratified) when train.select_on == "val"
+    val_seed: int = 0  # fixed: every run seed sees the same validation split
+    augmentation: Augmentation = "scale_translate"
+    scale_low: float = 2.0 / 3.0
+    scale_high: float = 3.0 / 2.0
+    translate_range: float = 0.2
+    up_axis: Literal["x", "y", "z"] = "y"
+    votes: int = 10  # voting test: scale-and-translate votes (0: off)
+    vote_splits: list[str] = field(default_factory=lambda: ["test"])
+    fewshot_root: str = ""  # folder written by `mm3d data fewshot`
+    way: int = 5
+    shot: int = 10
+    fold: int = -1  # -1: the run seed is the fold (seeds: [0..9] runs all ten)
+
+    def validate(self) -> None:
+        if self.npoints <= 0 or self.fps_points < self.npoints:
+            raise ValueError(f"need 0 < npoints <= fps_points, got npoints={self.npoints}, "
+                             f"fps_points={self.fps_points}")
+        if self.dataset.startswith("modelnet") and self.fps_points > self.cache_points:
+            raise ValueError(f"fps_points={self.fps_points} exceeds cache_points={self.cache_points}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if not 0 < self.scale_low <= self.scale_high:
+            raise ValueError(f"need 0 < scale_low <= scale_high, got {self.scale_low}, {self.scale_high}")
+        if self.votes < 0:
+            raise ValueError(f"votes must be >= 0, got {self.votes}")
+        bad = [s for s in self.vote_splits if s not in ("val", "test")]
+        if bad:
+            raise ValueError(f"vote_splits may hold 'val' and 'test', got {bad}")
+        if self.dataset == "modelnet40_fewshot" and (self.way <= 0 or self.shot <= 0):
+            raise ValueError(f"way and shot must be positive, got {self.way}, {self.shot}")
+
+
+def _modelnet_n(data: ClsDataConfig) -> int:
+    return 10 if data.dataset == "modelnet10" else 40
+
+
+def resolve_num_classes(cfg: Any) -> int:
+    """The class count: ``model.num_classes``, else ``data.classes``, the few-shot way, ScanObjectNN's
+    15, or the lines of the ModelNet class list."""
+    d = cfg.data
+    if cfg.model.num_classes > 0:
+        return cfg.model.num_classes
+    if d.classes:
+        return len(d.classes)
+    if d.dataset == "modelnet40_fewshot":
+        return d.way
+    if d.dataset == "scanobjectnn":
+        return len(D.SCANOBJECTNN_CLASSES)
+    names = Path(d.root) / f"modelnet{_modelnet_n(d)}_shape_names.txt"
+    if not names.is_file():
+        raise ValueError(f"cannot tell the number of classes: {names} does not exist; set model.num_classes "
+                         f"(or data.root)")
+    return sum(1 for s in names.read_text().splitlines() if s.strip())
+
+
+def class_names(cfg: Any, label_map: str | None = None) -> list[str] | None:
+    """Class names for reports and `mm3d predict`: a label map file, ``data.classes``, the dataset's
+    list, or None when none of them is at hand."""
+    d = cfg.data
+    if label_map:
+        path = Path(label_map)
+        if not path.is_file():
+            raise FileNotFoundError(f"--label-map {path} does not exist")
+        return [s.strip() for s in path.read_text().splitlines() if s.strip()]
+    if d.classes:
+        return list(d.classes)
+    if d.dataset == "scanobjectnn":
+        return list(D.SCANOBJECTNN_CLASSES)
+    if d.dataset == "modelnet40_fewshot":
+        path = fewshot.fold_path(d.fewshot_root, d.way, d.shot, d.fold if d.fold >= 0 else cfg.seed)
+        return list(fewshot.read_fold(path)["classes"]) if path.is_file() else None
+    names = Path(d.root) / f"modelnet{_modelnet_n(d)}_shape_names.txt"
+    return [s.strip() for s in names.read_text().splitlines() if s.strip()] if names.is_file() else None
+
+
+def _base_datasets(cfg: Any, splits: set[str]) -> dict[str, Dataset]:
+    """The raw train/test datasets of a classification config (no carving, no index)."""
+    d = cfg.data
+    root = require_root(d.root, "data.root")
+    out: dict[str, Dataset] = {}
+    for split in ("train", "test"):
+        if split not in splits:
+            continue
+        if d.dataset == "scanobjectnn":
+            out[split] = D.ScanObjectNN(root, d.scan_variant, split, d.fps_points,
+                                        seed=None if split == "train" else cfg.seed)
+        else:
+            base = D.ModelNet(root, split, num_classes=_modelnet_n(d), npoints=d.fps_points,
+                              cache_points=d.cache_points)
+            if d.dataset == "modelnet40_fewshot":
+                fold = d.fold if d.fold >= 0 else cfg.seed
+                require_root(d.fewshot_root, "data.fewshot_root")
+                base = fewshot.FewShotModelNet(base, fewshot.fold_path(d.fewshot_root, d.way, d.shot, fold), split)
+            out[split] = base
+    return out
+
+
+def _check_classes(cfg: Any, datasets: Mapping[str, Dataset]) -> list[str]:
+    """The class list, after checking it against the config and across splits (errors before training)."""
+    d = cfg.data
+    lists = {s: list(getattr(ds, "classes")) for s, ds in datasets.items()}
+    first_split, classes = next(iter(lists.items()))
+    for split, names in lists.items():
+        if names != classes:
+            raise ValueError(f"the {split} split's classes {names[:5]}… differ from the {first_split} split's "
+                             f"{classes[:5]}…")
+    if d.classes and list(d.classes) != classes:
+        diff = next((i for i, (a, b) in enumerate(zip(d.classes, classes)) if a != b),
+                    min(len(d.classes), len(classes)))
+        raise ValueError(f"data.classes ({len(d.classes)} names) disagrees with the data under {d.root} "
+                         f"({len(classes)} classes): first difference at label {diff}: config "
+                         f"{d.classes[diff] if diff < len(d.classes) else '(none)'!r} vs data "
+                         f"{classes[diff] if diff < len(classes) else '(none)'!r}")
+    if cfg.model.num_classes and cfg.model.num_classes != len(classes):
+        raise ValueError(f"model.num_classes={cfg.model.num_classes} disagrees with the {len(classes)} classes "
+                         f"of the data under {d.root} ({', '.join(classes[:6])}{'…' if len(classes) > 6 else ''})")
+    if d.dataset == "modelnet40_fewshot" and len(classes) != d.way:
+        raise ValueError(f"the fold file lists {len(classes)} classes, but data.way={d.way}")
+    return classes
+
+
+def build_cls_datasets(cfg: Any, splits: Iterable[str], *, carve_val: bool = True) -> dict[str, Dataset]:
+    """Train / val / test datasets of a classification config, each wrapped in :class:`Indexed`.
+
+    The validation split is carved from train (stratified, ``data.val_seed``) when it is asked
+    for, ``carve_val`` is set and the run selects on val; the papers' protocol trains on all of
+    train.
+    """
+    splits = set(splits)
+    base = _base_datasets(cfg, splits | ({"train"} if "val" in splits else set()))
+    _check_classes(cfg, base)
+    out: dict[str, Dataset] = {}
+    if "train" in base:
+        train = base["train"]
+        carve = carve_val and "val" in splits and cfg.train.select_on == "val" and cfg.data.val_fraction > 0
+        if carve:
+            labels = [int(train[i]["label"]) for i in range(len(train))] if not hasattr(train, "labels") \
+                else [int(x) for x in train.labels]
+            keep, held = stratified_split(labels, cfg.data.val_fraction, cfg.data.val_seed)
+            if held and keep:
+                if "train" in splits:
+                    out["train"] = Indexed(train, keep)
+                out["val"] = Indexed(train, held)
+                log.info("validation split: %d of %d training shapes (val_fraction=%g, val_seed=%d)",
+                         len(held), len(labels), cfg.data.val_fraction, cfg.data.val_seed)
+            else:
+                log.warning("the training split is too small to carve a validation split from")
+        if "train" in splits and "train" not in out:
+            out["train"] = Indexed(train)
+    if "test" in base:
+        out["test"] = Indexed(base["test"])
+    return out
+
+
+def majority_accuracy(conf: torch.Tensor) -> float:
+    """Accuracy of always predicting the split's most frequent class (the chance level to beat);
+    conf: (C, C) confusion counts."""
+    support = conf.sum(dim=1)
+    return float(support.max() / support.sum().clamp(min=1)) if support.numel() else 0.0
+
+
+def cls_augmentation(data: ClsDataConfig, kind: str | None = None,
+                     generator: torch.Generator | None = None) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """Batched augmentation of (B, N, 3) points (``kind`` overrides ``data.augmentation``)."""
+    kind = kind or data.augmentation
+    if kind == "scale_translate":
+        return lambda p: scale_and_translate(p, scale_low=data.scale_low, scale_high=data.scale_high,
+                                             translate_range=data.translate_range, generator=generator)
+    if kind == "rotate":
+        return lambda p: rotate_up_axis(p, up_axis=data.up_axis, generator=generator)
+    return None
+
+
+def eval_points(points: torch.Tensor, data: ClsDataConfig) -> torch.Tensor:
+    """The deterministic evaluation input: (B, P, 3) pool -> (B, npoints, 3) farthest points.
+
+    ModelNet pools are FPS-ordered (a prefix of the FPS cache), so the first ``npoints`` are the
+    FPS sample; other pools are farthest-point sampled on the device.
+    """
+    n = data.npoints
+    if points.shape[1] == n:
+        return points
+    if data.dataset.startswith("modelnet"):
+        return points[:, :n]
+    return sample_points(points, n, "fps")
+
+
+def _cls_train_defaults() -> TrainConfig:
+    return TrainConfig(best_metric="top1", best_mode="max")
+
+
+@dataclass
+class PointClassifyConfig(RunConfig):
+    """A Point-MAE classification fine-tuning run (ModelNet, ScanObjectNN, few-shot)."""
+
+    task: str = "pointmae_classify"
+    model: PointMAEConfig = field(default_factory=PointMAEConfig)
+    data: ClsDataConfig = field(default_factory=ClsDataConfig)
+    train: TrainConfig = field(default_factory=_cls_train_defaults)
+
+    def validate(self) -> None:
+        self.model.check_npoints(self.data.npoints)
+
+
+class PointMAEClassifyTask(Task):
+    """Fine-tune Point-MAE for shape classification (see the module docstring)."""
+
+    name = "pointmae_classify"
+    modality = "pointcloud"
+    stage = "finetune"
+    config_class = PointClassifyConfig
+    description = "Point-MAE classification: ModelNet40/10 (1k, 8k), ScanObjectNN, few-shot folds; voting test"
+
+    def build_model(self, cfg: PointClassifyConfig) -> nn.Module:
+        return build_classifier(cfg.model, resolve_num_classes(cfg))
+
+    def build_datasets(self, cfg: PointClassifyConfig, splits: Iterable[str]) -> dict[str, Dataset]:
+        return build_cls_datasets(cfg, splits)
+
+    def init_weights(self, model: nn.Module, path: str, cfg: PointClassifyConfig) -> list[str]:
+        return load_encoder_checkpoint(model, path, allow_pickle=cfg.allow_pickle)
+
+    def batch_transform(self, cfg: PointClassifyConfig, device: torch.device) -> Callable[[Any], Any]:
+        aug = cls_augmentation(cfg.data)
+        n = cfg.data.npoints
+
+        def transform(batch: dict[str, Any]) -> dict[str, Any]:
+            pts = batch["points"]
+            if pts.shape[1] > n:  # the official FPS-pool-then-random draw
+                pts = random_subset(pts, n)
+            return {**batch, "points": aug(pts) if aug is not None else pts}
+
+        return transform
+
+    @torch.no_grad()
+    def vote_logits(self, model: nn.Module, points: torch.Tensor, cfg: PointClassifyConfig,
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+        """points: (B, P, 3) FPS pools -> (B, C) logits averaged over ``data.votes`` random subsets of
+        ``npoints``, each scaled-and-translated (the official voting test)."""
+        aug = cls_augmentation(cfg.data, "scale_translate", generator)
+        total = None
+        for _ in range(cfg.data.votes):
+            x = random_subset(points, cfg.data.npoints, generator) if points.shape[1] > cfg.data.npoints else points
+            logits = model({"points": aug(x)}).logits.float()
+            total = logits if total is None else total + logits
+        return total / cfg.data.votes
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, loader: Iterable[Any], cfg: PointClassifyConfig, device: torch.device,
+                 split: str) -> EvalResult:
+        """Cross-entropy, top-1/5 and mean class accuracy on FPS inputs, ``chance_top1`` (the
+        majority-class accuracy); with voting on ``data.vote_splits``: ``vote_top1``,
+        ``vote_top5``, ``vote_mean_class_acc``."""
+        model.eval()
+        num_classes = model.num_classes
+        meter = ClassificationMeter(num_classes, (1, 5))
+        voting = cfg.data.votes > 0 and split in cfg.data.vote_splits
+        vote_meter = ClassificationMeter(num_classes, (1, 5)) if voting else None
+        gen = torch.Generator(device=device).manual_seed(cfg.seed + 12345)
+        loss = torch.zeros(2, dtype=torch.float64, device=device)
+        for batch in loader:
+            batch = move_to_device(batch, device)
+            pool, label = batch["points"], batch["label"].reshape(-1)
+            index = batch.get("index")
+            out = model({"points": eval_points(pool, cfg.data), "label": label})
+            loss += torch.stack([out.loss.double() * len(label), torch.tensor(float(len(label)), dtype=torch.float64,
+                                                                              device=device)])
+            meter.update(out.logits, label, index)
+            if vote_meter is not None:
+                vote_meter.update(self.vote_logits(model, pool, cfg, gen), label, index)
+        loss = all_reduce_sum(loss)
+        res = meter.compute()
+        metrics = {"loss": float(loss[0] / loss[1].clamp(min=1)), **res.metrics,
+                   "chance_top1": majority_accuracy(res.confusion)}
+        classes = getattr(getattr(loader, "dataset", None), "classes", None)
+        artifacts: dict[str, Any] = {"confusion": res.confusion, "classes": classes}
+        if vote_meter is not None:
+            vres = vote_meter.compute()
+            metrics.update({f"vote_{k}": v for k, v in vres.metrics.items() if k != "num_samples"})
+            artifacts["vote_confusion"] = vres.confusion
+        return EvalResult(metrics, artifacts)
+
+    def run_info(self, cfg: PointClassifyConfig, datasets: Mapping[str, Any]) -> dict[str, Any]:
+        """How the run was done, for every results file: protocol, voting, augmentation."""
+        selected = effective_selection(cfg, datasets)
+        info = {"config": cfg.name, "task": cfg.task, "seed": cfg.seed, "selected_on": selected,
+                "protocol": protocol_label(cfg, selected), "dataset": cfg.data.dataset,
+                "voting": {"votes": cfg.data.votes, "splits": list(cfg.data.vote_splits),
+                           "augmentation": "scale_translate"},
+                "augmentation": cfg.data.augmentation, "npoints": cfg.data.npoints, "fps_points": cfg.data.fps_points,
+                "init": cfg.init or "scratch"}
+        if cfg.data.dataset == "scanobjectnn":
+            info["variant"] = cfg.data.scan_variant
+        if cfg.data.dataset == "modelnet40_fewshot":
+            info["fewshot"] = {"way": cfg.data.way, "shot": cfg.data.shot,
+                               "fold": cfg.data.fold if cfg.data.fold >= 0 else cfg.seed}
+        return info
+
+    def write_report(self, run_dir: Path, model: nn.Module, cfg: PointClassifyConfig,
+                     results: dict[str, EvalResult], datasets: dict[str, Dataset], device: torch.device) -> list[Path]:
+        """results.md (protocol table), and per split a confusion-matrix PNG and per-class accuracy CSV."""
+        files: list[Path] = []
+        info = self.run_info(cfg, datasets)
+        per_class_md = ""
+        for split, res in results.items():
+            art = res.artifacts or {}
+            conf = art.get("confusion")
+            if conf is None:
+                continue
+            names = art.get("classes") or getattr(datasets.get(split), "classes", None) or \
+                [str(i) for i in range(conf.shape[0])]
+            files.append(plot_confusion(conf, names, Path(run_dir) / "plots" / f"confusion_{split}.png",
+                                        title=f"{cfg.name}: {split} ({info['protocol']})"))
+            acc = per_class_accuracy(conf)
+            csv_path = Path(run_dir) / f"per_class_accuracy_{split}.csv"
+            with csv_path.open("w", newline="") as f:
+                w = csv.writer(f)
+                w.writerow(["label", "class", "samples", "correct", "accuracy"])
+                for i, name in enumerate(names):
+                    w.writerow([i, name, int(conf[i].sum()), int(conf[i, i]),
+                                "" if torch.isnan(acc[i]) else f"{float(acc[i]):.4f}"])
+            files.append(csv_path)
+            if split == "test":
+                cell = ["–" if torch.isnan(a) else f"{float(a):.4f}" for a in acc]
+                rows = [f"| {name} | {int(conf[i].sum())} | {cell[i]} |" for i, name in enumerate(names)]
+                per_class_md = "\n## Per-class accuracy (test)\n\n| class | samples | accuracy |\n|---|---|---|\n" + \
+                    "\n".join(rows) + "\n"
+        columns = ["top1", "vote_top1", "mean_class_acc", "vote_mean_class_acc", "top5", "chance_top1", "loss",
+                   "num_samples"]
+        files.append(write_results_md(run_dir, cfg, info, results, columns, per_class_md))
+        return files
+
+    def predict(self, model: nn.Module, cfg: PointClassifyConfig, inputs: list[str], *, topk: int,
+                label_map: str | None, device: torch.device) -> list[dict[str, Any]]:
+        """Classify point-cloud files (.txt/.xyz/.ply/.pcd/.npy/.bin): FPS ``data.npoints`` points on
+        the unit sphere, as the test protocol; returns the top-k classes with probabilities."""
+        names = class_names(cfg, label_map)
+        num_classes = model.num_classes
+        if names is None:
+            names = [f"class_{i}" for i in range(num_classes)]
+        if len(names) != num_classes:
+            raise ValueError(f"{len(names)} class names ({label_map or 'from the config/data'}) for a model of "
+                             f"{num_classes} classes")
+        clouds = []
+        for path in inputs:
+            xyz = torch.from_numpy(np.ascontiguousarray(read_points(path)[:, :3]))
+            n = cfg.data.npoints
+            idx = sample_indices(xyz, n, "fps") if xyz.shape[0] >= n else \
+                sample_indices(xyz, n, "random", generator=torch.Generator().manual_seed(cfg.seed))
+            clouds.append(normalize_unit_sphere(xyz[idx]))
+        model.eval()
+        with torch.no_grad():
+            probs = model({"points": torch.stack(clouds).to(device)}).logits.float().softmax(dim=-1).cpu()
+        k = min(topk, num_classes)
+        top = probs.topk(k, dim=-1)
+        return [{"input": str(path), "topk": [(names[int(j)], float(p)) for p, j in zip(top.values[r], top.indices[r])]}
+                for r, path in enumerate(inputs)]
+
+
+
+register_task(PointMAEClassifyTask())
