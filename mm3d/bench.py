@@ -17,12 +17,12 @@ from typing import Any, Callable
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop, sdpa_flop
 
-from mm3d.config import RunConfig, to_dict
+from mm3d.config import RunConfig
 from mm3d.data import ResumableSampler, build_loader
 from mm3d.distributed import DistInfo, resolve_device
+from mm3d.engine import OptimizerStep, autocast, batch_size_of, move_to_device
 from mm3d.registry import TASKS
-from mm3d.trainer import build_optimizer, move_to_device, peak_lr, seed_everything
-from mm3d.task import batch_size_of
+from mm3d.trainer import build_optimizer, peak_lr, seed_everything
 
 _aten = torch.ops.aten
 
@@ -77,7 +77,6 @@ def run_bench(cfg: RunConfig) -> dict[str, Any]:
     task = TASKS.get(cfg.task)
     seed_everything(cfg.seed)
     device = resolve_device(cfg.train.device, DistInfo())
-    amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.train.precision]
     model = task.build_model(cfg).to(device).train()
     ds = task.build_datasets(cfg, ["train"])["train"]
     sampler = ResumableSampler(len(ds), shuffle=True, seed=cfg.seed)
@@ -88,28 +87,24 @@ def run_bench(cfg: RunConfig) -> dict[str, Any]:
     if tf is not None:
         batch = tf(batch)
     bsz = batch_size_of(batch)
-    optimizer = build_optimizer(model, cfg, peak_lr(cfg, 1))
-    scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)
-
-    def autocast():
-        return torch.autocast(device.type, dtype=amp, enabled=amp is not None)
+    # the trainer's optimizer step (precision, scaler, clipping) on the trainer's optimizer
+    opt_step = OptimizerStep(build_optimizer(model, cfg, peak_lr(cfg, 1)), device=device,
+                             precision=cfg.train.precision, clip_grad=cfg.optim.clip_grad)
 
     def fwd_bwd() -> None:
-        with autocast():
+        with autocast(device, cfg.train.precision):
             loss = model(batch).loss
-        scaler.scale(loss).backward()
+        opt_step.backward(loss)
 
     def step() -> None:
         fwd_bwd()
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        opt_step.step()
 
     with flop_counter() as fc:
         fwd_bwd()
-    optimizer.zero_grad(set_to_none=True)
+    opt_step.optimizer.zero_grad(set_to_none=True)
     train_flops = fc.get_total_flops()
-    with torch.no_grad(), flop_counter() as fc_fwd, autocast():
+    with torch.no_grad(), flop_counter() as fc_fwd, autocast(device, cfg.train.precision):
         model(batch)
     fwd_flops = fc_fwd.get_total_flops()
 
@@ -175,9 +170,3 @@ def bench_loader(cfg: RunConfig, task: Any, ds: Any) -> dict[str, Any]:
     rate = n / max(dt, 1e-9)
     return {"loader_samples_per_s": round(rate, 2), "loader_workers": workers,
             "loader_samples_per_s_per_worker": round(rate / max(1, workers), 2), "loader_samples": n}
-
-
-def describe(cfg: RunConfig) -> dict[str, Any]:
-    """The settings a benchmark row depends on (for BENCHMARKS.md)."""
-    d = to_dict(cfg)
-    return {"model": d.get("model"), "train": {k: d["train"][k] for k in ("batch_size", "precision", "device")}}

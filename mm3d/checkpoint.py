@@ -14,6 +14,7 @@ import logging
 import os
 import pickle
 import random
+import shutil
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -217,16 +218,6 @@ class CheckpointManager:
             self._link("best.pt", best)
         return path
 
-    def set_metric(self, step: int, metric: float) -> None:
-        """Attach a validation metric to the checkpoint of `step` (evaluated after saving)."""
-        for e in self.entries:
-            if e["step"] == step:
-                e["metric"] = metric
-        self._write_index()
-        best = self.best()
-        if best is not None:
-            self._link("best.pt", best)
-
     def _write_index(self) -> None:
         tmp = self.index_path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(self.entries, indent=1))
@@ -243,7 +234,5 @@ class CheckpointManager:
         try:
             os.link(target, tmp)
         except OSError:
-            import shutil
-
             shutil.copy2(target, tmp)
         os.replace(tmp, dst)

@@ -97,6 +97,14 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def all_reduce_min(t: torch.Tensor) -> torch.Tensor:
+    """Element-wise minimum of a tensor over ranks (identity in a single process)."""
+    if dist.is_available() and dist.is_initialized():
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return t
+
+
 def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     """Concatenate (N_r, ...) tensors from every rank along dim 0; ranks may differ in N_r."""
     if not (dist.is_available() and dist.is_initialized()):
@@ -120,15 +128,6 @@ def gather_objects(obj) -> list:
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
-
-
-def broadcast_object(obj):
-    """Send a picklable object from rank 0 to every rank."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def cleanup() -> None:

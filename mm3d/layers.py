@@ -1,9 +1,94 @@
-"""Weight initialisers shared by the modalities' models (the MAE family's conventions)."""
+"""Layers shared by the modalities' models (timm's ``layers/`` vs ``models/`` habit).
+
+- :func:`vit_blocks` / :func:`run_blocks`: the transformer block stack and its runner
+  (positional embedding added before every block, activation checkpointing, tapped outputs);
+- :func:`token_mask_count` / :func:`gather_tokens`: the visible-token bookkeeping of masked
+  encoders, without a host read on the training path;
+- the MAE family's weight initialisers.
+"""
 
 from __future__ import annotations
 
+import os
+from typing import Callable, Sequence
+
+import torch
 from timm.layers import trunc_normal_
+from timm.models.vision_transformer import Block
 from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+# MM3D_CHECK_MASKS=1 validates even the masks our own generators made (a host read per forward)
+CHECK_ALL_MASKS = os.environ.get("MM3D_CHECK_MASKS", "") not in ("", "0")
+
+
+def vit_blocks(*, dim: int, depth: int, num_heads: int, mlp_ratio: float, qkv_bias: bool, drop_path: float,
+               norm_layer: Callable[[int], nn.Module] = nn.LayerNorm, attn_layer: type[nn.Module] | None = None,
+               init_values: float | None = None, attn_drop: float = 0.0, proj_drop: float = 0.0) -> nn.ModuleList:
+    """`depth` timm pre-norm ViT blocks (SDPA attention); drop-path rises linearly from 0 to
+    `drop_path` over the depth, as in timm's ViT and the MAE family. `attn_layer` replaces timm's
+    ``Attention`` (e.g. VideoMAE's q/v-bias attention)."""
+    rates = torch.linspace(0, drop_path, depth, device="cpu").tolist() if depth > 0 else []
+    extra = {"attn_layer": attn_layer} if attn_layer is not None else {}
+    return nn.ModuleList([
+        Block(dim=dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=proj_drop,
+              attn_drop=attn_drop, init_values=init_values or None, drop_path=r, norm_layer=norm_layer, **extra)
+        for r in rates])
+
+
+def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, *, pos: torch.Tensor | None = None,
+               grad_checkpointing: bool = False, taps: Sequence[int] = ()
+               ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """x: (B, L, D) through every block; with `pos` (B, L, D) each block sees ``x + pos``
+    (Point-MAE adds its centre embedding before every block). Activation checkpointing when
+    `grad_checkpointing` and gradients are on. Returns (output (B, L, D), the outputs of the
+    blocks whose indices are in `taps`, in block order)."""
+    tapped = []
+    for i, blk in enumerate(blocks):
+        inp = x if pos is None else x + pos
+        if grad_checkpointing and torch.is_grad_enabled():
+            x = checkpoint(blk, inp, use_reentrant=False)
+        else:
+            x = blk(inp)
+        if i in taps:
+            tapped.append(x)
+    return x, tapped
+
+
+def token_mask_count(mask: torch.Tensor, batch: int, num_tokens: int, name: str, *,
+                     expected: int | None = None, allow_all: bool = True) -> int:
+    """Validate a (B, L) bool token mask whose rows all hold the same number of True; return it.
+
+    `expected`: the count a mask generator of ours guarantees (exact by construction). Such a
+    mask is trusted without reading it back to the host — the check costs a device sync per
+    forward — unless it lives on the CPU (where the check is free) or ``MM3D_CHECK_MASKS=1``.
+    A mask from outside (``expected=None``) is always checked. ``allow_all=False`` also refuses
+    rows that are all True or all False.
+    """
+    if mask.dtype != torch.bool or tuple(mask.shape) != (batch, num_tokens):
+        raise ValueError(f"{name} must be a ({batch}, {num_tokens}) bool tensor, got "
+                         f"{mask.dtype} of shape {tuple(mask.shape)}")
+    if expected is not None and mask.device.type != "cpu" and not CHECK_ALL_MASKS:
+        return expected
+    counts = mask.sum(dim=1)
+    first = int(counts[0])
+    if bool((counts != first).any()) or (expected is not None and first != expected) or \
+            (not allow_all and first in (0, num_tokens)):
+        need = "the same number of tokens" + ("" if allow_all else ", at least one masked and one visible")
+        raise ValueError(f"every sample of {name} must mask {need}; got per-sample counts {counts.tolist()}"
+                         + (f" (expected {expected})" if expected is not None else ""))
+    return first
+
+
+def gather_tokens(x: torch.Tensor, keep: torch.Tensor, count: int) -> torch.Tensor:
+    """The tokens where `keep` is True, in token order, without a host read.
+
+    x: (B, L, D) (or (1, L, D), broadcast over the batch); keep: (B, L) bool with `count` True
+    in every row (see :func:`token_mask_count`). Returns (B, count, D).
+    """
+    b = keep.shape[0]
+    order = torch.argsort((~keep).to(torch.uint8), dim=1, stable=True)[:, :count]  # kept first, in order
+    return torch.gather(x.expand(b, -1, -1), 1, order[..., None].expand(-1, -1, x.shape[-1]))
 
 
 def _unit_norm(m: nn.Module) -> None:

@@ -16,6 +16,9 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from mm3d.checkpoint import load_model_weights
+from mm3d.engine import mean_loss
+
 
 @dataclass
 class ModelOutput:
@@ -63,27 +66,13 @@ class Task:
         """Optional on-device transform of a training batch (e.g. mixup); None for none."""
         return None
 
-    @torch.no_grad()
     def evaluate(self, model: nn.Module, loader: Iterable[Any], cfg: Any, device: torch.device,
                  split: str) -> EvalResult:
         """Default: the mean loss over the split (sample-weighted, reduced across ranks)."""
-        from mm3d.distributed import all_reduce_sum
-        from mm3d.trainer import move_to_device
-
-        model.eval()
-        total = torch.zeros(2, dtype=torch.float64, device=device)
-        for batch in loader:
-            batch = move_to_device(batch, device)
-            out = model(batch)
-            n = batch_size_of(batch)
-            total += torch.tensor([float(out.loss) * n, n], dtype=torch.float64, device=device)
-        total = all_reduce_sum(total)
-        return EvalResult({"loss": float(total[0] / total[1].clamp(min=1))})
+        return EvalResult(mean_loss(model, loader, device))
 
     def init_weights(self, model: nn.Module, path: str, cfg: Any) -> list[str]:
         """Load `cfg.init` weights into `model`; return human-readable notes for the log."""
-        from mm3d.checkpoint import load_model_weights
-
         return load_model_weights(model, path, allow_pickle=cfg.allow_pickle)
 
     def load_trained(self, model: nn.Module, path: str, cfg: Any) -> list[str]:
@@ -92,8 +81,6 @@ class Task:
         Unlike :meth:`init_weights` nothing is dropped; a task may adapt tables that depend only on
         the input size (position embeddings) to the configured one.
         """
-        from mm3d.checkpoint import load_model_weights
-
         return load_model_weights(model, path, allow_pickle=cfg.allow_pickle)
 
     def write_report(self, run_dir: Path, model: nn.Module, cfg: Any, results: dict[str, EvalResult],
@@ -122,20 +109,3 @@ class Task:
     def bench_extra(self, cfg: Any, device: torch.device) -> list[dict[str, Any]]:
         """`mm3d bench`: further timings (e.g. ops against brute force), one dict per row."""
         return []
-
-
-def batch_size_of(batch: Any) -> int:
-    """Number of samples in a collated batch (first tensor's leading dimension)."""
-    if isinstance(batch, torch.Tensor):
-        return int(batch.shape[0])
-    if isinstance(batch, dict):
-        for v in batch.values():
-            n = batch_size_of(v)
-            if n:
-                return n
-    if isinstance(batch, (list, tuple)):
-        for v in batch:
-            n = batch_size_of(v)
-            if n:
-                return n
-    return 0

@@ -25,14 +25,18 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 from torch import nn
+from timm.optim import create_optimizer_v2
+from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm.auto import tqdm
 
 from mm3d.checkpoint import CheckpointManager, capture_rng, load_checkpoint, restore_rng
 from mm3d.config import RunConfig, save_config, to_dict
 from mm3d.data import ResumableSampler, build_loader
-from mm3d.distributed import all_reduce_sum, barrier, gather_objects, init_distributed
+from mm3d.distributed import all_reduce_min, all_reduce_sum, barrier, gather_objects, get_info, init_distributed
+from mm3d.engine import OptimizerStep, amp_dtype, autocast, batch_size_of, move_to_device, unwrap
 from mm3d.registry import TASKS
-from mm3d.task import EvalResult, Task, batch_size_of
+from mm3d.task import EvalResult, Task
 
 log = logging.getLogger("mm3d")
 
@@ -46,17 +50,6 @@ class NonFiniteLossError(RuntimeError):
 # --------------------------------------------------------------------------------------------
 
 
-def move_to_device(batch: Any, device: torch.device, non_blocking: bool = True) -> Any:
-    """Recursively move the tensors of a batch (dict / list / tuple / tensor) to `device`."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=non_blocking)
-    if isinstance(batch, dict):
-        return {k: move_to_device(v, device, non_blocking) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(move_to_device(v, device, non_blocking) for v in batch)
-    return batch
-
-
 def seed_everything(seed: int, deterministic: bool = False) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -66,11 +59,6 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    model = model.module if isinstance(model, DDP) else model
-    return getattr(model, "_orig_mod", model)  # torch.compile
 
 
 def setup_logging(rank: int = 0) -> None:
@@ -104,8 +92,6 @@ def cosine_schedule(step: int, total: int, warmup: int, start: float, peak: floa
 def build_optimizer(model: nn.Module, cfg: RunConfig, lr: float) -> torch.optim.Optimizer:
     """timm's optimizer factory: no weight decay on norms, biases and `no_weight_decay()` names;
     layer-wise LR decay through the model's `group_matcher` when ``optim.layer_decay`` is set."""
-    from timm.optim import create_optimizer_v2
-
     o = cfg.optim
     kwargs: dict[str, Any] = {"eps": o.eps}
     name = o.name.lower()
@@ -213,15 +199,15 @@ class Progress:
         self.every, self.total, self.t0, self.start = max(1, every), total, time.time(), initial
         self.bar = None
         if use_bar:
-            from tqdm.auto import tqdm
-
             self.bar = tqdm(total=total, initial=initial, dynamic_ncols=True, unit="step")
 
-    def update(self, step: int, stats: dict[str, float]) -> None:
+    def update(self, step: int, stats: dict[str, float] | None) -> None:
+        """One optimizer step done; `stats` (read at log steps only) refresh the numbers shown."""
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix({k: f"{v:.4g}" for k, v in stats.items()}, refresh=False)
-        elif self.lines and (step % self.every == 0 or step == self.total):
+            if stats:
+                self.bar.set_postfix({k: f"{v:.4g}" for k, v in stats.items()}, refresh=False)
+        elif self.lines and stats is not None:
             done = step - self.start
             rate = done / max(1e-9, time.time() - self.t0)
             eta = (self.total - step) / max(rate, 1e-9)
@@ -232,6 +218,43 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+class _LossTracker:
+    """The training loss and the first non-finite step, kept on the device between host reads.
+
+    `add` takes each micro-batch loss; `end_step` closes an optimizer step. Only
+    :meth:`step_loss` and :meth:`first_bad_step` read back to the host (and reduce across ranks).
+    """
+
+    NONE = 2**62  # "no bad step yet", larger than any step
+
+    def __init__(self, device: torch.device, step: int, accum: int) -> None:
+        self.accum = accum
+        self.step = torch.tensor(step, dtype=torch.int64, device=device)  # optimizer steps done
+        self.first_bad = torch.full((), self.NONE, dtype=torch.int64, device=device)
+        self.current = torch.zeros((), dtype=torch.float64, device=device)  # this step's loss sum
+        self.last = torch.zeros((), dtype=torch.float64, device=device)  # the last step's mean
+
+    def add(self, loss: torch.Tensor) -> None:
+        loss = loss.detach().double()
+        bad = ~torch.isfinite(loss)
+        self.first_bad = torch.where(bad, torch.minimum(self.first_bad, self.step + 1), self.first_bad)
+        self.current += loss
+
+    def end_step(self) -> None:
+        self.last = self.current / self.accum
+        self.current = torch.zeros_like(self.current)
+        self.step += 1
+
+    def step_loss(self, world_size: int) -> float:
+        """The last optimizer step's loss, averaged over micro-batches and ranks."""
+        return float(all_reduce_sum(self.last)) / world_size
+
+    def first_bad_step(self) -> int | None:
+        """The first optimizer step (1-based) whose loss was not finite on any rank, or None."""
+        bad = int(all_reduce_min(self.first_bad))
+        return None if bad == self.NONE else bad
 
 
 # --------------------------------------------------------------------------------------------
@@ -256,7 +279,7 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
         barrier()
-        self.amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.train.precision]
+        self.amp_dtype = amp_dtype(cfg.train.precision)
         if self.amp_dtype is torch.float16 and self.device.type == "cpu":
             raise ValueError("train.precision=fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
         if self.amp_dtype is torch.bfloat16 and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
@@ -275,11 +298,11 @@ class Trainer:
             self.model.set_grad_checkpointing(True)
         self.lr = peak_lr(cfg, self.info.world_size)
         self.optimizer = build_optimizer(self.model, cfg, self.lr)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype is torch.float16)
+        self.opt_step = OptimizerStep(self.optimizer, device=self.device, precision=cfg.train.precision,
+                                      clip_grad=cfg.optim.clip_grad, params=self.model.parameters())
+        self.scaler = self.opt_step.scaler
         self.ema = None
         if cfg.train.ema:
-            from timm.utils import ModelEmaV3
-
             self.ema = ModelEmaV3(self.model, decay=cfg.train.ema_decay)
         self.ddp_model: nn.Module = self.model
         if self.info.enabled:
@@ -399,34 +422,36 @@ class Trainer:
         return res
 
     def _autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        return autocast(self.device, self.cfg.train.precision)
 
     # ---- training --------------------------------------------------------------------------
 
-    def _check_finite(self, loss: torch.Tensor, epoch: int, batch_idx: int) -> None:
-        bad = (~torch.isfinite(loss.detach())).float().reshape(1)
-        if self.info.enabled:
-            bad = all_reduce_sum(bad)
-        if bad.item() > 0:
-            last = self.ckpt.latest()
-            raise NonFiniteLossError(
-                f"non-finite loss ({loss.item()}) at step {self.state.step + 1} (epoch {epoch}, batch "
-                f"{batch_idx}); stopping. The last good checkpoint is "
-                f"{last if last else 'none (no checkpoint written yet)'}; it was not overwritten.")
+    def _check_finite(self, tracker: "_LossTracker") -> None:
+        """Stop on a non-finite loss seen since the last check (one host read; all ranks agree)."""
+        first_bad = tracker.first_bad_step()
+        if first_bad is None:
+            return
+        last = self.ckpt.latest()
+        raise NonFiniteLossError(
+            f"non-finite loss at step {first_bad} (found at step {self.state.step}); stopping. The last "
+            f"good checkpoint is {last if last else 'none (no checkpoint written yet)'}; it was not "
+            f"overwritten.")
 
     def train_epoch(self, epoch: int, progress: Progress) -> bool:
-        """Run one epoch from the saved position. Returns False once max_steps is reached."""
+        """Run one epoch from the saved position. Returns False once max_steps is reached.
+
+        The step's loss, gradient norm and non-finite flag stay on the device; the host reads
+        them only at log steps (``train.log_every``), before a checkpoint and at the end.
+        """
         cfg, accum = self.cfg, self.cfg.train.accum_steps
         self.train_sampler.set_epoch(epoch)
         self.train_sampler.set_start(self.state.batch_in_epoch * cfg.train.batch_size)
         loader = self.loader("train", train=True)
         self.ddp_model.train()
-        window: list[float] = []
+        tracker = _LossTracker(self.device, self.state.step, accum)
         t0, seen = time.time(), 0
         micro = 0
-        for i, batch in enumerate(loader):
+        for batch in loader:
             if self.state.batch_in_epoch + accum > self.steps_per_epoch * accum and micro == 0:
                 break  # a trailing partial accumulation group is skipped
             if micro == 0:
@@ -439,43 +464,43 @@ class Trainer:
             with sync:
                 with self._autocast():
                     out = self.ddp_model(batch)
-                self._check_finite(out.loss, epoch, self.state.batch_in_epoch)
-                self.scaler.scale(out.loss / accum).backward()
-            window.append(float(out.loss.detach()))
+                tracker.add(out.loss)
+                self.opt_step.backward(out.loss, 1.0 / accum)
             seen += batch_size_of(batch)
             micro += 1
             self.state.batch_in_epoch += 1
             if not last_micro:
                 continue
             micro = 0
-            grad_norm = None
-            if cfg.optim.clip_grad:
-                self.scaler.unscale_(self.optimizer)
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.clip_grad))
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.optimizer.zero_grad(set_to_none=True)
+            grad_norm = self.opt_step.step()
             if self.ema is not None:
                 self.ema.update(self.model, step=self.state.step)
             self.state.step += 1
-            step_loss = sum(window[-accum:]) / accum
-            if self.info.enabled:  # log the global mean, not rank 0's share
-                step_loss = float(all_reduce_sum(torch.tensor([step_loss], dtype=torch.float64, device=self.device))[0]) / self.info.world_size
-            stats = {"loss": step_loss, "lr": lr}
-            progress.update(self.state.step, {"loss": step_loss})
-            if self.state.step % cfg.train.log_every == 0 or self.state.step == self.total_steps:
+            tracker.end_step()
+            log_now = self.state.step % cfg.train.log_every == 0 or self.state.step == self.total_steps
+            save_now = bool(cfg.train.save_every_steps) and self.state.step % cfg.train.save_every_steps == 0
+            if log_now or save_now:
+                self._check_finite(tracker)
+            if log_now:
+                step_loss = tracker.step_loss(self.info.world_size)  # the global mean, not rank 0's share
+                progress.update(self.state.step, {"loss": step_loss})
                 dt = time.time() - t0
-                rec = {"step": self.state.step, "epoch": epoch, "split": "train", **stats,
+                rec = {"step": self.state.step, "epoch": epoch, "split": "train", "loss": step_loss, "lr": lr,
                        "samples_per_s": seen * self.info.world_size / max(dt, 1e-9)}
                 if grad_norm is not None:
-                    rec["grad_norm"] = grad_norm
+                    rec["grad_norm"] = float(grad_norm)
                 self.logger.write(rec)
                 self.state.history.append(rec)
                 t0, seen = time.time(), 0
-            if cfg.train.save_every_steps and self.state.step % cfg.train.save_every_steps == 0:
+            else:
+                progress.update(self.state.step, None)
+            if save_now:
                 self._save()
             if self.state.step >= self.total_steps:
+                if not (log_now or save_now):
+                    self._check_finite(tracker)
                 return False
+        self._check_finite(tracker)
         return True
 
     def fit(self) -> dict[str, Any]:
@@ -594,8 +619,6 @@ def run_seeds(cfg: RunConfig) -> dict[str, Any]:
             summary["std"][name] = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
             for s, r in per_seed.items():
                 summary["per_seed"].setdefault(str(s), {})[name] = r.get(split, {}).get(k)
-    from mm3d.distributed import get_info
-
     if get_info().is_main:
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
         (cfg.run_dir / "results.json").write_text(json.dumps(summary, indent=1))

@@ -184,7 +184,7 @@ class PointMAEPretrainTask(Task):
         """Chamfer L2 and L1 on the masked patches, masks drawn from a fixed seed."""
         from mm3d.distributed import all_reduce_sum
         from mm3d.pointcloud.models import chamfer_loss
-        from mm3d.trainer import move_to_device
+        from mm3d.engine import move_to_device
 
         model.eval()
         gen = torch.Generator(device=device).manual_seed(cfg.seed)

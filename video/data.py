@@ -704,10 +704,6 @@ class VideoDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    @property
-    def num_views(self) -> int:
-        return self.num_clips * self.num_crops if self.mode == "test" else self.num_sample
-
     def _stream(self) -> np.random.Generator:
         key = (os.getpid(), torch.initial_seed())
         if self._rng is None or key != self._rng_key:

@@ -32,11 +32,9 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import Attention, trunc_normal_
-from timm.models.vision_transformer import Block
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from mm3d.layers import init_trunc_normal, init_xavier
+from mm3d.layers import gather_tokens, init_trunc_normal, init_xavier, run_blocks, token_mask_count, vit_blocks
 from mm3d.masking import RUNNING_CELL_RATIOS, video_mask, video_num_masked
 from mm3d.registry import register_variant
 from mm3d.task import ModelOutput
@@ -57,7 +55,6 @@ __all__ = [
     "patchify",
     "unpatchify",
     "pixel_target",
-    "gather_tokens",
     "sincos_1d_table",
     "sincos_3d_table",
     "build_pos_embed",
@@ -248,30 +245,6 @@ def pixel_target(patches: torch.Tensor, channels: int, mean: torch.Tensor, std: 
     return rearrange(x, "b l p c -> b l (p c)")
 
 
-def gather_tokens(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Tokens where `keep` is True, in token order.
-
-    x: (B, L, D) (or (1, L, D), broadcast over the batch); keep: (B, L) bool with the same count
-    per row. Returns (B, L_keep, D).
-    """
-    b = keep.shape[0]
-    if x.shape[0] != b:
-        x = x.expand(b, -1, -1)
-    return x[keep].reshape(b, -1, x.shape[-1])
-
-
-def _check_mask(mask: torch.Tensor, batch: int, num_tokens: int, name: str) -> int:
-    """Validate a (B, L) bool token mask; return its (common) count of True per sample."""
-    if mask.dtype != torch.bool or tuple(mask.shape) != (batch, num_tokens):
-        raise ValueError(f"{name} must be a ({batch}, {num_tokens}) bool tensor, got "
-                         f"{mask.dtype} of shape {tuple(mask.shape)}")
-    counts = mask.sum(dim=1)
-    if bool((counts != counts[0]).any()):
-        raise ValueError(f"every sample of {name} must mask the same number of tokens, got counts "
-                         f"{counts.tolist()}")
-    return int(counts[0])
-
-
 def _sincos(pos: torch.Tensor, dim: int) -> torch.Tensor:
     """MAE-style 1-D sin-cos of positions pos: (N,) float64. Returns (N, dim), [sin | cos]."""
     omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim // 2))
@@ -381,10 +354,12 @@ class QVBiasAttention(Attention):
 
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, **kwargs: Any) -> None:
         super().__init__(dim, num_heads=num_heads, qkv_bias=False, **kwargs)
-        assert self.gate is None, "gated attention is not part of VideoMAE"
+        # `gate` exists from timm 1.0.28 and `attn_dim` from 1.0.23; read neither, so older timm works
+        assert getattr(self, "gate", None) is None, "gated attention is not part of VideoMAE"
+        attn_dim = self.num_heads * self.head_dim
         if qkv_bias:
-            self.q_bias = nn.Parameter(torch.zeros(self.attn_dim))
-            self.v_bias = nn.Parameter(torch.zeros(self.attn_dim))
+            self.q_bias = nn.Parameter(torch.zeros(attn_dim))
+            self.v_bias = nn.Parameter(torch.zeros(attn_dim))
         else:
             self.register_parameter("q_bias", None)
             self.register_parameter("v_bias", None)
@@ -406,22 +381,11 @@ class QVBiasAttention(Attention):
 
 def _blocks(*, dim: int, depth: int, num_heads: int, mlp_ratio: float, qkv_bias: bool, norm_eps: float,
             drop_path: float, attn_drop: float, proj_drop: float, init_values: float | None) -> nn.ModuleList:
-    """timm pre-norm transformer blocks with q/v-bias attention and linear drop-path decay."""
-    dpr = torch.linspace(0, drop_path, depth).tolist() if depth > 0 else []
-    return nn.ModuleList([
-        Block(dim=dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=proj_drop,
-              attn_drop=attn_drop, init_values=init_values or None, drop_path=dpr[i],
-              norm_layer=partial(nn.LayerNorm, eps=norm_eps), attn_layer=QVBiasAttention)
-        for i in range(depth)])
-
-
-def _run_blocks(blocks: nn.ModuleList, x: torch.Tensor, use_checkpoint: bool) -> torch.Tensor:
-    for blk in blocks:
-        if use_checkpoint and torch.is_grad_enabled():
-            x = checkpoint(blk, x, use_reentrant=False)
-        else:
-            x = blk(x)
-    return x
+    """VideoMAE's block stack: timm blocks with q/v-bias attention and LayerNorm(eps=norm_eps)."""
+    return vit_blocks(dim=dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
+                      drop_path=drop_path, norm_layer=partial(nn.LayerNorm, eps=norm_eps),
+                      attn_layer=QVBiasAttention, init_values=init_values, attn_drop=attn_drop,
+                      proj_drop=proj_drop)
 
 
 class TubeletEmbed(nn.Module):
@@ -470,8 +434,11 @@ class VideoMAEEncoder(nn.Module):
     def num_tokens(self) -> int:
         return math.prod(self.grid)
 
-    def forward_patches(self, patches: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward_patches(self, patches: torch.Tensor, mask: torch.Tensor | None = None, *,
+                        num_masked: int | None = None) -> torch.Tensor:
         """patches: (B, L, K) from :func:`patchify`; mask: (B, L) bool, True = masked (dropped).
+        `num_masked`: the masked count per sample when the mask came from our own generator (the
+        mask is then not read back to the host; see :func:`mm3d.layers.token_mask_count`).
 
         Returns (B, L_vis (+1 with a class token first), D), visible tokens in token order.
         """
@@ -481,12 +448,13 @@ class VideoMAEEncoder(nn.Module):
                              f"{self.grid[1] * self.patch_size}x{self.grid[2] * self.patch_size} (T x H x W)")
         pos = self.pos_embed.to(patches.dtype)
         if mask is not None:
-            _check_mask(mask, patches.shape[0], self.num_tokens, "mask")
-            patches, pos = gather_tokens(patches, ~mask), gather_tokens(pos, ~mask)
+            n_vis = self.num_tokens - token_mask_count(mask, patches.shape[0], self.num_tokens, "mask",
+                                                       expected=num_masked)
+            patches, pos = gather_tokens(patches, ~mask, n_vis), gather_tokens(pos, ~mask, n_vis)
         x = self.patch_embed(patches) + pos
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
-        x = _run_blocks(self.blocks, x, self.grad_checkpointing)
+        x, _ = run_blocks(self.blocks, x, grad_checkpointing=self.grad_checkpointing)
         return self.norm(x)
 
     def forward(self, video: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -517,7 +485,7 @@ class VideoMAEDecoder(nn.Module):
 
     def forward(self, x: torch.Tensor, num_out: int) -> torch.Tensor:
         """x: (B, L_in, D_dec). Returns (B, num_out, K) for the last `num_out` tokens."""
-        x = _run_blocks(self.blocks, x, self.grad_checkpointing)
+        x, _ = run_blocks(self.blocks, x, grad_checkpointing=self.grad_checkpointing)
         return self.head(self.norm(x[:, x.shape[1] - num_out:]))
 
 
@@ -607,6 +575,10 @@ class VideoMAEPretrain(nn.Module):
                              generator=generator, device=device)
         return mask, dec
 
+    def _num_decoded(self) -> int:
+        """Tokens per sample that a sampled decoder mask leaves to reconstruct."""
+        return self.num_tokens - video_num_masked(self.decoder_mask_type, self.grid, self.decoder_mask_ratio)
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.encoder.grad_checkpointing = enable
         self.decoder.grad_checkpointing = enable
@@ -625,30 +597,37 @@ class VideoMAEPretrain(nn.Module):
         b = video.shape[0]
         patches = patchify(video, self.tubelet_size, self.patch_size)  # (B, L, K)
         mask, dec_mask = batch.get("mask"), batch.get("decoder_mask")
+        n_mask = n_dec = None  # counts our own generators guarantee (then no host read)
         if mask is None:
             mask, sampled_dec = self.sample_masks(b, video.device)
-            dec_mask = sampled_dec if dec_mask is None else dec_mask
+            n_mask = video_num_masked(self.mask_type, self.grid, self.mask_ratio)
+            if dec_mask is None and sampled_dec is not None:
+                dec_mask, n_dec = sampled_dec, self._num_decoded()
         elif dec_mask is None and self.decoder_mask_type is not None:
             dec_mask = video_mask(self.decoder_mask_type, b, self.grid, self.decoder_mask_ratio,
                                   device=video.device)
-        _check_mask(mask, b, self.num_tokens, "mask")
+            n_dec = self._num_decoded()
+        if dec_mask is None:
+            n_dec = n_mask
+        n_mask = token_mask_count(mask, b, self.num_tokens, "mask", expected=n_mask)
         decoded = mask if dec_mask is None else ~dec_mask
-        num_dec = _check_mask(decoded, b, self.num_tokens, "decoded tokens (~decoder_mask)")
+        num_dec = token_mask_count(decoded, b, self.num_tokens, "decoded tokens (~decoder_mask)", expected=n_dec)
+        n_vis = self.num_tokens - n_mask
 
-        x_vis = self.encoder_to_decoder(self.encoder.forward_patches(patches, mask))  # (B, L_vis, Dd)
+        x_vis = self.encoder_to_decoder(self.encoder.forward_patches(patches, mask, num_masked=n_mask))  # (B, V, Dd)
         pos = self.decoder_pos_embed.to(x_vis.dtype)
-        x = torch.cat([x_vis + gather_tokens(pos, ~mask),
-                       self.mask_token.to(x_vis.dtype) + gather_tokens(pos, decoded)], dim=1)
+        x = torch.cat([x_vis + gather_tokens(pos, ~mask, n_vis),
+                       self.mask_token.to(x_vis.dtype) + gather_tokens(pos, decoded, num_dec)], dim=1)
         pred = self.decoder(x, num_dec)  # (B, L_dec, K)
 
         with torch.no_grad():
-            target = pixel_target(gather_tokens(patches, decoded), self.in_chans, self.pixel_mean,
+            target = pixel_target(gather_tokens(patches, decoded, num_dec), self.in_chans, self.pixel_mean,
                                   self.pixel_std, self.norm_pix_loss)
         per_token = (pred.float() - target.float()).square().mean(dim=-1)  # (B, L_dec)
         if dec_mask is None:
             loss = per_token.mean()
         else:  # VideoMAEv2: only tokens that are both hidden from the encoder and decoded count
-            weight = gather_tokens(mask[..., None], decoded)[..., 0].to(per_token.dtype)
+            weight = gather_tokens(mask[..., None], decoded, num_dec)[..., 0].to(per_token.dtype)
             loss = (per_token * weight).sum() / weight.sum().clamp(min=1)
         return VideoMAEPretrainOutput(loss=loss, pred=pred, target=target, mask=mask, decoded=decoded)
 
@@ -665,7 +644,7 @@ class VideoMAEPretrain(nn.Module):
         pix = pixel_target(patches, self.in_chans, self.pixel_mean, self.pixel_std, norm_pix=False)
         pred = rearrange(out.pred.float(), "b l (p c) -> b l p c", c=self.in_chans)
         if self.norm_pix_loss:
-            true = rearrange(gather_tokens(pix, mask), "b l (p c) -> b l p c", c=self.in_chans)
+            true = rearrange(gather_tokens(pix, mask, out.pred.shape[1]), "b l (p c) -> b l p c", c=self.in_chans)
             pred = pred * (true.var(dim=-2, unbiased=True, keepdim=True).sqrt() + 1e-6) \
                 + true.mean(dim=-2, keepdim=True)
         pred = (pred - self.pixel_mean) / self.pixel_std  # back to the input's normalisation

@@ -7,9 +7,11 @@ masks from a fixed-seed generator, so validation losses are comparable between e
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import tempfile
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Literal
@@ -18,10 +20,18 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from mm3d.checkpoint import extract_state_dict, load_checkpoint, load_model_weights
 from mm3d.config import RunConfig
+from mm3d.engine import OptimizerStep, SplitMeans, autocast, batch_size_of, move_to_device, unwrap
+from mm3d.masking import video_mask
 from mm3d.registry import register_task
-from mm3d.task import EvalResult, Task, batch_size_of
-from mm3d.video.models import VideoMAEConfig, VideoMAEPretrain, build_pretrain_model
+from mm3d.task import EvalResult, Task
+from mm3d.trainer import build_optimizer, peak_lr
+from mm3d.video import data as D
+from mm3d.video import transforms as TR
+from mm3d.video.convert import ours_to_hf
+from mm3d.video.models import VideoMAEConfig, VideoMAEPretrain, adapt_pos_embeds, build_pretrain_model, token_grid
+from mm3d.video.visualize import write_visualization
 
 log = logging.getLogger(__name__)
 
@@ -103,9 +113,6 @@ def build_video_dataset(data: VideoDataConfig, list_path: str, *, mode: Literal[
                         num_frames: int, input_size: int, seed: int = 0) -> Dataset:
     """A :class:`~mm3d.video.data.VideoDataset` of one list: pretraining augmentation in ``train``
     mode, a centre crop (one clip, one crop) in ``test`` mode."""
-    from mm3d.video import data as D
-    from mm3d.video import transforms as TR
-
     records = []
     for one in (p.strip() for p in list_path.split(",") if p.strip()):
         records += D.read_annotation_list(resolve_list(one, data.root), fmt=data.list_format,
@@ -131,10 +138,6 @@ def _flatten_views(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Te
         if key in samples[0]:
             out[key] = torch.stack([s[key] for s in samples]).repeat_interleave(views)
     return out
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    return getattr(model, "module", model)
 
 
 class VideoMAEPretrainTask(Task):
@@ -171,30 +174,21 @@ class VideoMAEPretrainTask(Task):
     def evaluate(self, model: nn.Module, loader: Iterable[Any], cfg: VideoPretrainConfig, device: torch.device,
                  split: str) -> EvalResult:
         """Mean reconstruction loss with masks from a generator seeded by ``cfg.seed``."""
-        from mm3d.distributed import all_reduce_sum
-        from mm3d.trainer import move_to_device
-
         model.eval()
-        raw = _unwrap(model)
+        raw = unwrap(model)
         gen = torch.Generator(device=device).manual_seed(cfg.seed)
-        total = torch.zeros(2, dtype=torch.float64, device=device)
+        means = SplitMeans(["loss"], device)
         for batch in loader:
             batch = move_to_device(batch, device)
             n = batch_size_of(batch)
             mask, dec_mask = raw.sample_masks(n, device, generator=gen)
             batch = {**batch, "mask": mask, **({"decoder_mask": dec_mask} if dec_mask is not None else {})}
-            out = model(batch)
-            total += torch.stack([out.loss.detach().double() * n, torch.tensor(float(n), device=device,
-                                                                                 dtype=torch.float64)])
-        total = all_reduce_sum(total)
-        return EvalResult({"loss": float(total[0] / total[1].clamp(min=1))})
+            means.update(n, {"loss": model(batch).loss})
+        return EvalResult(means.compute())
 
     def init_weights(self, model: nn.Module, path: str, cfg: VideoPretrainConfig) -> list[str]:
         """Start from one of our checkpoints or converted weights; a position table of another grid
         (other frame count or size) is interpolated and reported."""
-        from mm3d.checkpoint import extract_state_dict, load_checkpoint, load_model_weights
-        from mm3d.video.models import adapt_pos_embeds, token_grid
-
         ck = load_checkpoint(path, allow_pickle=cfg.allow_pickle)
         sd = {k.removeprefix("module."): v for k, v in extract_state_dict(ck).items()}
         notes = []
@@ -222,9 +216,7 @@ class VideoMAEPretrainTask(Task):
                      results: dict[str, EvalResult], datasets: dict[str, Dataset],
                      device: torch.device) -> list[Path]:
         """Reconstruction grids (PNG) and animations (GIF) of a few clips in ``run_dir/plots``."""
-        from mm3d.video.visualize import write_visualization
-
-        model = _unwrap(model)
+        model = unwrap(model)
         if not isinstance(model, VideoMAEPretrain):
             return []
         files: list[Path] = []
@@ -238,9 +230,7 @@ class VideoMAEPretrainTask(Task):
                   device: torch.device) -> list[Path]:
         """``mm3d visualize``: reconstruction grid + animation of each video file (its centre clip)
         or of item `dataset_index` of the configured validation (else training) list."""
-        from mm3d.video.visualize import write_visualization
-
-        model = _unwrap(model)
+        model = unwrap(model)
         if interactive:
             log.info("video reconstructions are written as PNG and GIF files; no window is opened")
         files: list[Path] = []
@@ -262,9 +252,6 @@ class VideoMAEPretrainTask(Task):
     def bench_extra(self, cfg: VideoPretrainConfig, device: torch.device) -> list[dict[str, Any]]:
         """Loader throughput of one worker on the training list (decode + augmentation per clip),
         for each available decoder."""
-        import importlib.util
-        import time
-
         rows = []
         backends = ["pyav"] + (["decord"] if importlib.util.find_spec("decord") is not None else [])
         n = max(8, cfg.bench.loader_batches)
@@ -294,16 +281,12 @@ class VideoMAEPretrainTask(Task):
             return None
         from safetensors.torch import save_file
 
-        from mm3d.masking import video_mask
-        from mm3d.trainer import build_optimizer, peak_lr
-        from mm3d.video.convert import ours_to_hf
-
         m = cfg.model
         if m.decoder_mask_type is not None:
             log.info("transformers' VideoMAE has no decoder masking: no peer timing")
             return None
         try:
-            hf_sd, hf_cfg, _ = ours_to_hf({k: v.detach().cpu() for k, v in _unwrap(model).state_dict().items()}, m, "pretrain")
+            hf_sd, hf_cfg, _ = ours_to_hf({k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}, m, "pretrain")
         except ValueError as e:
             log.info("no peer timing: %s", e)
             return None
@@ -312,20 +295,17 @@ class VideoMAEPretrainTask(Task):
             Path(tmp, "config.json").write_text(json.dumps(hf_cfg))
             peer = transformers.VideoMAEForPreTraining.from_pretrained(tmp, attn_implementation="sdpa")
         peer = peer.to(device).train()
-        opt = build_optimizer(peer, cfg, peak_lr(cfg, 1))
+        opt_step = OptimizerStep(build_optimizer(peer, cfg, peak_lr(cfg, 1)), device=device,
+                                 precision=cfg.train.precision, clip_grad=cfg.optim.clip_grad)
         pixels = batch["video"].transpose(1, 2).contiguous()  # HF layout (B, T, C, H, W)
-        amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.train.precision]
-        scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)
         b = pixels.shape[0]
 
         def step() -> None:
             mask = video_mask(m.mask_type, b, m.grid, m.mask_ratio, device=device)
-            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            with autocast(device, cfg.train.precision):
                 loss = peer(pixel_values=pixels, bool_masked_pos=mask).loss
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            opt.zero_grad(set_to_none=True)
+            opt_step.backward(loss)
+            opt_step.step()
 
         return f"transformers {transformers.__version__} VideoMAEForPreTraining (sdpa)", step
 
