@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Literal, Mapping, NamedTuple
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from mm3d.checkpoint import extract_state_dict, load_checkpoint
 from mm3d.config import config_from_dict, to_dict
@@ -409,8 +410,6 @@ def ours_to_hf(state_dict: Mapping[str, torch.Tensor], cfg: VideoMAEConfig, kind
 
 def _read_weights_file(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         return load_file(str(path))
     return extract_state_dict(load_checkpoint(path, allow_pickle=allow_pickle))
 
@@ -526,8 +525,6 @@ def convert_to_hf(src: str, dst: str, *, allow_pickle: bool = False) -> list[str
     hf_sd, hf_cfg, notes = ours_to_hf(sd, cfg, kind)
     out = Path(dst)
     out.mkdir(parents=True, exist_ok=True)
-    from safetensors.torch import save_file
-
     save_file(hf_sd, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(hf_cfg, indent=2))
     return notes + [f"wrote {out}/config.json and model.safetensors ({hf_cfg['architectures'][0]}, "

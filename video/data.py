@@ -40,6 +40,7 @@ from typing import Callable, Literal, Mapping, Protocol, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 
 log = logging.getLogger(__name__)
 
@@ -417,8 +418,6 @@ class RawFrameSource:
         return self._len
 
     def get(self, indices: np.ndarray) -> np.ndarray:
-        from PIL import Image
-
         flat = np.asarray(indices, dtype=np.int64).reshape(-1)
         unique, inverse = np.unique(flat, return_inverse=True)
         images = []

@@ -35,13 +35,19 @@ from typing import Any, Callable, Iterable, Literal, Mapping
 
 import torch
 from einops import rearrange
+from timm.data import Mixup
+from timm.data.mixup import mixup_target
 from torch import nn
 from torch.utils.data import Dataset
 
+from mm3d.checkpoint import CheckpointError, extract_state_dict, load_checkpoint, load_model_weights
 from mm3d.config import ConfigError, RunConfig
 from mm3d.metrics import ClassificationMeter, ClassificationResult, per_class_accuracy, plot_confusion
 from mm3d.registry import register_task
 from mm3d.task import EvalResult, Task
+from mm3d.video.convert import classifier_init_state, hf_to_ours, load_hf_dir, official_to_ours
+from mm3d.video.data import RawFrameSource, VideoDataset, VideoRecord, open_record, read_annotation_list, read_label_map
+from mm3d.video.transforms import finetune_train_transform, test_transform
 from mm3d.video.models import VideoMAEClassifier, VideoMAEConfig, adapt_pos_embeds, build_classifier, token_grid
 
 log = logging.getLogger(__name__)
@@ -229,8 +235,6 @@ class VideoMixup:
     def __init__(self, *, num_classes: int, mixup_alpha: float = 0.8, cutmix_alpha: float = 1.0,
                  cutmix_minmax: tuple[float, float] | None = None, prob: float = 1.0, switch_prob: float = 0.5,
                  mode: Literal["batch", "pair", "elem"] = "batch", label_smoothing: float = 0.1) -> None:
-        from timm.data import Mixup
-
         self.num_classes, self.label_smoothing = num_classes, label_smoothing
         self.mixup = Mixup(mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha,
                            cutmix_minmax=list(cutmix_minmax) if cutmix_minmax else None, prob=prob,
@@ -241,8 +245,6 @@ class VideoMixup:
         video, label = batch["video"], batch["label"]
         if video.dim() != 5:
             raise ValueError(f"expected clips (B, C, T, H, W), got shape {tuple(video.shape)}")
-        from timm.data.mixup import mixup_target
-
         b, c = video.shape[:2]
         even = b - b % 2
         x = rearrange(video, "b c t h w -> b (c t) h w").clone()
@@ -272,9 +274,6 @@ def _infer_grid(num_tokens: int, like: tuple[int, int, int]) -> tuple[int, int, 
 def _source_state(path: str, model: VideoMAEClassifier, allow_pickle: bool
                   ) -> tuple[dict[str, torch.Tensor], tuple[int, int, int] | None, list[str]]:
     """(our-layout state dict, its token grid or None when unknown, notes) of any VideoMAE weights."""
-    from mm3d.checkpoint import extract_state_dict, load_checkpoint
-    from mm3d.video.convert import hf_to_ours, load_hf_dir, official_to_ours
-
     t, h, _ = model.grid
     size, frames = h * model.encoder.patch_size, t * model.encoder.tubelet_size
     if Path(path).is_dir():  # a Hugging Face transformers directory
@@ -307,9 +306,6 @@ def classifier_init_from(model: VideoMAEClassifier, path: str, *, allow_pickle: 
     (and said so), the position table is interpolated to the model's grid (and the keys named).
     Raises CheckpointError when encoder weights are missing or do not fit.
     """
-    from mm3d.checkpoint import CheckpointError, load_model_weights
-    from mm3d.video.convert import classifier_init_state
-
     sd, grid, notes = _source_state(path, model, allow_pickle)
     sd, more = classifier_init_state(sd, model, old_grid=grid)
     notes += more
@@ -344,8 +340,6 @@ def label_names(cfg: VideoFinetuneConfig, label_map: str | None = None, *, requi
 
     Raises ConfigError (a ValueError) when the map's length differs from ``model.num_classes``.
     """
-    from mm3d.video.data import read_label_map
-
     n = cfg.model.num_classes
     path = label_map or cfg.data.label_map
     if not path:
@@ -365,16 +359,11 @@ def label_names(cfg: VideoFinetuneConfig, label_map: str | None = None, *, requi
 
 
 def _test_transform(cfg: VideoFinetuneConfig, num_crops: int):
-    from mm3d.video.transforms import test_transform
-
     return test_transform(cfg.model.img_size, cfg.data.short_side or cfg.model.img_size, num_crops)
 
 
 def _dataset(cfg: VideoFinetuneConfig, records: list, mode: Literal["train", "test"], *, num_clips: int = 1,
              num_crops: int = 1, max_failure_ratio: float | None = None) -> Dataset:
-    from mm3d.video.data import VideoDataset
-    from mm3d.video.transforms import finetune_train_transform
-
     d = cfg.data
     if mode == "train":
         transform = finetune_train_transform(cfg.model.img_size, auto_augment=d.auto_augment or None, flip=d.flip,
@@ -392,8 +381,6 @@ def _dataset(cfg: VideoFinetuneConfig, records: list, mode: Literal["train", "te
 
 
 def _records(cfg: VideoFinetuneConfig, list_path: str) -> list:
-    from mm3d.video.data import read_annotation_list
-
     d = cfg.data
     label_map = str(_resolve_file(d.label_map, d.root, "label map")) if d.label_map else None
     if label_map:
@@ -404,8 +391,6 @@ def _records(cfg: VideoFinetuneConfig, list_path: str) -> list:
 
 def _input_record(path: str, cfg: VideoFinetuneConfig, position: int):
     """A list row for a file given on the command line (a folder is read as rawframes)."""
-    from mm3d.video.data import RawFrameSource, VideoRecord
-
     if os.path.isdir(path):
         frames = RawFrameSource(path, None, template=cfg.data.rawframe_template,
                                 start=cfg.data.rawframe_start).num_frames
@@ -446,8 +431,6 @@ class VideoMAEFinetuneTask(Task):
         """Fine-tuned weights (ours, official or Hugging Face) to score at the configured frame count
         and size: the position table is interpolated (and the key named); everything else must fit,
         the head included."""
-        from mm3d.checkpoint import load_model_weights
-
         sd, grid, notes = _source_state(path, model, cfg.allow_pickle)
         notes += adapt_pos_embeds(sd, model, grid or model.grid)
         return notes + load_model_weights(model, {"model": sd})
@@ -552,8 +535,6 @@ class VideoMAEFinetuneTask(Task):
         """Top-k classes of each video file (or rawframe folder) with the test views of the config
         (``data.test_num_clips x data.test_num_crops``, softmax averaged) and the loaders' decoder
         fallbacks. A file that cannot be read gives ``{"input", "error", "topk": []}``."""
-        from mm3d.video.data import open_record
-
         names = label_names(cfg, label_map)
         model.eval()
         d = cfg.data

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+from PIL import Image
 
 from mm3d.registry import register_synth
 
@@ -228,8 +229,6 @@ def write_mp4(path: str | Path, frames: np.ndarray, *, fps: int = 24,
 def write_jpegs(folder: Path, frames: np.ndarray, *, template: str = "img_{:05d}.jpg",
                 start: int = 1, quality: int = 95) -> None:
     """Write (T, H, W, 3) uint8 frames as ``folder/template.format(start + i)``."""
-    from PIL import Image
-
     folder.mkdir(parents=True, exist_ok=True)
     for i, f in enumerate(frames):
         Image.fromarray(f).save(folder / template.format(start + i), quality=quality)

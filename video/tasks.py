@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Literal
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -279,8 +280,6 @@ class VideoMAEPretrainTask(Task):
         except ImportError:
             log.info("transformers is not installed: no peer timing")
             return None
-        from safetensors.torch import save_file
-
         m = cfg.model
         if m.decoder_mask_type is not None:
             log.info("transformers' VideoMAE has no decoder masking: no peer timing")

@@ -28,6 +28,7 @@ from typing import Literal, Sequence
 
 import torch
 import torchvision.transforms.v2.functional as TF
+from timm.data.auto_augment import rand_augment_transform
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision.transforms import InterpolationMode
 
@@ -425,8 +426,6 @@ class VideoRandAugment:
 
     def __init__(self, config: str = "rand-m7-n4-mstd0.5-inc1", *, hparams: dict | None = None,
                  fill: Sequence[int] = (128, 128, 128)) -> None:
-        from timm.data.auto_augment import rand_augment_transform
-
         if not config.startswith("rand"):
             raise ValueError(f"expected a RandAugment config 'rand-...', got {config!r}")
         hp = {"translate_const": 100, **(hparams or {})}

@@ -19,7 +19,9 @@ import torch
 from einops import rearrange, repeat
 from PIL import Image, ImageDraw
 
+from mm3d.video.data import open_video, uniform_clips
 from mm3d.video.models import VideoMAEPretrain, unpatchify
+from mm3d.video.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, test_transform
 
 log = logging.getLogger(__name__)
 
@@ -110,9 +112,6 @@ def load_clip(path: str | Path, *, num_frames: int, img_size: int, sampling_rate
     videos), shorter side resized to `img_size` and centre-cropped (the evaluation transform),
     normalised with `mean`/`std` (ImageNet by default). Returns (1, C, T, img_size, img_size).
     """
-    from mm3d.video.data import open_video, uniform_clips
-    from mm3d.video.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, test_transform
-
     src = open_video(path, backend=backend)
     try:
         idx = uniform_clips(src.num_frames, num_frames, sampling_rate, 1)[0]
