@@ -51,12 +51,10 @@ from mm3d.pointcloud.io import read_points
 from mm3d.pointcloud.models import PointMAEConfig, build_classifier
 from mm3d.pointcloud.protocol import effective_selection, protocol_label, write_results_md
 from mm3d.pointcloud.splits import Indexed, require_root, stratified_split
-from mm3d.pointcloud.transforms import (normalize_unit_sphere, random_subset, rotate_up_axis, sample_indices,
-                                        sample_points, scale_and_translate)
+from mm3d.pointcloud.transforms import (ShapeAugmentation, build_point_augmentation, normalize_unit_sphere,
+                                        random_subset, reseed_from_global, sample_indices, sample_points)
 
 log = logging.getLogger(__name__)
-
-Augmentation = Literal["scale_translate", "rotate", "none"]
 
 
 @dataclass
@@ -73,7 +71,7 @@ class ClsDataConfig:
     classes: list[str] = field(default_factory=list)  # expected class names in label order ([]: from the data)
     val_fraction: float = 0.1  # carved from train (stratified) when train.select_on == "val"
     val_seed: int = 0  # fixed: every run seed sees the same validation split
-    augmentation: Augmentation = "scale_translate"
+    augmentation: ShapeAugmentation = "scale_translate"
     scale_low: float = 2.0 / 3.0
     scale_high: float = 3.0 / 2.0
     translate_range: float = 0.2
@@ -233,18 +231,6 @@ def majority_accuracy(conf: torch.Tensor) -> float:
     return float(support.max() / support.sum().clamp(min=1)) if support.numel() else 0.0
 
 
-def cls_augmentation(data: ClsDataConfig, kind: str | None = None,
-                     generator: torch.Generator | None = None) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """Batched augmentation of (B, N, 3) points (``kind`` overrides ``data.augmentation``)."""
-    kind = kind or data.augmentation
-    if kind == "scale_translate":
-        return lambda p: scale_and_translate(p, scale_low=data.scale_low, scale_high=data.scale_high,
-                                             translate_range=data.translate_range, generator=generator)
-    if kind == "rotate":
-        return lambda p: rotate_up_axis(p, up_axis=data.up_axis, generator=generator)
-    return None
-
-
 def eval_points(points: torch.Tensor, data: ClsDataConfig) -> torch.Tensor:
     """The deterministic evaluation input: (B, P, 3) pool -> (B, npoints, 3) farthest points.
 
@@ -295,23 +281,29 @@ class PointMAEClassifyTask(Task):
         return load_encoder_checkpoint(model, path, allow_pickle=cfg.allow_pickle)
 
     def batch_transform(self, cfg: PointClassifyConfig, device: torch.device) -> Callable[[Any], Any]:
-        aug = cls_augmentation(cfg.data)
-        n = cfg.data.npoints
+        d = cfg.data
+        gen = torch.Generator(device=device)
+        aug = build_point_augmentation(d.augmentation, scale_low=d.scale_low, scale_high=d.scale_high,
+                                       translate_range=d.translate_range, up_axis=d.up_axis, generator=gen)
+        n = d.npoints
 
         def transform(batch: dict[str, Any]) -> dict[str, Any]:
+            reseed_from_global(gen)
             pts = batch["points"]
             if pts.shape[1] > n:  # the official FPS-pool-then-random draw
-                pts = random_subset(pts, n)
+                pts = random_subset(pts, n, gen)
             return {**batch, "points": aug(pts) if aug is not None else pts}
 
         return transform
 
     @torch.no_grad()
     def vote_logits(self, model: nn.Module, points: torch.Tensor, cfg: PointClassifyConfig,
-                    generator: torch.Generator | None = None) -> torch.Tensor:
+                    generator: torch.Generator) -> torch.Tensor:
         """points: (B, P, 3) FPS pools -> (B, C) logits averaged over ``data.votes`` random subsets of
-        ``npoints``, each scaled-and-translated (the official voting test)."""
-        aug = cls_augmentation(cfg.data, "scale_translate", generator)
+        ``npoints``, each scaled-and-translated (the official voting test), all drawn from `generator`."""
+        d = cfg.data
+        aug = build_point_augmentation("scale_translate", scale_low=d.scale_low, scale_high=d.scale_high,
+                                       translate_range=d.translate_range, generator=generator)
         total = None
         for _ in range(cfg.data.votes):
             x = random_subset(points, cfg.data.npoints, generator) if points.shape[1] > cfg.data.npoints else points

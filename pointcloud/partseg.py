@@ -35,12 +35,10 @@ from mm3d.pointcloud.seg_metrics import (SegmentationMeter, category_part_mask, 
                                          restrict_to_category)
 from mm3d.pointcloud.segmentation import SegHeadConfig, build_segmentation_model
 from mm3d.pointcloud.splits import Indexed, require_root
-from mm3d.pointcloud.transforms import rotate_up_axis, scale_and_translate
+from mm3d.pointcloud.transforms import PointAugmentation, build_point_augmentation, reseed_from_global
 from mm3d.pointcloud.visualize import CloudRenderer, show_interactive
 
 log = logging.getLogger(__name__)
-
-SegAugmentation = Literal["scale_shift", "scale_translate", "rotate", "none"]
 
 
 @dataclass
@@ -51,7 +49,7 @@ class PartSegDataConfig:
     npoints: int = 2048
     # "auto": train + official val selection for select_on=val, else train on trainval (as the papers)
     train_split: Literal["auto", "train", "trainval"] = "auto"
-    augmentation: SegAugmentation = "scale_shift"  # official: isotropic scale U(0.8, 1.25) + shift U(-0.1, 0.1)
+    augmentation: PointAugmentation = "scale_shift"  # official: isotropic scale U(0.8, 1.25) + shift U(-0.1, 0.1)
     scale_low: float = 0.8
     scale_high: float = 1.25
     translate_range: float = 0.1
@@ -87,24 +85,6 @@ class PointPartSegConfig(RunConfig):
 
     def validate(self) -> None:
         self.model.check_npoints(self.data.npoints)
-
-
-def seg_augmentation(data: PartSegDataConfig) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """Batched augmentation of (B, N, 3) points for segmentation training."""
-    if data.augmentation == "scale_shift":
-        def scale_shift(p: torch.Tensor) -> torch.Tensor:
-            b = p.shape[0]
-            scale = torch.empty(b, 1, 1, device=p.device, dtype=p.dtype).uniform_(data.scale_low, data.scale_high)
-            shift = torch.empty(b, 1, 3, device=p.device, dtype=p.dtype).uniform_(-data.translate_range,
-                                                                                  data.translate_range)
-            return p * scale + shift
-        return scale_shift
-    if data.augmentation == "scale_translate":
-        return lambda p: scale_and_translate(p, scale_low=data.scale_low, scale_high=data.scale_high,
-                                             translate_range=data.translate_range)
-    if data.augmentation == "rotate":
-        return lambda p: rotate_up_axis(p, up_axis=data.up_axis)
-    return None
 
 
 PART_PALETTE = np.array([  # colours of a category's parts, in part order
@@ -186,10 +166,18 @@ class PointMAEPartSegTask(Task):
         return load_encoder_checkpoint(model, path, allow_pickle=cfg.allow_pickle)
 
     def batch_transform(self, cfg: PointPartSegConfig, device: torch.device) -> Callable[[Any], Any] | None:
-        aug = seg_augmentation(cfg.data)
+        d = cfg.data
+        gen = torch.Generator(device=device)
+        aug = build_point_augmentation(d.augmentation, scale_low=d.scale_low, scale_high=d.scale_high,
+                                       translate_range=d.translate_range, up_axis=d.up_axis, generator=gen)
         if aug is None:
             return None
-        return lambda batch: {**batch, "points": aug(batch["points"])}
+
+        def transform(batch: dict[str, Any]) -> dict[str, Any]:
+            reseed_from_global(gen)
+            return {**batch, "points": aug(batch["points"])}
+
+        return transform
 
     @staticmethod
     def _part_mask(categories: Sequence[str], num_parts: int) -> torch.Tensor:

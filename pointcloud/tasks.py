@@ -5,7 +5,10 @@ Fine-tuning and evaluation tasks live beside it: :mod:`~mm3d.pointcloud.classifi
 
 Augmentation is applied by the task's :meth:`~mm3d.task.Task.batch_transform` hook: the trainer
 calls it on every *training* batch after moving it to the device, so the augmentation runs
-batched on the GPU (or CPU) and evaluation batches are never augmented.
+batched on the GPU (or CPU) and evaluation batches are never augmented. Its draws come from a
+generator on the batch's device, reseeded before every batch from torch's global generator
+(:func:`~mm3d.pointcloud.transforms.reseed_from_global`): the trainer seeds that one per run and
+rank and checkpoints it, so a resumed run continues the same augmentations.
 """
 
 from __future__ import annotations
@@ -23,10 +26,9 @@ from mm3d.config import RunConfig
 from mm3d.registry import register_task
 from mm3d.task import EvalResult, Task
 from mm3d.pointcloud.models import PointMAEConfig, PointMAEPretrain, build_pretrain_model
+from mm3d.pointcloud.transforms import ShapeAugmentation, build_point_augmentation, reseed_from_global
 
 log = logging.getLogger(__name__)
-
-Augmentation = Literal["scale_translate", "rotate", "none"]
 
 
 @dataclass
@@ -43,7 +45,7 @@ class PointDataConfig:
     npoints: int = 1024
     use_both_splits: bool = False  # ShapeNet-55: pretrain on train + test (Point-BERT); no test split then
     split_dir: str = "ShapeNet-55"  # ShapeNet: folder of train.txt / test.txt ("ShapeNet-34" for that split)
-    augmentation: Augmentation = "scale_translate"  # official pretraining: scale-and-translate
+    augmentation: ShapeAugmentation = "scale_translate"  # official pretraining: scale-and-translate
     scale_low: float = 2.0 / 3.0
     scale_high: float = 3.0 / 2.0
     translate_range: float = 0.2
@@ -124,19 +126,6 @@ def build_pretrain_datasets(data: PointDataConfig, splits: Iterable[str], *, see
     return out
 
 
-def augmentation_fn(data: PointDataConfig, generator: torch.Generator | None = None
-                    ) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """The batched augmentation of `data` on (B, N, 3) points (None for ``none``)."""
-    from mm3d.pointcloud import transforms as T
-
-    if data.augmentation == "scale_translate":
-        return lambda p: T.scale_and_translate(p, scale_low=data.scale_low, scale_high=data.scale_high,
-                                               translate_range=data.translate_range, generator=generator)
-    if data.augmentation == "rotate":
-        return lambda p: T.rotate_up_axis(p, up_axis=data.up_axis, generator=generator)
-    return None
-
-
 def prepare_points(points: torch.Tensor, npoints: int, *, seed: int = 0) -> torch.Tensor:
     """A raw (N, C) cloud -> (npoints, 3): random points (repeats when N < npoints) on the unit sphere,
     as the datasets prepare their items."""
@@ -163,11 +152,15 @@ class PointMAEPretrainTask(Task):
         return build_pretrain_datasets(cfg.data, splits, seed=cfg.seed)
 
     def batch_transform(self, cfg: PointPretrainConfig, device: torch.device) -> Callable[[Any], Any] | None:
-        aug = augmentation_fn(cfg.data)
+        d = cfg.data
+        gen = torch.Generator(device=device)
+        aug = build_point_augmentation(d.augmentation, scale_low=d.scale_low, scale_high=d.scale_high,
+                                       translate_range=d.translate_range, up_axis=d.up_axis, generator=gen)
         if aug is None:
             return None
 
         def transform(batch: dict[str, Any]) -> dict[str, Any]:
+            reseed_from_global(gen)
             return {**batch, "points": aug(batch["points"])}
 
         return transform

@@ -10,12 +10,17 @@ unchanged unless a function says otherwise. Inputs are never modified in place.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 
 Axis = Literal["x", "y", "z"]
 _AXES = {"x": 0, "y": 1, "z": 2}
+
+# The kinds of :func:`build_point_augmentation`. Pretraining and classification offer the first
+# three (Point-MAE's); part segmentation also offers ``scale_shift`` (the official ShapeNetPart one).
+ShapeAugmentation = Literal["scale_translate", "rotate", "none"]
+PointAugmentation = Literal["scale_shift", ShapeAugmentation]
 
 
 def _batched(points: torch.Tensor, name: str = "points") -> tuple[torch.Tensor, bool]:
@@ -174,6 +179,26 @@ def scale_and_translate(points: torch.Tensor, *, scale_low: float = 2.0 / 3.0,
     return _unbatch(_with_xyz(pts, pts[..., :3] * scale + shift), single)
 
 
+def scale_and_shift(points: torch.Tensor, *, scale_low: float = 0.8, scale_high: float = 1.25,
+                    translate_range: float = 0.1, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The official ShapeNetPart augmentation: ``xyz * s + t`` per cloud with one isotropic scale.
+
+    ``s`` ~ U(scale_low, scale_high) is drawn once per cloud (all axes alike, unlike
+    :func:`scale_and_translate`) and ``t`` ~ U(-translate_range, translate_range) per cloud and
+    axis (defaults are the official 0.8, 1.25 and 0.1).
+
+    Args:
+        points: (B, N, C) or (N, C); only ``x y z`` change.
+    Returns:
+        The transformed clouds, same shape as `points`.
+    """
+    pts, single = _batched(points)
+    b = pts.shape[0]
+    scale = scale_low + (scale_high - scale_low) * _rand((b, 1, 1), generator, pts)
+    shift = translate_range * (2.0 * _rand((b, 1, 3), generator, pts) - 1.0)
+    return _unbatch(_with_xyz(pts, pts[..., :3] * scale + shift), single)
+
+
 def up_axis_rotation(angles: torch.Tensor, up_axis: Axis = "y") -> torch.Tensor:
     """Right-handed rotation matrices about `up_axis`, for column vectors (``p' = R p``).
 
@@ -266,3 +291,39 @@ def random_point_dropout(points: torch.Tensor, *, max_ratio: float = 0.875,
     drop = _rand((b, n), generator, pts, torch.float32) < ratio  # (B, N)
     out = torch.where(drop.unsqueeze(-1), pts[:, :1, :].expand_as(pts), pts)
     return _unbatch(out, single)
+
+
+def build_point_augmentation(kind: PointAugmentation, *, scale_low: float, scale_high: float,
+                             translate_range: float, up_axis: Axis = "y", generator: torch.Generator
+                             ) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The batched augmentation `kind` of (B, N, C) points, drawing from `generator` only.
+
+    ``scale_translate``: :func:`scale_and_translate`; ``scale_shift``: :func:`scale_and_shift`;
+    ``rotate``: :func:`rotate_up_axis` about `up_axis`; ``none``: None. Each config section
+    offers its own subset of the kinds (see ``ShapeAugmentation``). Build the generator on the
+    device of the batches, so the draws are made where the points are.
+    """
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    if kind == "scale_translate":
+        return lambda p: scale_and_translate(p, scale_low=scale_low, scale_high=scale_high,
+                                             translate_range=translate_range, generator=generator)
+    if kind == "scale_shift":
+        return lambda p: scale_and_shift(p, scale_low=scale_low, scale_high=scale_high,
+                                         translate_range=translate_range, generator=generator)
+    if kind == "rotate":
+        return lambda p: rotate_up_axis(p, up_axis=up_axis, generator=generator)
+    if kind == "none":
+        return None
+    raise ValueError(f"unknown augmentation {kind!r}; one of scale_translate, scale_shift, rotate, none")
+
+
+def reseed_from_global(generator: torch.Generator) -> torch.Generator:
+    """Reseed `generator` from one draw of torch's global CPU generator; return it.
+
+    The training batch transforms call it before every batch: their augmentations draw from
+    their own generator on the batch's device, while its seeds come from the global generator,
+    which the trainer seeds from the run seed and rank and saves in every checkpoint, so the
+    ranks draw differently and a resumed run continues the same stream.
+    """
+    return generator.manual_seed(int(torch.randint(0, 2**62, (1,))))

@@ -502,6 +502,28 @@ def test_sampling():
         T.sample_points(x, 60, "fps")
 
 
+@pytest.mark.parametrize("kind", ["scale_translate", "scale_shift", "rotate"])
+def test_point_augmentation_builder_draws_from_its_generator_only(kind):
+    x = torch.randn(4, 64, 3)
+
+    def run(seed: int) -> torch.Tensor:
+        aug = T.build_point_augmentation(kind, scale_low=0.8, scale_high=1.25, translate_range=0.1,
+                                         generator=torch.Generator().manual_seed(seed))
+        return aug(x)
+
+    state = torch.get_rng_state()
+    a, b, c = run(0), run(0), run(1)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(a, b) and not torch.allclose(a, c)
+    assert T.build_point_augmentation("none", scale_low=1, scale_high=1, translate_range=0,
+                                      generator=torch.Generator()) is None
+    with pytest.raises(TypeError, match="torch.Generator"):
+        T.build_point_augmentation(kind, scale_low=1, scale_high=1, translate_range=0, generator=None)
+    with pytest.raises(ValueError, match="unknown augmentation 'jitter'"):
+        T.build_point_augmentation("jitter", scale_low=1, scale_high=1, translate_range=0,
+                                   generator=torch.Generator())
+
+
 def test_generator_determinism():
     x = torch.randn(4, 64, 3)
 

@@ -13,8 +13,10 @@ import torch.nn.functional as F
 from mm3d.config import load_config
 from mm3d.registry import TASKS, variant_config
 from mm3d.testing import assert_close
+from mm3d.pointcloud.partseg import PartSegDataConfig
 from mm3d.pointcloud.segmentation import (PointMAESegmentation, SegHeadConfig, build_segmentation_model,
                                           default_fetch_blocks)
+from mm3d.pointcloud.transforms import build_point_augmentation
 
 SMALL_HEAD = ["head.label_dim=8", "head.propagation_dims=[32,32]", "head.head_dims=[32,16]"]
 TINY = ["model.variant=pointmae_tiny_test", "data.npoints=64", "train.batch_size=4", "train.epochs=1",
@@ -99,6 +101,45 @@ def test_init_from_pretraining_weights():
 
 def seg_cfg(root, out, *extra):
     return load_config(None, [f"data.root={root}", f"output_dir={out}", *TINY, *extra], task="pointmae_partseg")
+
+
+def test_seg_augmentation_is_seeded_and_leaves_the_global_rng_alone():
+    d = PartSegDataConfig()  # official: scale_shift, isotropic scale U(0.8, 1.25), shift U(-0.1, 0.1)
+    torch.manual_seed(0)
+    points = torch.randn(64, 50, 3)
+
+    def augment(seed: int) -> torch.Tensor:
+        aug = build_point_augmentation(d.augmentation, scale_low=d.scale_low, scale_high=d.scale_high,
+                                       translate_range=d.translate_range, up_axis=d.up_axis,
+                                       generator=torch.Generator().manual_seed(seed))
+        return aug(points)
+
+    state = torch.get_rng_state()
+    a, b, c = augment(0), augment(0), augment(1)
+    assert torch.equal(torch.get_rng_state(), state)  # every draw came from the generator
+    assert torch.equal(a, b) and not torch.allclose(a, c)
+    # one isotropic scale per cloud (the same for every point and axis), one shift per cloud and axis
+    centred_in, centred_out = points - points.mean(1, keepdim=True), a - a.mean(1, keepdim=True)
+    scale = centred_out.norm(dim=-1) / centred_in.norm(dim=-1)  # (B, N)
+    assert_close(scale, scale[:, :1].expand_as(scale), atol=1e-5)
+    assert_close(centred_out, centred_in * scale[:, :1, None], atol=1e-5)
+    assert scale.min() >= 0.8 - 1e-6 and scale.max() <= 1.25 + 1e-6 and scale.max() - scale.min() > 0.3
+    shift = a - points * scale[:, :1, None]
+    assert_close(shift, shift[:, :1].expand_as(shift), atol=1e-5)
+    assert shift.abs().max() <= 0.1 + 1e-6 and not torch.allclose(shift[0, 0, 0], shift[0, 0, 1])
+
+
+def test_seg_batch_transform_draws_are_fixed_by_the_checkpointed_global_state(snp_root, tmp_path):
+    # the training transform reseeds its own generator from the global one before each batch, so
+    # a resumed run (global RNG restored from the checkpoint) continues the same augmentations
+    cfg = load_config(None, [f"data.root={snp_root}", f"output_dir={tmp_path}", *TINY], task="pointmae_partseg")
+    tf = TASKS.get("pointmae_partseg").batch_transform(cfg, torch.device("cpu"))
+    batch = {"points": torch.randn(4, 64, 3)}
+    torch.manual_seed(3)
+    first, second = tf(batch)["points"], tf(batch)["points"]
+    torch.manual_seed(3)
+    assert torch.equal(tf(batch)["points"], first) and torch.equal(tf(batch)["points"], second)
+    assert not torch.allclose(first, second)
 
 
 def test_part_label_outside_category_names_file_and_line(snp_root, tmp_path):
