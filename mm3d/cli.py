@@ -9,32 +9,35 @@ import argparse
 import json
 import logging
 import sys
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Sequence
+
+import torch
+
+import mm3d.toy  # noqa: F401  (the core's own toy task)
+from mm3d.bench import run_bench
+from mm3d.checkpoint import CheckpointError, load_checkpoint, load_model_weights
+from mm3d.config import ConfigError, config_from_dict, deep_merge, load_config, parse_overrides
+from mm3d.demo import run_demo
+from mm3d.distributed import DistInfo, barrier, cleanup, init_distributed, resolve_device
+from mm3d.registry import CONVERTERS, DATA_COMMANDS, MODELS, SYNTH, TASKS, load_modalities
+from mm3d.results import jsonable
+from mm3d.trainer import Trainer, run, setup_logging
 
 log = logging.getLogger("mm3d")
 
 
 def _setup() -> None:
-    from mm3d.registry import load_modalities
-    from mm3d.trainer import setup_logging
-
-    import mm3d.toy  # noqa: F401  (the core's own toy task)
-
     setup_logging()
     load_modalities()
 
 
 def _load(args: argparse.Namespace):
-    from mm3d.config import load_config
-
     return load_config(args.config, args.overrides)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from mm3d.registry import TASKS
-    from mm3d.trainer import run
-
     cfg = _load(args)
     stage = getattr(TASKS.get(cfg.task), "stage", "")
     if stage and stage != args.command:
@@ -47,10 +50,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _model_from_checkpoint(path: str, allow_pickle: bool, overrides: Sequence[str] = ()):
     """Rebuild the task, config and model stored in one of our checkpoints."""
-    from mm3d.checkpoint import CheckpointError, load_checkpoint, load_model_weights
-    from mm3d.config import config_from_dict, deep_merge, parse_overrides
-    from mm3d.registry import TASKS
-
     ck = load_checkpoint(path, allow_pickle=allow_pickle)
     if not ck.get("config"):
         raise CheckpointError(f"{path} holds no config (converted weights?): pass a config with "
@@ -65,12 +64,6 @@ def _model_from_checkpoint(path: str, allow_pickle: bool, overrides: Sequence[st
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
-    from mm3d.distributed import init_distributed
-    from mm3d.registry import TASKS
-    from mm3d.trainer import Trainer, _jsonable
-
     cfg = _load(args)
     if not cfg.checkpoint:
         raise SystemExit("mm3d evaluate: give the weights to score with checkpoint=PATH")
@@ -90,16 +83,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if info.is_main:
         files = trainer.task.write_report(trainer.run_dir, trainer.model, cfg, evals, trainer.datasets, device)
         results["files"] = [str(f) for f in files]
-        (trainer.run_dir / "results.json").write_text(json.dumps(_jsonable(results), indent=1))
-        print(json.dumps(_jsonable(results), indent=1))
+        (trainer.run_dir / "results.json").write_text(json.dumps(jsonable(results), indent=1))
+        print(json.dumps(jsonable(results), indent=1))
     return 0
 
 
 def cmd_visualize(args: argparse.Namespace) -> int:
-    import torch
-
-    from mm3d.distributed import DistInfo, resolve_device
-
     device = resolve_device(args.device, DistInfo())
     task, cfg, model = _model_from_checkpoint(args.checkpoint, args.allow_pickle, args.overrides)
     if not args.input and args.dataset_index is None:
@@ -113,8 +102,6 @@ def cmd_visualize(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from mm3d.distributed import DistInfo, resolve_device
-
     device = resolve_device(args.device, DistInfo())
     task, cfg, model = _model_from_checkpoint(args.checkpoint, args.allow_pickle, args.overrides)
     rows = task.predict(model.to(device), cfg, args.inputs, topk=args.topk, label_map=args.label_map, device=device)
@@ -129,15 +116,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from mm3d.bench import run_bench
-
     print(json.dumps(run_bench(_load(args))))
     return 0
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from mm3d.registry import CONVERTERS
-
     fn = CONVERTERS.get(args.source)
     for line in fn(args.src, args.dst, allow_pickle=args.allow_pickle):
         print(line)
@@ -145,10 +128,6 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from dataclasses import asdict
-
-    from mm3d.registry import MODELS
-
     for name, v in MODELS.items():
         if args.modality and v.modality != args.modality:
             continue
@@ -160,16 +139,12 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_tasks(args: argparse.Namespace) -> int:
-    from mm3d.registry import TASKS
-
     for name, t in TASKS.items():
         print(f"{name:24s} {t.modality:10s} {t.description}")
     return 0
 
 
 def cmd_data_synth(args: argparse.Namespace) -> int:
-    from mm3d.registry import SYNTH
-
     fn = SYNTH.get(args.kind)
     summary = fn(Path(args.out), seed=args.seed, scale=args.scale)
     print(json.dumps({"kind": args.kind, "out": args.out, **(summary or {})}, default=str))
@@ -178,8 +153,6 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
 
 def cmd_data_check(args: argparse.Namespace) -> int:
     """Build every split of a config and read each sample once, reporting counts and failures."""
-    from mm3d.registry import TASKS
-
     cfg = _load(args)
     task = TASKS.get(cfg.task)
     datasets = task.build_datasets(cfg, ["train", "val", "test"])
@@ -200,8 +173,6 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from mm3d.demo import run_demo
-
     return run_demo(Path(args.out), only=args.only, quick=args.quick)
 
 
@@ -275,8 +246,6 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("overrides", nargs="*", metavar="key.sub=value")
     sp.add_argument("--limit", type=int, default=0, help="check at most N samples per split (0: all)")
     sp.set_defaults(fn=cmd_data_check)
-    from mm3d.registry import DATA_COMMANDS
-
     for name, (help_text, add_args, fn) in DATA_COMMANDS.items():
         sp = dsub.add_parser(name, help=help_text, description=help_text)
         add_args(sp)
@@ -293,11 +262,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     _setup()
     args = build_parser().parse_args(argv)
-    from mm3d.checkpoint import CheckpointError
-    from mm3d.config import ConfigError
-
-    from mm3d.distributed import barrier, cleanup
-
     try:
         code = int(args.fn(args) or 0)
         barrier()  # under torchrun: no rank tears down the process group while another still uses it

@@ -36,6 +36,7 @@ from mm3d.data import ResumableSampler, build_loader
 from mm3d.distributed import all_reduce_min, all_reduce_sum, barrier, gather_objects, get_info, init_distributed
 from mm3d.engine import OptimizerStep, amp_dtype, autocast, batch_size_of, move_to_device, unwrap
 from mm3d.registry import TASKS
+from mm3d.results import jsonable, selection_split
 from mm3d.task import EvalResult, Task
 
 log = logging.getLogger("mm3d")
@@ -511,9 +512,7 @@ class Trainer:
         log.info("task %s | %d train samples | %d steps/epoch | %d total steps | lr %.3g | device %s x%d",
                  cfg.task, len(self.datasets["train"]), self.steps_per_epoch, self.total_steps, self.lr,
                  self.device, self.info.world_size)
-        select_split = cfg.train.select_on if cfg.train.select_on != "val" or "val" in self.datasets else "last"
-        if select_split == "test" and "test" not in self.datasets:
-            select_split = "last"
+        select_split = selection_split(cfg.train.select_on, list(self.datasets))
         progress = Progress(self.total_steps, self.state.step, cfg.train.progress, self.is_main, cfg.train.log_every)
         results: dict[str, Any] = {"selected_on": select_split,
                                    "protocol": self.task.run_info(cfg, self.datasets)}
@@ -549,7 +548,7 @@ class Trainer:
             results["files"] = [str(p) for p in ([plot] if plot else []) + list(files)]
             results.pop("eval_results", None)
             results["history"] = self.state.history
-            (self.run_dir / "results.json").write_text(json.dumps(_jsonable(results), indent=1))
+            (self.run_dir / "results.json").write_text(json.dumps(jsonable(results), indent=1))
         else:
             results.pop("eval_results", None)
         self.logger.close()
@@ -581,18 +580,6 @@ class Trainer:
 
 def _fmt(m: dict[str, float]) -> str:
     return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items())
-
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, (np.floating, np.integer)):
-        return x.item()
-    if isinstance(x, torch.Tensor):
-        return x.tolist()
-    return x
 
 
 def run(cfg: RunConfig) -> dict[str, Any]:

@@ -96,16 +96,19 @@ def test_write_report_files(tmp_path):
         records = [type("R", (), {"path": f"clip{i}.mp4"})() for i in range(3)]
 
     files = TASK.write_report(tmp_path, StubModel(), cfg, {"val": res}, {"val": Rows()}, torch.device("cpu"))
-    assert {f.name for f in files} == {"predictions.json", "per_class.json", "confusion.png"}
+    assert {f.relative_to(tmp_path).as_posix() for f in files} == {
+        "val/predictions.json", "val/per_class.csv", "val/confusion.png", "results.md"}
     rows = json.loads((tmp_path / "val" / "predictions.json").read_text())
-    assert [r["video"] for r in rows] == ["clip0.mp4", "clip1.mp4", "clip2.mp4"]
+    assert [r["sample"] for r in rows] == ["clip0.mp4", "clip1.mp4", "clip2.mp4"]
     topk = rows[1].pop("topk")
-    assert rows[1] == {"video": "clip1.mp4", "index": 1, "label": 1, "label_name": "walk", "correct": False}
+    assert rows[1] == {"sample": "clip1.mp4", "index": 1, "label": 1, "label_name": "walk", "correct": False}
     assert [c for c, _ in topk] == ["jump", "run", "walk"] and [p for _, p in topk] == pytest.approx([.6, .25, .15])
     assert [r["correct"] for r in rows] == [True, False, True]
-    per_class = json.loads((tmp_path / "val" / "per_class.json").read_text())["per_class"]
-    assert per_class == {"run": {"accuracy": 1.0, "support": 1}, "walk": {"accuracy": 0.5, "support": 2},
-                         "jump": {"accuracy": None, "support": 0}}
+    per_class = (tmp_path / "val" / "per_class.csv").read_text().splitlines()
+    assert per_class == ["label,class,samples,correct,accuracy", "0,run,1,1,1.0000", "1,walk,2,1,0.5000",
+                         "2,jump,0,0,"]
+    md = (tmp_path / "results.md").read_text()
+    assert "| val | 0.6667 |" in md and "selected on val (honest)" in md
     import numpy as np
     from PIL import Image
 
@@ -154,7 +157,7 @@ def test_ddp_evaluation_on_two_processes_matches_one(tmp_path):
         for k, v in one[split].items():
             assert two[split][k] == pytest.approx(v, rel=1e-5, abs=1e-6), (split, k)
         p1, p2 = (json.loads((outs[n] / split / "predictions.json").read_text()) for n in (1, 2))
-        assert [r["video"] for r in p1] == [r["video"] for r in p2]
+        assert [r["sample"] for r in p1] == [r["sample"] for r in p2]
         for a, b in zip(p1, p2):
             assert [c for c, _ in a["topk"]] == [c for c, _ in b["topk"]]
             assert [s for _, s in a["topk"]] == pytest.approx([s for _, s in b["topk"]], abs=1e-5)

@@ -398,7 +398,7 @@ def test_demo_config_fine_tunes_end_to_end(tmp_path, synth):
         rows = json.loads((tmp_path / "run" / split / "predictions.json").read_text())
         assert len(rows) == 9 and {r["label_name"] for r in rows} == set(
             (Path(synth) / "label_map.txt").read_text().split())
-        assert all(len(r["topk"]) == 5 and r["video"].endswith(".mp4") for r in rows)
+        assert all(len(r["topk"]) == 5 and r["sample"].endswith(".mp4") for r in rows)
         assert (tmp_path / "run" / split / "confusion.png").stat().st_size > 1000
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert saved["test"]["top1"] == results["test"]["top1"]

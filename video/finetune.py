@@ -18,14 +18,13 @@ Evaluation scores ``num_clips x num_crops`` views per video (5 x 3 Kinetics, 2 x
 softmax of every view is averaged per video by :class:`mm3d.metrics.ClassificationMeter`, which
 gathers the scores of all DDP ranks (no per-rank files) and counts each video once. Metrics:
 top-1, top-5, mean per-class accuracy and the NLL of the averaged probabilities (``loss``).
-:meth:`VideoMAEFinetuneTask.write_report` writes ``<split>/predictions.json`` (video, label,
-top-5 with scores), ``<split>/confusion.png`` and ``<split>/per_class.json``;
+:meth:`VideoMAEFinetuneTask.write_report` writes the common layout of :mod:`mm3d.results`
+(``results.md``, ``<split>/predictions.json``, ``<split>/per_class.csv``, ``<split>/confusion.png``);
 :meth:`~VideoMAEFinetuneTask.predict` serves ``mm3d predict`` with the same views and decoders.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -42,8 +41,10 @@ from torch.utils.data import Dataset
 
 from mm3d.checkpoint import CheckpointError, extract_state_dict, load_checkpoint, load_model_weights
 from mm3d.config import ConfigError, RunConfig
-from mm3d.metrics import ClassificationMeter, ClassificationResult, per_class_accuracy, plot_confusion
+from mm3d.metrics import ClassificationMeter, ClassificationResult
 from mm3d.registry import register_task
+from mm3d.results import (per_class_markdown, protocol_label, selection_split, write_classification_split,
+                          write_results_md)
 from mm3d.task import EvalResult, Task
 from mm3d.video.convert import classifier_init_state, hf_to_ours, load_hf_dir, official_to_ours
 from mm3d.video.data import RawFrameSource, VideoDataset, VideoRecord, open_record, read_annotation_list, read_label_map
@@ -51,6 +52,8 @@ from mm3d.video.transforms import finetune_train_transform, test_transform
 from mm3d.video.models import VideoMAEClassifier, VideoMAEConfig, adapt_pos_embeds, build_classifier, token_grid
 
 log = logging.getLogger(__name__)
+
+REPORT_COLUMNS = ("top1", "top5", "mean_class_acc", "loss", "num_samples")  # of results.md
 
 __all__ = [
     "FinetuneDataConfig",
@@ -491,40 +494,36 @@ class VideoMAEFinetuneTask(Task):
             metrics["loss"] = float("nan")
         return EvalResult(metrics, {"classification": res})
 
+    def run_info(self, cfg: VideoFinetuneConfig, datasets: Mapping[str, Any]) -> dict[str, Any]:
+        """How the run was done, for every results file: selection, initialisation, test views."""
+        selected = selection_split(cfg.train.select_on, list(datasets))
+        d = cfg.data
+        return {"config": cfg.name, "task": cfg.task, "seed": cfg.seed, "selected_on": selected,
+                "protocol": protocol_label(selected, cfg.checkpoint), "init": cfg.init or "scratch",
+                "frames": f"{cfg.model.num_frames} x rate {d.sampling_rate}",
+                "test_views": f"{d.test_num_clips} clips x {d.test_num_crops} crops"}
+
     def write_report(self, run_dir: Path, model: nn.Module, cfg: VideoFinetuneConfig,
                      results: dict[str, EvalResult], datasets: dict[str, Dataset],
                      device: torch.device) -> list[Path]:
-        """Per split: ``predictions.json`` (video, label, top-5 with scores), ``confusion.png`` and
-        ``per_class.json`` (accuracy and support per class) in ``run_dir/<split>/``."""
+        """The common results layout (:mod:`mm3d.results`): ``results.md`` and, per split,
+        ``predictions.json`` (video, label, top-5 with scores), ``per_class.csv`` and
+        ``confusion.png`` in ``run_dir/<split>/``."""
         names = label_names(cfg)
         files: list[Path] = []
+        per_class = []
         for split, res in results.items():
             art = (res.artifacts or {}).get("classification")
             if not isinstance(art, ClassificationResult):
                 continue
-            out = run_dir / split
-            out.mkdir(parents=True, exist_ok=True)
             records = getattr(datasets.get(split), "records", None)
-            k = min(5, art.probs.shape[1])
-            top = art.probs.topk(k, dim=1)
-            rows = []
-            for i, idx in enumerate(art.index.tolist()):
-                label = int(art.labels[i])
-                rows.append({"video": records[idx].path if records else idx, "index": idx, "label": label,
-                             "label_name": names[label], "correct": int(top.indices[i, 0]) == label,
-                             "topk": [[names[c], round(float(p), 6)] for c, p in
-                                      zip(top.indices[i].tolist(), top.values[i].tolist())]})
-            (out / "predictions.json").write_text("[\n" + ",\n".join(json.dumps(r) for r in rows) + "\n]\n")
-            acc = per_class_accuracy(art.confusion)
-            support = art.confusion.sum(dim=1)
-            per_class = {names[c]: {"accuracy": None if math.isnan(float(acc[c])) else float(acc[c]),
-                                    "support": int(support[c])} for c in range(len(names))}
-            (out / "per_class.json").write_text(json.dumps({"metrics": res.metrics, "per_class": per_class},
-                                                           indent=1))
-            title = (f"{split}: top-1 {res.metrics.get('top1', 0):.3f}, mean class acc "
-                     f"{res.metrics.get('mean_class_acc', 0):.3f} ({len(rows)} videos)")
-            files += [out / "predictions.json", out / "per_class.json",
-                      plot_confusion(art.confusion, names, out / "confusion.png", title=title)]
+            files += write_classification_split(run_dir, split, art, names,
+                                                sample_ids=[r.path for r in records] if records else None)
+            if split == "test":
+                per_class.append(per_class_markdown(art.confusion, names, split))
+        files.append(write_results_md(run_dir, f"{cfg.name} ({cfg.task})", self.run_info(cfg, datasets),
+                                      {s: r.metrics for s, r in results.items()}, REPORT_COLUMNS,
+                                      extra_info=("init", "frames", "test_views"), sections=per_class))
         return files
 
     # ---- prediction ------------------------------------------------------------------------
