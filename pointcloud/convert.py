@@ -24,7 +24,11 @@ from typing import Any, Literal, Mapping
 
 import torch
 
+from mm3d.checkpoint import load_checkpoint
+from mm3d.config import to_dict
 from mm3d.registry import register_converter
+from mm3d.pointcloud.models import PointMAEConfig, build_classifier, build_pretrain_model
+from mm3d.pointcloud.tasks import PointPretrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -173,8 +177,6 @@ def official_to_ours(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, 
     Returns our state dict (same tensors, new names) and a :class:`ConversionReport` that lists
     every key that could not be placed, checked against a model built from the inferred config.
     """
-    from mm3d.pointcloud.models import PointMAEConfig, build_classifier, build_pretrain_model
-
     sd = strip_prefixes(state_dict)
     kind = detect_kind(sd)
     rules = PRETRAIN_RULES if kind == "pretrain" else CLASSIFIER_RULES
@@ -208,8 +210,6 @@ def official_to_ours(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, 
 
 def _load_official(src: str | Path, allow_pickle: bool) -> tuple[dict[str, Any], dict[str, Any]]:
     """(weights, other top-level entries) of an official checkpoint file."""
-    from mm3d.checkpoint import load_checkpoint
-
     ck = load_checkpoint(src, allow_pickle=allow_pickle)
     for key in ("base_model", "model", "state_dict"):
         if isinstance(ck.get(key), Mapping):
@@ -240,8 +240,6 @@ def convert_pointmae_official(src: str, dst: str, *, allow_pickle: bool = False)
     Pretraining weights get a full ``pointmae_pretrain`` config (so ``mm3d visualize`` can use
     them); classifier weights get ``config: None`` (pass a fine-tuning config with ``init=DST``).
     """
-    from mm3d.config import to_dict
-
     weights, extra = _load_official(src, allow_pickle)
     ours, report = official_to_ours(weights)
     if report.mismatched:
@@ -249,9 +247,6 @@ def convert_pointmae_official(src: str, dst: str, *, allow_pickle: bool = False)
                          + "; ".join(report.mismatched))
     config = None
     if report.kind == "pretrain":
-        from mm3d.pointcloud.models import PointMAEConfig
-        from mm3d.pointcloud.tasks import PointPretrainConfig
-
         model_cfg = PointMAEConfig(**{k: (tuple(v) if isinstance(v, list) else v)
                                       for k, v in report.model.items()})
         small = PointMAEConfig()

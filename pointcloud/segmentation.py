@@ -33,6 +33,7 @@ from torch import nn
 
 from mm3d.layers import init_trunc_normal
 from mm3d.pointcloud.models import Group, PointMAEConfig, PointMAEEncoder
+from mm3d.pointcloud.ops import three_nn_interpolate
 from mm3d.task import ModelOutput
 
 
@@ -135,8 +136,6 @@ class PointMAESegmentation(nn.Module):
         global_feat = torch.cat([x.amax(dim=1), x.mean(dim=1)], dim=-1)  # (B, 6D)
         onehot = F.one_hot(cls_label.long(), self.num_categories).to(x.dtype)
         label = self.label_conv(rearrange(onehot, "b c -> b c 1"))  # (B, label_dim, 1)
-        from mm3d.pointcloud.ops import three_nn_interpolate
-
         interp = three_nn_interpolate(points, grouped.center, x)  # (B, N, 3D)
         prop = self.propagation(rearrange(torch.cat([points, interp.to(points.dtype)], dim=-1), "b n c -> b c n"))
         glob = repeat(torch.cat([global_feat, rearrange(label, "b c 1 -> b c")], dim=-1), "b c -> b c n", n=n)

@@ -23,10 +23,17 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from mm3d.config import RunConfig
+from mm3d.distributed import all_reduce_sum
+from mm3d.engine import move_to_device
 from mm3d.registry import register_task
 from mm3d.task import EvalResult, Task
-from mm3d.pointcloud.models import PointMAEConfig, PointMAEPretrain, build_pretrain_model
-from mm3d.pointcloud.transforms import ShapeAugmentation, build_point_augmentation, reseed_from_global
+from mm3d.pointcloud import datasets as D
+from mm3d.pointcloud.io import read_points
+from mm3d.pointcloud.models import PointMAEConfig, PointMAEPretrain, build_pretrain_model, chamfer_loss
+from mm3d.pointcloud.ops.bench import bench_ops
+from mm3d.pointcloud.transforms import (ShapeAugmentation, build_point_augmentation, normalize_unit_sphere,
+                                        reseed_from_global, sample_indices)
+from mm3d.pointcloud.visualize import CloudRenderer, write_reconstruction_figure
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +94,6 @@ def build_pretrain_datasets(data: PointDataConfig, splits: Iterable[str], *, see
     Evaluation splits sample their points with a fixed seed, so their loss is comparable
     between evaluations.
     """
-    from mm3d.pointcloud import datasets as D
-
     if not data.root:
         raise ValueError(f"data.root is empty: give the {data.dataset} folder (e.g. data.root=DIR on "
                          f"the command line)")
@@ -129,8 +134,6 @@ def build_pretrain_datasets(data: PointDataConfig, splits: Iterable[str], *, see
 def prepare_points(points: torch.Tensor, npoints: int, *, seed: int = 0) -> torch.Tensor:
     """A raw (N, C) cloud -> (npoints, 3): random points (repeats when N < npoints) on the unit sphere,
     as the datasets prepare their items."""
-    from mm3d.pointcloud.transforms import normalize_unit_sphere, sample_indices
-
     xyz = torch.as_tensor(points, dtype=torch.float32)[:, :3]
     idx = sample_indices(xyz, npoints, "random", generator=torch.Generator().manual_seed(seed))
     return normalize_unit_sphere(xyz[idx])
@@ -167,18 +170,12 @@ class PointMAEPretrainTask(Task):
 
     def bench_extra(self, cfg: PointPretrainConfig, device: torch.device) -> list[dict[str, Any]]:
         """`mm3d bench`: FPS, KNN and Chamfer at Point-MAE's sizes vs brute force (and pytorch3d)."""
-        from mm3d.pointcloud.ops.bench import bench_ops
-
         return bench_ops(device)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, loader: Iterable[Any], cfg: PointPretrainConfig,
                  device: torch.device, split: str) -> EvalResult:
         """Chamfer L2 and L1 on the masked patches, masks drawn from a fixed seed."""
-        from mm3d.distributed import all_reduce_sum
-        from mm3d.pointcloud.models import chamfer_loss
-        from mm3d.engine import move_to_device
-
         model.eval()
         gen = torch.Generator(device=device).manual_seed(cfg.seed)
         total = torch.zeros(4, dtype=torch.float64, device=device)
@@ -207,8 +204,6 @@ class PointMAEPretrainTask(Task):
                      results: dict[str, EvalResult], datasets: dict[str, Dataset],
                      device: torch.device) -> list[Path]:
         """Reconstruction pictures (PNG + PLY) of a few held-out shapes in ``run_dir/plots``."""
-        from mm3d.pointcloud.visualize import CloudRenderer, write_reconstruction_figure
-
         items = self._report_items(datasets, cfg.data.report_shapes)
         if not items or not isinstance(model, PointMAEPretrain):
             return []
@@ -227,9 +222,6 @@ class PointMAEPretrainTask(Task):
                   dataset_index: int | None, out_dir: Path, interactive: bool, seed: int,
                   device: torch.device) -> list[Path]:
         """``mm3d visualize``: reconstruction figures of point-cloud files or a dataset item."""
-        from mm3d.pointcloud.io import read_points
-        from mm3d.pointcloud.visualize import CloudRenderer, write_reconstruction_figure
-
         clouds: list[tuple[str, torch.Tensor]] = []
         for path in inputs:
             raw = read_points(path, bin_columns=cfg.data.bin_columns)

@@ -14,6 +14,8 @@ from typing import Callable, Literal
 
 import torch
 
+from mm3d.pointcloud.ops import farthest_point_sample
+
 Axis = Literal["x", "y", "z"]
 _AXES = {"x": 0, "y": 1, "z": 2}
 
@@ -118,8 +120,6 @@ def sample_indices(points: torch.Tensor, num_samples: int,
         if num_samples > n:
             raise ValueError(f"fps cannot pick {num_samples} points from clouds of {n}; use "
                              f"method='random' to sample with repeats")
-        from mm3d.pointcloud.ops import farthest_point_sample
-
         xyz = pts[..., :3].contiguous()
         if fps_start == "first":
             idx = farthest_point_sample(xyz, num_samples, start="first")

@@ -21,6 +21,9 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from PIL import Image, ImageDraw
+
+from mm3d.pointcloud.io import write_ply
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +110,6 @@ def _np(x: np.ndarray | torch.Tensor) -> np.ndarray:
 
 
 def _caption(width: int, titles: Sequence[str], panel_width: int) -> np.ndarray:
-    from PIL import Image, ImageDraw
-
     img = Image.new("RGB", (width, CAPTION_HEIGHT), (255, 255, 255))
     draw = ImageDraw.Draw(img)
     for i, title in enumerate(titles):
@@ -133,10 +134,6 @@ def write_reconstruction_figure(model: torch.nn.Module, points: np.ndarray | tor
     pixels) and ``NAME_input.ply``, ``NAME_visible.ply``, ``NAME_reconstruction.ply``; returns
     their paths (PNG first). `renderer` reuses an Open3D renderer of that size across figures.
     """
-    from PIL import Image
-
-    from mm3d.pointcloud.io import write_ply
-
     pts = torch.as_tensor(_np(points))
     if pts.dim() != 2 or pts.shape[1] < 3:
         raise ValueError(f"points must be an (N, 3) cloud, got shape {tuple(pts.shape)}")
