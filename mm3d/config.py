@@ -12,6 +12,10 @@ A YAML file may build on another with a top-level ``base: other.yaml`` key (a pa
 the file that names it; bases may chain). The file's keys merge over its base's, mappings
 key by key, so a benchmark config can state only what differs from a shared recipe. Errors
 name the file and line where the offending key was written, base or not.
+
+A section dataclass that renamed a key lists it in a ``renamed_keys`` class attribute (old name ->
+new name): the old name is read as the new one, so configs stored in earlier checkpoints still
+load.
 """
 
 from __future__ import annotations
@@ -348,8 +352,24 @@ def _coerce(value: Any, tp: Any, key: str, src: _Source) -> Any:
     fail(_type_name(tp))
 
 
+def _renamed(cls: type, data: dict[str, Any], prefix: str, src: _Source) -> dict[str, Any]:
+    """`data` with the old names of `cls`'s ``renamed_keys`` (old -> new) replaced by the new ones."""
+    renamed: dict[str, str] = getattr(cls, "renamed_keys", None) or {}
+    if not any(k in renamed for k in data):
+        return data
+    out = {}
+    for k, v in data.items():
+        new = renamed.get(k, k)
+        if new != k and new in data:
+            raise ConfigError(f"{src.where(prefix + k)}: '{prefix}{k}' is the old name of '{prefix}{new}', "
+                              f"which is also given; keep only '{prefix}{new}'")
+        out[new] = v
+    return out
+
+
 def _build(cls: type, data: dict[str, Any], prefix: str, src: _Source, base: Any = None) -> Any:
     """Build dataclass `cls` from `data` over `base` (default: the class defaults, or a variant)."""
+    data = _renamed(cls, data, prefix, src)
     hints = typing.get_type_hints(cls)
     names = [f.name for f in fields(cls) if f.init]
     for k in data:
