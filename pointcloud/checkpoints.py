@@ -57,7 +57,7 @@ def load_encoder_checkpoint(model: nn.Module, src: str | Path | Mapping[str, Any
         if unexpected:
             parts.append(f"encoder keys the model lacks: {_short(unexpected)}")
         raise CheckpointError(f"checkpoint{where} does not match the model architecture of the config "
-                              f"(check model.variant / trans_dim / depth / encoder_dims): " + " | ".join(parts))
+                              f"(check model.variant / embed_dim / depth / encoder_dims): " + " | ".join(parts))
     notes = []
     unused = sorted(k for k in sd if k not in expected)
     if unused:

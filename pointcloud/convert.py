@@ -138,7 +138,7 @@ def infer_model_config(sd: Mapping[str, torch.Tensor], kind: Kind) -> tuple[dict
     dim = shape("encoder.norm.weight")[0]
     keys = list(sd)
     cfg: dict[str, Any] = {
-        "trans_dim": dim,
+        "embed_dim": dim,  # the official trans_dim
         "depth": _count_blocks(keys, "encoder.blocks."),
         "encoder_dims": shape("encoder.patch_embed.second_conv.3.weight")[0],
         "pointnet_dims": [shape("encoder.patch_embed.first_conv.0.weight")[0],

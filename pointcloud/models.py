@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Literal, NamedTuple, Sequence
+from typing import ClassVar, Literal, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -52,17 +52,21 @@ LossType = Literal["cdl2", "cdl1"]
 class PointMAEConfig:
     """The ``model`` section of Point-MAE runs (pretraining and classification).
 
-    Defaults are the official ``pointmae_small`` values (``cfgs/pretrain.yaml``).
+    Defaults are the official ``pointmae_small`` values (``cfgs/pretrain.yaml``). ``embed_dim`` is
+    the official ``trans_dim``; configs stored in checkpoints of earlier versions that still say
+    ``trans_dim`` load (``renamed_keys``).
     """
 
+    renamed_keys: ClassVar[dict[str, str]] = {"trans_dim": "embed_dim"}
+
     variant: str = ""
-    trans_dim: int = 384  # transformer width D
+    embed_dim: int = 384  # transformer width D
     depth: int = 12
     num_heads: int = 6
     mlp_ratio: float = 4.0
     qkv_bias: bool = False  # the official blocks have no qkv bias
     drop_path: float = 0.1  # stochastic depth, linearly increasing over the blocks
-    encoder_dims: int = 384  # mini-PointNet output (== trans_dim officially; else a Linear maps it)
+    encoder_dims: int = 384  # mini-PointNet output (== embed_dim officially; else a Linear maps it)
     pointnet_dims: tuple[int, int, int] = (128, 256, 512)  # mini-PointNet hidden widths
     pos_hidden: int = 128  # hidden width of the positional MLP on the centres
     num_group: int = 64  # G patches
@@ -86,7 +90,7 @@ class PointMAEConfig:
                              f"/ group_size={self.group_size} need")
 
     def validate(self) -> None:
-        for name in ("trans_dim", "depth", "num_heads", "encoder_dims", "pos_hidden",
+        for name in ("embed_dim", "depth", "num_heads", "encoder_dims", "pos_hidden",
                      "num_group", "group_size", "decoder_num_heads"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -94,10 +98,10 @@ class PointMAEConfig:
             raise ValueError(f"decoder_depth must be >= 0, got {self.decoder_depth}")
         if any(d <= 0 for d in self.pointnet_dims):
             raise ValueError(f"pointnet_dims must be positive, got {self.pointnet_dims}")
-        if self.trans_dim % self.num_heads:
-            raise ValueError(f"trans_dim {self.trans_dim} is not divisible by num_heads {self.num_heads}")
-        if self.trans_dim % self.decoder_num_heads:
-            raise ValueError(f"trans_dim {self.trans_dim} is not divisible by decoder_num_heads "
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        if self.embed_dim % self.decoder_num_heads:
+            raise ValueError(f"embed_dim {self.embed_dim} is not divisible by decoder_num_heads "
                              f"{self.decoder_num_heads}")
         if not 0.0 < self.mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in (0, 1), got {self.mask_ratio}")
@@ -123,14 +127,14 @@ register_variant(
     "64 groups x 32 points (1024 input points), drop path 0.1; ~22.1M parameters with decoder")
 register_variant(
     "pointmae_tiny", "pointcloud",
-    PointMAEConfig(trans_dim=96, depth=4, num_heads=3, encoder_dims=96, pointnet_dims=(32, 64, 128),
+    PointMAEConfig(embed_dim=96, depth=4, num_heads=3, encoder_dims=96, pointnet_dims=(32, 64, 128),
                    pos_hidden=64, num_group=32, group_size=16, decoder_depth=2, decoder_num_heads=3,
                    drop_path=0.0),
     "Demo Point-MAE for CPUs: width 96, depth 4, 3 heads, decoder 2 blocks, "
     "32 groups x 16 points (512 input points)")
 register_variant(
     "pointmae_tiny_test", "pointcloud",
-    PointMAEConfig(trans_dim=32, depth=2, num_heads=2, encoder_dims=32, pointnet_dims=(16, 32, 64),
+    PointMAEConfig(embed_dim=32, depth=2, num_heads=2, encoder_dims=32, pointnet_dims=(16, 32, 64),
                    pos_hidden=16, num_group=16, group_size=8, decoder_depth=1, decoder_num_heads=2,
                    drop_path=0.0, cls_head_dims=(32, 32)),
     "Test-size Point-MAE: width 32, depth 2, 2 heads, 16 groups x 8 points (256 input points)")
@@ -600,7 +604,7 @@ class PointMAEClassifier(nn.Module):
 
 
 def _encoder_kwargs(cfg: PointMAEConfig) -> dict:
-    return dict(embed_dim=cfg.trans_dim, depth=cfg.depth, num_heads=cfg.num_heads,
+    return dict(embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads,
                 mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias, drop_path=cfg.drop_path,
                 encoder_dims=cfg.encoder_dims, pointnet_dims=tuple(cfg.pointnet_dims),
                 pos_hidden=cfg.pos_hidden, num_group=cfg.num_group, group_size=cfg.group_size)

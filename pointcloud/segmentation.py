@@ -184,9 +184,9 @@ def build_segmentation_model(model: PointMAEConfig, head: SegHeadConfig) -> Poin
     model.validate()
     head.validate()
     blocks = head.fetch_blocks or default_fetch_blocks(model.depth)
-    prop = head.propagation_dims or (4 * model.trans_dim, 1024)
+    prop = head.propagation_dims or (4 * model.embed_dim, 1024)
     return PointMAESegmentation(
-        num_parts=head.num_parts, num_categories=head.num_categories, embed_dim=model.trans_dim,
+        num_parts=head.num_parts, num_categories=head.num_categories, embed_dim=model.embed_dim,
         depth=model.depth, num_heads=model.num_heads, mlp_ratio=model.mlp_ratio, qkv_bias=model.qkv_bias,
         drop_path=model.drop_path, encoder_dims=model.encoder_dims, pointnet_dims=tuple(model.pointnet_dims),
         pos_hidden=model.pos_hidden, num_group=model.num_group, group_size=model.group_size,

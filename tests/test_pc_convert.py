@@ -120,7 +120,7 @@ def test_pretrain_weights_land_where_they_belong(prefix):
         assert report.renamed[off] == our
     for off, our in report.renamed.items():
         assert torch.equal(ours[our], official[prefix + off]), off
-    assert report.model["trans_dim"] == 384 and report.model["depth"] == 12
+    assert report.model["embed_dim"] == 384 and report.model["depth"] == 12
     assert report.model["decoder_depth"] == 4 and report.model["group_size"] == 32
     assert report.model["num_heads"] == 6 and report.model["qkv_bias"] is False
 

@@ -126,9 +126,38 @@ def test_init_from_classifier_with_other_class_count(tmp_path):
     assert "head.8.weight: checkpoint (40, 32) vs model (10, 32)" in notes
 
 
+def test_checkpoint_of_an_earlier_version_with_trans_dim_still_loads(mn_root, tmp_path, capsys):
+    """Checkpoints store their config; before `model.embed_dim` it was called `model.trans_dim`."""
+    from mm3d.cli import main
+    from mm3d.config import ConfigError, config_from_dict
+    from mm3d.pointcloud.classification import PointClassifyConfig
+
+    cfg = cls_cfg(mn_root, tmp_path)
+    torch.manual_seed(0)
+    model = build_classifier(cfg.model, 10).eval()
+    stored = to_dict(cfg)
+    stored["model"]["trans_dim"] = stored["model"].pop("embed_dim")  # as earlier versions wrote it
+    path = tmp_path / "old.pt"
+    torch.save({"model": model.state_dict(), "config": stored}, path)
+    back = config_from_dict(PointClassifyConfig, torch.load(path, weights_only=True)["config"])
+    assert back.model.embed_dim == 32 and to_dict(back) == to_dict(cfg)
+    # `mm3d predict` rebuilds the model from the stored config and gives this model's answer
+    sample = mn_root / "torus" / "torus_0005.txt"
+    capsys.readouterr()
+    assert main(["predict", "--checkpoint", str(path), "--topk", "3", "--json", str(sample)]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    expected = TASKS.get("pointmae_classify").predict(model, cfg, [str(sample)], topk=3, label_map=None,
+                                                      device=torch.device("cpu"))[0]
+    assert [name for name, _ in row["topk"]] == [name for name, _ in expected["topk"]]
+    assert [p for _, p in row["topk"]] == pytest.approx([p for _, p in expected["topk"]], abs=1e-6)
+    stored["model"]["embed_dim"] = 32
+    with pytest.raises(ConfigError, match="'model.trans_dim' is the old name of 'model.embed_dim'"):
+        config_from_dict(PointClassifyConfig, stored)
+
+
 def test_checkpoint_architecture_mismatch_names_keys_and_shapes(pretrain_ckpt, tmp_path):
     wide = variant_config("pointmae_tiny_test")
-    wide.trans_dim, wide.encoder_dims = 48, 48
+    wide.embed_dim, wide.encoder_dims = 48, 48
     with pytest.raises(CheckpointError) as e:
         load_encoder_checkpoint(build_classifier(wide, 10), pretrain_ckpt)
     msg = str(e.value)

@@ -47,7 +47,7 @@ def test_variants_registered_and_validated():
         assert v.modality == "pointcloud" and isinstance(v.config, PointMAEConfig)
         v.config.validate()
     small = variant_config("pointmae_small")
-    assert (small.trans_dim, small.depth, small.num_heads, small.decoder_depth, small.decoder_num_heads,
+    assert (small.embed_dim, small.depth, small.num_heads, small.decoder_depth, small.decoder_num_heads,
             small.num_group, small.group_size, small.drop_path, small.mask_ratio, small.mask_type,
             small.loss, small.qkv_bias) == (384, 12, 6, 4, 6, 64, 32, 0.1, 0.6, "random", "cdl2", False)
     with pytest.raises(ValueError, match="num_heads"):
@@ -91,9 +91,9 @@ def test_classifier_shapes_no_nan_and_every_parameter_gets_a_gradient():
     model.eval()
     with torch.no_grad():
         assert model({"points": clouds(b)}).loss is None
-        assert model.forward_features(clouds(b)).shape == (b, 2 * cfg.trans_dim)
+        assert model.forward_features(clouds(b)).shape == (b, 2 * cfg.embed_dim)
         feats = model.forward_block_features(clouds(b), blocks=(0, 1))
-    assert len(feats.features) == 2 and all(f.shape == (b, cfg.num_group, cfg.trans_dim) for f in feats.features)
+    assert len(feats.features) == 2 and all(f.shape == (b, cfg.num_group, cfg.embed_dim) for f in feats.features)
     assert feats.center.shape == (b, cfg.num_group, 3)
     with pytest.raises(ValueError, match="block index"):
         model.forward_block_features(clouds(b), blocks=(cfg.depth,))
