@@ -6,14 +6,37 @@ BIN     = $(VENV)/bin
 APT_PKGS = libusb-1.0-0 libegl1 libgl1 libgomp1 libvulkan1 mesa-vulkan-drivers
 DEMO_OUT ?= demo_out
 PYTEST_ARGS ?=
+# `make test-floors`: the packages installed at their pyproject.toml floor (everything else, torch
+# included, is reused from $(VENV)) and the tests run against them.
+FLOOR_PKGS ?= timm einops av numpy
+FLOOR_PYTEST_ARGS ?= -m "not slow"
 
-.PHONY: demo test install install-test system-deps clean
+.PHONY: demo test test-floors install install-test system-deps clean
 
 demo: system-deps $(VENV)/.installed-base
 	$(BIN)/mm3d demo --out $(DEMO_OUT)
 
 test: system-deps $(VENV)/.installed-test
 	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
+
+# A throwaway venv whose .pth file puts $(VENV)'s site-packages after its own, so the floor
+# versions installed into it shadow the newer ones without downloading torch again. mm3d itself is
+# installed into it (editable) because a plain path line does not run $(VENV)'s own .pth files.
+test-floors: system-deps $(VENV)/.installed-test
+	@set -e; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	pins=$$($(BIN)/python -c 'import re, sys; text = open("pyproject.toml").read(); \
+	  print(*(re.search(r"\b" + n + r">=[\w.]+", text)[0].replace(">=", "==") for n in sys.argv[1:]))' $(FLOOR_PKGS)); \
+	echo "mm3d test-floors: $$pins"; \
+	$(BIN)/python -m venv --without-pip "$$tmp/venv"; \
+	py="$$tmp/venv/bin/python"; \
+	$(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' \
+	  > "$$($$py -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/mm3d-base-venv.pth"; \
+	$(BIN)/python -m pip --python "$$py" install -q --no-deps $$pins; \
+	$(BIN)/python -m pip --python "$$py" install -q --no-deps --no-build-isolation -e .; \
+	"$$py" -c 'import importlib, sys; \
+	  mods = [importlib.import_module(n) for n in ["torch", *sys.argv[1:]]]; \
+	  print(*(f"mm3d test-floors: testing {m.__name__} {m.__version__} from {m.__file__}" for m in mods), sep="\n")' $(FLOOR_PKGS); \
+	"$$py" -m pytest tests $(FLOOR_PYTEST_ARGS)
 
 install: system-deps $(VENV)/.installed-base
 install-test: system-deps $(VENV)/.installed-test
