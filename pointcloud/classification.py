@@ -40,10 +40,10 @@ from torch.utils.data import Dataset
 
 from mm3d.config import RunConfig, TrainConfig
 from mm3d.distributed import all_reduce_sum
+from mm3d.engine import move_to_device
 from mm3d.metrics import ClassificationMeter, per_class_accuracy, plot_confusion
 from mm3d.registry import register_task
 from mm3d.task import EvalResult, Task
-from mm3d.engine import move_to_device
 from mm3d.pointcloud import datasets as D
 from mm3d.pointcloud import fewshot
 from mm3d.pointcloud.checkpoints import load_encoder_checkpoint

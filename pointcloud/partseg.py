@@ -24,9 +24,9 @@ from torch.utils.data import Dataset
 
 from mm3d.config import RunConfig, TrainConfig
 from mm3d.distributed import all_reduce_sum
+from mm3d.engine import move_to_device
 from mm3d.registry import register_task
 from mm3d.task import EvalResult, Task
-from mm3d.engine import move_to_device
 from mm3d.pointcloud.checkpoints import load_encoder_checkpoint
 from mm3d.pointcloud.datasets import SHAPENETPART_CATEGORIES, SHAPENETPART_SEG_CLASSES, ShapeNetPart
 from mm3d.pointcloud.models import PointMAEConfig

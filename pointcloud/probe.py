@@ -26,10 +26,10 @@ from torch.utils.data import Dataset
 from mm3d.config import RunConfig, TrainConfig
 from mm3d.data import ResumableSampler, build_loader
 from mm3d.distributed import all_gather_cat, get_info
+from mm3d.engine import move_to_device
 from mm3d.metrics import confusion_matrix, mean_class_accuracy, plot_confusion
 from mm3d.registry import register_task
 from mm3d.task import EvalResult, Task
-from mm3d.engine import move_to_device
 from mm3d.pointcloud.checkpoints import load_encoder_checkpoint
 from mm3d.pointcloud.classification import (ClsDataConfig, build_cls_datasets, eval_points, majority_accuracy,
                                             resolve_num_classes)
