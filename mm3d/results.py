@@ -113,24 +113,27 @@ def write_classification_split(run_dir: str | Path, split: str, result: Classifi
     """``<run_dir>/<split>/`` predictions.json, per_class.csv and confusion.png of one split.
 
     `names`: class names (index = label); `sample_ids`: what identifies sample ``i`` of the
-    dataset (a file path), indexed by ``result.index`` (default: the index itself).
+    dataset (a file path), indexed by ``result.index`` (default: the index itself). A result
+    without scores (``result.probs`` with no rows, e.g. an SVM's hard predictions) writes no
+    predictions.json.
     """
     if len(names) != result.confusion.shape[0]:
         raise ValueError(f"{len(names)} class names for a {result.confusion.shape[0]}-class result")
     out = Path(run_dir) / split
     out.mkdir(parents=True, exist_ok=True)
-    k = min(topk, result.probs.shape[1]) if result.probs.numel() else 0
-    rows = []
-    if k:
+    files = []
+    if result.probs.shape[0]:
+        k = min(topk, result.probs.shape[1])
         top = result.probs.topk(k, dim=1)
+        rows = []
         for i, idx in enumerate(result.index.tolist()):
             label = int(result.labels[i])
             rows.append({"sample": sample_ids[idx] if sample_ids is not None else idx, "index": idx,
                          "label": label, "label_name": names[label], "correct": int(top.indices[i, 0]) == label,
                          "topk": [[names[c], round(float(p), 6)] for c, p in
                                   zip(top.indices[i].tolist(), top.values[i].tolist())]})
-    predictions = out / "predictions.json"
-    predictions.write_text("[\n" + ",\n".join(json.dumps(jsonable(r)) for r in rows) + "\n]\n")
+        files.append(out / "predictions.json")
+        files[-1].write_text("[\n" + ",\n".join(json.dumps(jsonable(r)) for r in rows) + "\n]\n")
     per_class = out / "per_class.csv"
     with per_class.open("w", newline="") as f:
         w = csv.writer(f)
@@ -140,6 +143,6 @@ def write_classification_split(run_dir: str | Path, split: str, result: Classifi
                         "" if r["accuracy"] is None else f"{r['accuracy']:.4f}"])
     m = result.metrics
     title = title or (f"{split}: top-1 {m.get('top1', 0):.3f}, mean class acc {m.get('mean_class_acc', 0):.3f} "
-                      f"({len(rows)} samples)")
+                      f"({int(result.confusion.sum())} samples)")
     confusion = plot_confusion(result.confusion, names, out / "confusion.png", title=title)
-    return [predictions, per_class, confusion]
+    return [*files, per_class, confusion]

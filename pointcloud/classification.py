@@ -27,7 +27,6 @@ accuracy per split. Initialisation (``init=``): see
 
 from __future__ import annotations
 
-import csv
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,22 +38,26 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from mm3d.config import RunConfig, TrainConfig
-from mm3d.distributed import all_reduce_sum
-from mm3d.engine import move_to_device
-from mm3d.metrics import ClassificationMeter, per_class_accuracy, plot_confusion
+from mm3d.engine import SplitMeans, move_to_device
+from mm3d.metrics import ClassificationMeter
 from mm3d.registry import register_task
+from mm3d.results import (per_class_markdown, protocol_label, selection_split, write_classification_split,
+                          write_results_md)
 from mm3d.task import EvalResult, Task
 from mm3d.pointcloud import datasets as D
 from mm3d.pointcloud import fewshot
 from mm3d.pointcloud.checkpoints import load_encoder_checkpoint
 from mm3d.pointcloud.io import read_points
 from mm3d.pointcloud.models import PointMAEConfig, build_classifier
-from mm3d.pointcloud.protocol import effective_selection, protocol_label, write_results_md
+from mm3d.pointcloud.protocol import TABLE_INFO, table_info
 from mm3d.pointcloud.splits import Indexed, require_root, stratified_split
 from mm3d.pointcloud.transforms import (ShapeAugmentation, build_point_augmentation, normalize_unit_sphere,
                                         random_subset, reseed_from_global, sample_indices, sample_points)
 
 log = logging.getLogger(__name__)
+
+REPORT_COLUMNS = ("top1", "vote_top1", "mean_class_acc", "vote_mean_class_acc", "top5", "chance_top1", "loss",
+                  "num_samples")  # of results.md
 
 
 @dataclass
@@ -323,23 +326,20 @@ class PointMAEClassifyTask(Task):
         voting = cfg.data.votes > 0 and split in cfg.data.vote_splits
         vote_meter = ClassificationMeter(num_classes, (1, 5)) if voting else None
         gen = torch.Generator(device=device).manual_seed(cfg.seed + 12345)
-        loss = torch.zeros(2, dtype=torch.float64, device=device)
+        means = SplitMeans(["loss"], device)
         for batch in loader:
             batch = move_to_device(batch, device)
             pool, label = batch["points"], batch["label"].reshape(-1)
             index = batch.get("index")
             out = model({"points": eval_points(pool, cfg.data), "label": label})
-            loss += torch.stack([out.loss.double() * len(label), torch.tensor(float(len(label)), dtype=torch.float64,
-                                                                              device=device)])
+            means.update(len(label), {"loss": out.loss})
             meter.update(out.logits, label, index)
             if vote_meter is not None:
                 vote_meter.update(self.vote_logits(model, pool, cfg, gen), label, index)
-        loss = all_reduce_sum(loss)
         res = meter.compute()
-        metrics = {"loss": float(loss[0] / loss[1].clamp(min=1)), **res.metrics,
-                   "chance_top1": majority_accuracy(res.confusion)}
+        metrics = {**means.compute(), **res.metrics, "chance_top1": majority_accuracy(res.confusion)}
         classes = getattr(getattr(loader, "dataset", None), "classes", None)
-        artifacts: dict[str, Any] = {"confusion": res.confusion, "classes": classes}
+        artifacts: dict[str, Any] = {"classification": res, "classes": classes}
         if vote_meter is not None:
             vres = vote_meter.compute()
             metrics.update({f"vote_{k}": v for k, v in vres.metrics.items() if k != "num_samples"})
@@ -348,9 +348,9 @@ class PointMAEClassifyTask(Task):
 
     def run_info(self, cfg: PointClassifyConfig, datasets: Mapping[str, Any]) -> dict[str, Any]:
         """How the run was done, for every results file: protocol, voting, augmentation."""
-        selected = effective_selection(cfg, datasets)
+        selected = selection_split(cfg.train.select_on, list(datasets))
         info = {"config": cfg.name, "task": cfg.task, "seed": cfg.seed, "selected_on": selected,
-                "protocol": protocol_label(cfg, selected), "dataset": cfg.data.dataset,
+                "protocol": protocol_label(selected, cfg.checkpoint), "dataset": cfg.data.dataset,
                 "voting": {"votes": cfg.data.votes, "splits": list(cfg.data.vote_splits),
                            "augmentation": "scale_translate"},
                 "augmentation": cfg.data.augmentation, "npoints": cfg.data.npoints, "fps_points": cfg.data.fps_points,
@@ -364,36 +364,25 @@ class PointMAEClassifyTask(Task):
 
     def write_report(self, run_dir: Path, model: nn.Module, cfg: PointClassifyConfig,
                      results: dict[str, EvalResult], datasets: dict[str, Dataset], device: torch.device) -> list[Path]:
-        """results.md (protocol table), and per split a confusion-matrix PNG and per-class accuracy CSV."""
+        """The common results layout (:mod:`mm3d.results`): results.md (protocol table and the test
+        split's per-class accuracy) and per split predictions, per-class accuracy and confusion matrix."""
         files: list[Path] = []
         info = self.run_info(cfg, datasets)
-        per_class_md = ""
+        sections = []
         for split, res in results.items():
             art = res.artifacts or {}
-            conf = art.get("confusion")
-            if conf is None:
+            cls_res = art.get("classification")
+            if cls_res is None:
                 continue
-            names = art.get("classes") or getattr(datasets.get(split), "classes", None) or \
-                [str(i) for i in range(conf.shape[0])]
-            files.append(plot_confusion(conf, names, Path(run_dir) / "plots" / f"confusion_{split}.png",
-                                        title=f"{cfg.name}: {split} ({info['protocol']})"))
-            acc = per_class_accuracy(conf)
-            csv_path = Path(run_dir) / f"per_class_accuracy_{split}.csv"
-            with csv_path.open("w", newline="") as f:
-                w = csv.writer(f)
-                w.writerow(["label", "class", "samples", "correct", "accuracy"])
-                for i, name in enumerate(names):
-                    w.writerow([i, name, int(conf[i].sum()), int(conf[i, i]),
-                                "" if torch.isnan(acc[i]) else f"{float(acc[i]):.4f}"])
-            files.append(csv_path)
+            n = cls_res.confusion.shape[0]
+            names = art.get("classes") or getattr(datasets.get(split), "classes", None) or [str(i) for i in range(n)]
+            files += write_classification_split(run_dir, split, cls_res, names,
+                                                title=f"{cfg.name}: {split} ({info['protocol']})")
             if split == "test":
-                cell = ["–" if torch.isnan(a) else f"{float(a):.4f}" for a in acc]
-                rows = [f"| {name} | {int(conf[i].sum())} | {cell[i]} |" for i, name in enumerate(names)]
-                per_class_md = "\n## Per-class accuracy (test)\n\n| class | samples | accuracy |\n|---|---|---|\n" + \
-                    "\n".join(rows) + "\n"
-        columns = ["top1", "vote_top1", "mean_class_acc", "vote_mean_class_acc", "top5", "chance_top1", "loss",
-                   "num_samples"]
-        files.append(write_results_md(run_dir, cfg, info, results, columns, per_class_md))
+                sections.append(per_class_markdown(cls_res.confusion, names, split))
+        files.append(write_results_md(run_dir, f"{cfg.name} ({cfg.task})", table_info(info),
+                                      {s: r.metrics for s, r in results.items()}, REPORT_COLUMNS,
+                                      extra_info=TABLE_INFO, sections=sections))
         return files
 
     def predict(self, model: nn.Module, cfg: PointClassifyConfig, inputs: list[str], *, topk: int,

@@ -27,11 +27,9 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
 from timm.layers import trunc_normal_
-from timm.models.vision_transformer import Block
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from mm3d.layers import init_trunc_normal, init_xavier
+from mm3d.layers import init_trunc_normal, init_xavier, run_blocks, token_mask_count, vit_blocks
 from mm3d.masking import num_masked, point_mask
 from mm3d.pointcloud.ops import chamfer_distance, farthest_point_sample, gather_points, knn
 from mm3d.registry import register_variant
@@ -220,24 +218,8 @@ def _pos_mlp(hidden: int, dim: int) -> nn.Sequential:
 def _blocks(dim: int, depth: int, num_heads: int, mlp_ratio: float, qkv_bias: bool,
             drop_path: float) -> nn.ModuleList:
     """timm ViT blocks (SDPA attention) with torch LayerNorm (eps 1e-5, as the official model)."""
-    rates = torch.linspace(0, drop_path, depth, device="cpu").tolist() if depth else []
-    return nn.ModuleList(
-        Block(dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop_path=r, norm_layer=nn.LayerNorm)
-        for r in rates)
-
-
-def _run_blocks(blocks: nn.ModuleList, x: torch.Tensor, pos: torch.Tensor, grad_ckpt: bool,
-                fetch: Sequence[int] = ()) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """x = block(x + pos) for every block; also returns the outputs of the blocks in `fetch`."""
-    fetched = []
-    for i, blk in enumerate(blocks):
-        if grad_ckpt and torch.is_grad_enabled():
-            x = checkpoint(blk, x + pos, use_reentrant=False)
-        else:
-            x = blk(x + pos)
-        if i in fetch:
-            fetched.append(x)
-    return x, fetched
+    return vit_blocks(dim=dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
+                      drop_path=drop_path, norm_layer=nn.LayerNorm)
 
 
 class BlockFeatures(NamedTuple):
@@ -278,7 +260,7 @@ class PointMAEEncoder(nn.Module):
     def transform(self, x: torch.Tensor, pos: torch.Tensor,
                   fetch: Sequence[int] = ()) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """x, pos: (B, L, D) -> normed tokens (B, L, D) and the raw outputs of blocks `fetch`."""
-        x, fetched = _run_blocks(self.blocks, x, pos, self.grad_checkpointing, fetch)
+        x, fetched = run_blocks(self.blocks, x, pos=pos, grad_checkpointing=self.grad_checkpointing, taps=fetch)
         return self.norm(x), fetched
 
     def forward(self, neighborhood: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
@@ -296,8 +278,8 @@ class PointMAEEncoder(nn.Module):
             if not 0 <= b < self.depth:
                 raise ValueError(f"block index {b} out of range for depth {self.depth}")
         x = self.embed(grouped.neighborhood)
-        _, fetched = _run_blocks(self.blocks, x, self.pos_embed(grouped.center), self.grad_checkpointing,
-                                 sorted(set(blocks)))
+        _, fetched = run_blocks(self.blocks, x, pos=self.pos_embed(grouped.center),
+                                grad_checkpointing=self.grad_checkpointing, taps=sorted(set(blocks)))
         by_index = dict(zip(sorted(set(blocks)), fetched))
         return BlockFeatures(tuple(self.norm(by_index[b]) for b in blocks), grouped.center,
                              grouped.neighborhood)
@@ -316,7 +298,7 @@ class PointMAEDecoder(nn.Module):
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, num_last: int) -> torch.Tensor:
         """x, pos: (B, L, D) -> (B, num_last, D)."""
-        x, _ = _run_blocks(self.blocks, x, pos, self.grad_checkpointing)
+        x, _ = run_blocks(self.blocks, x, pos=pos, grad_checkpointing=self.grad_checkpointing)
         return self.norm(x[:, x.shape[1] - num_last:])
 
 
@@ -420,16 +402,6 @@ class PointMAEPretrain(nn.Module):
         """center: (B, G, 3) -> (B, G) bool mask of this model's kind and ratio."""
         return point_mask(self.mask_type, center, self.mask_ratio, generator=generator)
 
-    def _check_mask(self, mask: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
-        if mask.shape != center.shape[:2] or mask.dtype != torch.bool:
-            raise ValueError(f"mask must be a (B, G) = {tuple(center.shape[:2])} bool tensor, got "
-                             f"{tuple(mask.shape)} {mask.dtype}")
-        counts = mask.sum(dim=1)
-        if bool((counts != counts[0]).any()) or int(counts[0]) in (0, mask.shape[1]):
-            raise ValueError(f"every sample must mask the same number of patches, at least one "
-                             f"masked and one visible; got per-sample counts {counts.tolist()}")
-        return mask.to(center.device)
-
     def forward(self, batch: dict, *, generator: torch.Generator | None = None) -> PointMAEPretrainOutput:
         points = _check_points(batch)
         neighborhood, center = self.group(points)
@@ -438,9 +410,9 @@ class PointMAEPretrain(nn.Module):
         if mask is None:
             mask = self.make_mask(center, generator)
             num_mask = num_masked(g, self.mask_ratio)
-        else:
-            mask = self._check_mask(mask, center)
-            num_mask = int(mask[0].sum())
+        else:  # a mask from outside: read and checked (see mm3d.layers.token_mask_count)
+            num_mask = token_mask_count(mask, b, g, "mask", allow_all=False)
+            mask = mask.to(center.device)
         num_vis = g - num_mask
         # group indices: the visible ones, then the masked ones, each in group order (no host sync)
         order = torch.argsort(mask.to(torch.uint8), dim=1, stable=True)

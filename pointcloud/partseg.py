@@ -23,14 +23,14 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from mm3d.config import RunConfig, TrainConfig
-from mm3d.distributed import all_reduce_sum
-from mm3d.engine import move_to_device
+from mm3d.engine import SplitMeans, move_to_device
 from mm3d.registry import register_task
+from mm3d.results import protocol_label, selection_split, write_results_md
 from mm3d.task import EvalResult, Task
 from mm3d.pointcloud.checkpoints import load_encoder_checkpoint
 from mm3d.pointcloud.datasets import SHAPENETPART_CATEGORIES, SHAPENETPART_SEG_CLASSES, ShapeNetPart
 from mm3d.pointcloud.models import PointMAEConfig
-from mm3d.pointcloud.protocol import effective_selection, protocol_label, write_results_md
+from mm3d.pointcloud.protocol import TABLE_INFO, table_info
 from mm3d.pointcloud.seg_metrics import (SegmentationMeter, category_part_mask, part_ious, part_sets_for,
                                          restrict_to_category)
 from mm3d.pointcloud.segmentation import SegHeadConfig, build_segmentation_model
@@ -191,22 +191,20 @@ class PointMAEPartSegTask(Task):
         model.eval()
         categories = getattr(getattr(loader, "dataset", None), "categories", None) or list(SHAPENETPART_CATEGORIES)
         meter = SegmentationMeter(self._part_mask(categories, model.num_parts), categories)
-        loss = torch.zeros(2, dtype=torch.float64, device=device)
+        means = SplitMeans(["loss"], device)
         for batch in loader:
             batch = move_to_device(batch, device)
             out = model(batch)
-            n = batch["points"].shape[0]
-            loss += torch.stack([out.loss.double() * n, torch.tensor(float(n), dtype=torch.float64, device=device)])
+            means.update(batch["points"].shape[0], {"loss": out.loss})
             meter.update(out.logits, batch["seg"], batch["cls_label"].reshape(-1), batch.get("index"))
-        loss = all_reduce_sum(loss)
         res = meter.compute()
-        return EvalResult({"loss": float(loss[0] / loss[1].clamp(min=1)), **res.metrics},
+        return EvalResult({**means.compute(), **res.metrics},
                           {"shape_iou": res.shape_iou, "cls_label": res.cls_label, "categories": categories})
 
     def run_info(self, cfg: PointPartSegConfig, datasets: Mapping[str, Any]) -> dict[str, Any]:
-        selected = effective_selection(cfg, datasets)
+        selected = selection_split(cfg.train.select_on, list(datasets))
         return {"config": cfg.name, "task": cfg.task, "seed": cfg.seed, "selected_on": selected,
-                "protocol": protocol_label(cfg, selected), "voting": "off", "augmentation": cfg.data.augmentation,
+                "protocol": protocol_label(selected, cfg.checkpoint), "voting": "off", "augmentation": cfg.data.augmentation,
                 "train_split": self.train_split(cfg), "npoints": cfg.data.npoints, "init": cfg.init or "scratch"}
 
     def write_report(self, run_dir: Path, model: nn.Module, cfg: PointPartSegConfig,
@@ -214,14 +212,16 @@ class PointMAEPartSegTask(Task):
         """results.md with class/instance mIoU and per-category IoU; Open3D renders of test shapes."""
         info = self.run_info(cfg, datasets)
         files: list[Path] = []
-        extra = ""
+        sections = []
         if "test" in results:
             cats = sorted(k.removeprefix("iou_") for k in results["test"].metrics if k.startswith("iou_"))
             if cats:
-                extra = "\n## Per-category IoU (test)\n\n| category | IoU |\n|---|---|\n" + "\n".join(
-                    f"| {c} | {results['test'].metrics['iou_' + c]:.4f} |" for c in cats) + "\n"
-        files.append(write_results_md(run_dir, cfg, info, results,
-                                      ["instance_miou", "class_miou", "accuracy", "loss", "num_samples"], extra))
+                sections.append("## Per-category IoU (test)\n\n| category | IoU |\n|---|---|\n" + "\n".join(
+                    f"| {c} | {results['test'].metrics['iou_' + c]:.4f} |" for c in cats) + "\n")
+        files.append(write_results_md(run_dir, f"{cfg.name} ({cfg.task})", table_info(info),
+                                      {s: r.metrics for s, r in results.items()},
+                                      ("instance_miou", "class_miou", "accuracy", "loss", "num_samples"),
+                                      extra_info=TABLE_INFO, sections=sections))
         files += self.render_shapes(model, cfg, datasets.get("test"), Path(run_dir) / "plots", device)
         return files
 

@@ -27,14 +27,15 @@ from mm3d.config import RunConfig, TrainConfig
 from mm3d.data import ResumableSampler, build_loader
 from mm3d.distributed import all_gather_cat, get_info
 from mm3d.engine import move_to_device
-from mm3d.metrics import confusion_matrix, mean_class_accuracy, plot_confusion
+from mm3d.metrics import ClassificationResult, confusion_matrix, mean_class_accuracy
 from mm3d.registry import register_task
+from mm3d.results import write_classification_split, write_results_md
 from mm3d.task import EvalResult, Task
 from mm3d.pointcloud.checkpoints import load_encoder_checkpoint
 from mm3d.pointcloud.classification import (ClsDataConfig, build_cls_datasets, eval_points, majority_accuracy,
                                             resolve_num_classes)
 from mm3d.pointcloud.models import PointMAEConfig, build_pretrain_model
-from mm3d.pointcloud.protocol import write_results_md
+from mm3d.pointcloud.protocol import TABLE_INFO, table_info
 from mm3d.pointcloud.splits import stratified_split
 
 log = logging.getLogger(__name__)
@@ -191,7 +192,8 @@ class PointSVMTask(Task):
         log.info("SVM probe on %s: C=%g (candidates %s) -> top1 %.4f", split, res.c, res.scores or cfg.probe.cs,
                  metrics["top1"])
         classes = getattr(getattr(loader, "dataset", None), "classes", None)
-        return EvalResult(metrics, {"confusion": conf, "classes": classes, "c_scores": res.scores})
+        hard = ClassificationResult(metrics, torch.zeros(0, num_classes), test_y, torch.arange(len(test_y)), conf)
+        return EvalResult(metrics, {"classification": hard, "classes": classes, "c_scores": res.scores})
 
     def run_info(self, cfg: PointSVMConfig, datasets: Mapping[str, Any]) -> dict[str, Any]:
         sel = cfg.train.select_on if len(cfg.probe.cs) > 1 else "last"
@@ -205,16 +207,21 @@ class PointSVMTask(Task):
 
     def write_report(self, run_dir: Path, model: nn.Module, cfg: PointSVMConfig, results: dict[str, EvalResult],
                      datasets: dict[str, Dataset], device: torch.device) -> list[Path]:
+        """The common results layout (:mod:`mm3d.results`); an SVM gives hard predictions, so per
+        split only per_class.csv and confusion.png."""
         files = []
         info = self.run_info(cfg, datasets)
         for split, res in results.items():
             art = res.artifacts or {}
-            if art.get("confusion") is not None:
-                files.append(plot_confusion(art["confusion"], art.get("classes"),
-                                            Path(run_dir) / "plots" / f"svm_confusion_{split}.png",
-                                            title=f"{cfg.name}: linear SVM, {split}"))
-        files.append(write_results_md(run_dir, cfg, info, results,
-                                      ["top1", "mean_class_acc", "C", "select_top1", "chance_top1", "num_samples"]))
+            if art.get("classification") is not None:
+                conf = art["classification"].confusion
+                names = art.get("classes") or [str(i) for i in range(conf.shape[0])]
+                files += write_classification_split(run_dir, split, art["classification"], names,
+                                                    title=f"{cfg.name}: linear SVM, {split}")
+        files.append(write_results_md(run_dir, f"{cfg.name} ({cfg.task})", table_info(info),
+                                      {s: r.metrics for s, r in results.items()},
+                                      ("top1", "mean_class_acc", "C", "select_top1", "chance_top1", "num_samples"),
+                                      extra_info=TABLE_INFO))
         return files
 
 

@@ -23,8 +23,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from mm3d.config import RunConfig
-from mm3d.distributed import all_reduce_sum
-from mm3d.engine import move_to_device
+from mm3d.engine import SplitMeans, move_to_device
 from mm3d.registry import register_task
 from mm3d.task import EvalResult, Task
 from mm3d.pointcloud import datasets as D
@@ -178,19 +177,14 @@ class PointMAEPretrainTask(Task):
         """Chamfer L2 and L1 on the masked patches, masks drawn from a fixed seed."""
         model.eval()
         gen = torch.Generator(device=device).manual_seed(cfg.seed)
-        total = torch.zeros(4, dtype=torch.float64, device=device)
+        means = SplitMeans(["loss", "cd_l2", "cd_l1"], device)
         for batch in loader:
             batch = move_to_device(batch, device)
             out = model(batch, generator=gen)
-            n = out.pred.shape[0]
             pred, target = out.pred.float(), out.target.float()
-            total += torch.stack([out.loss.double() * n, chamfer_loss(pred, target, "cdl2").double() * n,
-                                  chamfer_loss(pred, target, "cdl1").double() * n,
-                                  torch.tensor(n, dtype=torch.float64, device=device)])
-        total = all_reduce_sum(total)
-        count = total[3].clamp(min=1)
-        return EvalResult({"loss": float(total[0] / count), "cd_l2": float(total[1] / count),
-                           "cd_l1": float(total[2] / count)})
+            means.update(out.pred.shape[0], {"loss": out.loss, "cd_l2": chamfer_loss(pred, target, "cdl2"),
+                                             "cd_l1": chamfer_loss(pred, target, "cdl1")})
+        return EvalResult(means.compute())
 
     def _report_items(self, datasets: dict[str, Dataset], count: int) -> list[tuple[str, torch.Tensor]]:
         split = "test" if "test" in datasets else "train"

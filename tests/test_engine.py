@@ -104,6 +104,19 @@ def test_videomae_pretraining_forward_runs_on_the_meta_device():
     assert out.loss.shape == () and out.pred.shape[:2] == (2, n_mask) and 0 < n_mask < model.num_tokens
 
 
+def test_pointmae_pretraining_forward_runs_on_the_meta_device():
+    """The same for Point-MAE: FPS, KNN, its own mask, the gathers and Chamfer read nothing back."""
+    from mm3d.masking import num_masked
+    from mm3d.pointcloud.models import build_pretrain_model
+
+    cfg = variant_config("pointmae_tiny")
+    with torch.device("meta"):
+        model = build_pretrain_model(cfg)
+        out = model({"points": torch.empty(2, 256, 3)})
+    assert out.loss.shape == ()
+    assert out.pred.shape == (2, num_masked(cfg.num_group, cfg.mask_ratio), cfg.group_size, 3)
+
+
 def test_token_mask_count_trusts_generated_counts_off_the_cpu_and_checks_the_rest():
     meta = torch.empty(2, 8, dtype=torch.bool, device="meta")
     assert token_mask_count(meta, 2, 8, "mask", expected=6) == 6  # no read: meta has no data

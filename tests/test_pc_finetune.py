@@ -223,9 +223,11 @@ def test_classification_end_to_end(mn_root, pretrain_ckpt, tmp_path, capsys):
     assert saved["test"]["vote_top1"] == res["test"]["vote_top1"]
     md = (out / "results.md").read_text()
     assert "selected on val (honest)" in md and "2 votes on test" in md and "scale_translate" in md
-    assert (out / "plots" / "confusion_test.png").stat().st_size > 0
-    rows = (out / "per_class_accuracy_test.csv").read_text().splitlines()
+    assert (out / "test" / "confusion.png").stat().st_size > 0
+    rows = (out / "test" / "per_class.csv").read_text().splitlines()
     assert rows[0].startswith("label,class") and len(rows) == 11 and rows[1].startswith("0,sphere,2,")
+    preds = json.loads((out / "test" / "predictions.json").read_text())
+    assert len(preds) == 20 and sum(p["correct"] for p in preds) / 20 == pytest.approx(res["test"]["top1"])
 
     # mm3d evaluate on the selected checkpoint reproduces the test metrics
     cfg_path = tmp_path / "cfg.yaml"
@@ -319,7 +321,7 @@ def test_fewshot_folds_end_to_end(mn_root, tmp_path):
         info = json.loads((out / f"seed_{k}" / "results.json").read_text())
         assert info["test"]["num_samples"] == 10
         classes = fewshot.read_fold(fs / "5way_2shot" / f"{k}.json")["classes"]
-        csv_rows = (out / f"seed_{k}" / "per_class_accuracy_test.csv").read_text().splitlines()[1:]
+        csv_rows = (out / f"seed_{k}" / "test" / "per_class.csv").read_text().splitlines()[1:]
         assert [r.split(",")[1] for r in csv_rows] == classes
     assert "mean ± std" in (out / "results.md").read_text()
 
@@ -358,6 +360,9 @@ def test_svm_probe_end_to_end(mn_root, pretrain_ckpt, tmp_path):
     assert test["C"] in (0.1, 1.0) and 0.0 <= test["top1"] <= 1.0 and "select_top1" in test
     assert test["num_samples"] == 20 and test["train_samples"] == 40
     assert "C chosen on val carved from train (honest)" in (tmp_path / "svm" / "eval" / "results.md").read_text()
+    svm_rows = (tmp_path / "svm" / "eval" / "test" / "per_class.csv").read_text().splitlines()[1:]
+    assert sum(int(r.split(",")[3]) for r in svm_rows) == round(test["top1"] * 20)  # correct counts add up
+    assert not (tmp_path / "svm" / "eval" / "test" / "predictions.json").exists()  # hard predictions: no scores
     # `mm3d finetune CONFIG init=CKPT` runs no training step and gives the same probe
     from dataclasses import replace
 
