@@ -52,7 +52,7 @@ from mm3d.pointcloud.models import PointMAEConfig, build_classifier
 from mm3d.pointcloud.protocol import TABLE_INFO, table_info
 from mm3d.pointcloud.splits import Indexed, require_root, stratified_split
 from mm3d.pointcloud.transforms import (ShapeAugmentation, build_point_augmentation, normalize_unit_sphere,
-                                        random_subset, reseed_from_global, sample_indices, sample_points)
+                                        random_subset, sample_indices, sample_points, training_batch_transform)
 
 log = logging.getLogger(__name__)
 
@@ -284,20 +284,10 @@ class PointMAEClassifyTask(Task):
         return load_encoder_checkpoint(model, path, allow_pickle=cfg.allow_pickle)
 
     def batch_transform(self, cfg: PointClassifyConfig, device: torch.device) -> Callable[[Any], Any]:
-        d = cfg.data
-        gen = torch.Generator(device=device)
-        aug = build_point_augmentation(d.augmentation, scale_low=d.scale_low, scale_high=d.scale_high,
-                                       translate_range=d.translate_range, up_axis=d.up_axis, generator=gen)
-        n = d.npoints
-
-        def transform(batch: dict[str, Any]) -> dict[str, Any]:
-            reseed_from_global(gen)
-            pts = batch["points"]
-            if pts.shape[1] > n:  # the official FPS-pool-then-random draw
-                pts = random_subset(pts, n, gen)
-            return {**batch, "points": aug(pts) if aug is not None else pts}
-
-        return transform
+        d = cfg.data  # the official FPS-pool-then-random draw of npoints, then the augmentation
+        return training_batch_transform(d.augmentation, device, subset=d.npoints, scale_low=d.scale_low,
+                                        scale_high=d.scale_high, translate_range=d.translate_range,
+                                        up_axis=d.up_axis)
 
     @torch.no_grad()
     def vote_logits(self, model: nn.Module, points: torch.Tensor, cfg: PointClassifyConfig,

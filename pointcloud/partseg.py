@@ -35,7 +35,7 @@ from mm3d.pointcloud.seg_metrics import (SegmentationMeter, category_part_mask, 
                                          restrict_to_category)
 from mm3d.pointcloud.segmentation import SegHeadConfig, build_segmentation_model
 from mm3d.pointcloud.splits import Indexed, require_root
-from mm3d.pointcloud.transforms import PointAugmentation, build_point_augmentation, reseed_from_global
+from mm3d.pointcloud.transforms import PointAugmentation, training_batch_transform
 from mm3d.pointcloud.visualize import CloudRenderer, show_interactive
 
 log = logging.getLogger(__name__)
@@ -167,17 +167,8 @@ class PointMAEPartSegTask(Task):
 
     def batch_transform(self, cfg: PointPartSegConfig, device: torch.device) -> Callable[[Any], Any] | None:
         d = cfg.data
-        gen = torch.Generator(device=device)
-        aug = build_point_augmentation(d.augmentation, scale_low=d.scale_low, scale_high=d.scale_high,
-                                       translate_range=d.translate_range, up_axis=d.up_axis, generator=gen)
-        if aug is None:
-            return None
-
-        def transform(batch: dict[str, Any]) -> dict[str, Any]:
-            reseed_from_global(gen)
-            return {**batch, "points": aug(batch["points"])}
-
-        return transform
+        return training_batch_transform(d.augmentation, device, scale_low=d.scale_low, scale_high=d.scale_high,
+                                        translate_range=d.translate_range, up_axis=d.up_axis)
 
     @staticmethod
     def _part_mask(categories: Sequence[str], num_parts: int) -> torch.Tensor:

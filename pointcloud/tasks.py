@@ -30,8 +30,8 @@ from mm3d.pointcloud import datasets as D
 from mm3d.pointcloud.io import read_points
 from mm3d.pointcloud.models import PointMAEConfig, PointMAEPretrain, build_pretrain_model, chamfer_loss
 from mm3d.pointcloud.ops.bench import bench_ops
-from mm3d.pointcloud.transforms import (ShapeAugmentation, build_point_augmentation, normalize_unit_sphere,
-                                        reseed_from_global, sample_indices)
+from mm3d.pointcloud.transforms import (ShapeAugmentation, normalize_unit_sphere, sample_indices,
+                                        training_batch_transform)
 from mm3d.pointcloud.visualize import CloudRenderer, write_reconstruction_figure
 
 log = logging.getLogger(__name__)
@@ -155,17 +155,8 @@ class PointMAEPretrainTask(Task):
 
     def batch_transform(self, cfg: PointPretrainConfig, device: torch.device) -> Callable[[Any], Any] | None:
         d = cfg.data
-        gen = torch.Generator(device=device)
-        aug = build_point_augmentation(d.augmentation, scale_low=d.scale_low, scale_high=d.scale_high,
-                                       translate_range=d.translate_range, up_axis=d.up_axis, generator=gen)
-        if aug is None:
-            return None
-
-        def transform(batch: dict[str, Any]) -> dict[str, Any]:
-            reseed_from_global(gen)
-            return {**batch, "points": aug(batch["points"])}
-
-        return transform
+        return training_batch_transform(d.augmentation, device, scale_low=d.scale_low, scale_high=d.scale_high,
+                                        translate_range=d.translate_range, up_axis=d.up_axis)
 
     def bench_extra(self, cfg: PointPretrainConfig, device: torch.device) -> list[dict[str, Any]]:
         """`mm3d bench`: FPS, KNN and Chamfer at Point-MAE's sizes vs brute force (and pytorch3d)."""

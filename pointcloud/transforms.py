@@ -10,7 +10,7 @@ unchanged unless a function says otherwise. Inputs are never modified in place.
 from __future__ import annotations
 
 import math
-from typing import Callable, Literal
+from typing import Any, Callable, Literal
 
 import torch
 
@@ -327,3 +327,28 @@ def reseed_from_global(generator: torch.Generator) -> torch.Generator:
     ranks draw differently and a resumed run continues the same stream.
     """
     return generator.manual_seed(int(torch.randint(0, 2**62, (1,))))
+
+
+def training_batch_transform(kind: str, device: torch.device, *, subset: int | None = None, scale_low: float,
+                             scale_high: float, translate_range: float, up_axis: int = 1
+                             ) -> Callable[[dict[str, Any]], dict[str, Any]] | None:
+    """The ``batch_transform`` of the point-cloud training tasks: on ``batch["points"]`` (B, P, C)
+    draw a random `subset` of the points when P exceeds it (the official FPS-pool-then-random
+    draw), then augment with `kind` (:func:`build_point_augmentation`). Every draw comes from a
+    generator on `device`, reseeded before each batch by :func:`reseed_from_global`. None when there
+    is nothing to do."""
+    gen = torch.Generator(device=device)
+    aug = build_point_augmentation(kind, scale_low=scale_low, scale_high=scale_high,
+                                   translate_range=translate_range, up_axis=up_axis, generator=gen)
+    if aug is None and subset is None:
+        return None
+
+    def transform(batch: dict[str, Any]) -> dict[str, Any]:
+        reseed_from_global(gen)
+        pts = batch["points"]
+        if subset is not None and pts.shape[1] > subset:
+            pts = random_subset(pts, subset, gen)
+        return {**batch, "points": aug(pts) if aug is not None else pts}
+
+    return transform
+
