@@ -22,10 +22,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from mm3d.errors import UserError
+
 log = logging.getLogger(__name__)
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint cannot be read or does not fit the model."""
 
 

@@ -18,9 +18,10 @@ import torch
 import mm3d.toy  # noqa: F401  (the core's own toy task)
 from mm3d.bench import run_bench
 from mm3d.checkpoint import CheckpointError, load_checkpoint, load_model_weights
-from mm3d.config import ConfigError, config_from_dict, deep_merge, load_config, parse_overrides
+from mm3d.config import config_from_dict, deep_merge, load_config, parse_overrides
 from mm3d.demo import run_demo
 from mm3d.distributed import DistInfo, barrier, cleanup, init_distributed, resolve_device
+from mm3d.errors import UserError
 from mm3d.registry import CONVERTERS, DATA_COMMANDS, MODELS, SYNTH, TASKS, load_modalities
 from mm3d.results import jsonable
 from mm3d.trainer import Trainer, run, setup_logging
@@ -267,7 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         barrier()  # under torchrun: no rank tears down the process group while another still uses it
         cleanup()
         return code
-    except (ConfigError, CheckpointError) as e:
+    except UserError as e:
         print(f"mm3d {args.command}: error: {e}", file=sys.stderr)
         return 2
     except NotImplementedError as e:

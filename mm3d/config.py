@@ -29,10 +29,11 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
+from mm3d.errors import UserError
 from mm3d.registry import MODELS, TASKS, suggest
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config key or value is invalid; the message names the key and where it came from."""
 
 
