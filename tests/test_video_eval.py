@@ -22,6 +22,7 @@ from mm3d.registry import TASKS
 from mm3d.task import ModelOutput
 from mm3d.testing import assert_close
 from mm3d.video.finetune import collate_views
+from mm3d.video.models import interpolate_pos_embed
 from mm3d.video.synth import SynthVideoSpec, write_video_dataset
 
 TASK = TASKS.get("videomae_finetune")
@@ -176,12 +177,37 @@ def test_evaluate_scores_weights_at_another_frame_count_and_refuses_another_head
     cfg_file.write_text("task: videomae_finetune\nmodel:\n  variant: videomae_tiny_test\n")
     ckpt = tmp_path / "cls4.pt"
     _write_classifier(ckpt, load_config(cfg_file, overrides))  # the variant's 4 frames
+    # A head that makes a known score at 8 frames: on the features of the 4-frame encoder with its
+    # position table interpolated to the 8-frame grid, fit the head so that 6 of the 9 videos get their
+    # label and 3 the next class. Scoring with any other table changes the features, and the score.
+    cfg8 = load_config(cfg_file, [*overrides, "model.num_frames=8"])
+    ck = torch.load(ckpt, weights_only=True)
+    state = dict(ck["model"], **{"encoder.pos_embed": interpolate_pos_embed(ck["model"]["encoder.pos_embed"],
+                                                                             (2, 4, 4), (4, 4, 4))})
+    model = TASK.build_model(cfg8)
+    model.load_state_dict(state)
+    val = TASK.build_datasets(cfg8, ["val"])["val"]
+    batch = collate_views([val[i] for i in range(len(val))])
+    labels = batch["label"]
+    with torch.no_grad():
+        feats = model.eval().forward_features(batch["video"])  # (9, 48): one view per video
+    wrong = torch.arange(9) >= 6
+    target = torch.where(wrong, (labels + 1) % 9, labels)
+    design = torch.cat([feats.double(), torch.ones(9, 1, dtype=torch.float64)], dim=1)  # (9, 49)
+    solution = torch.linalg.lstsq(design, 8.0 * torch.nn.functional.one_hot(target, 9).double()).solution
+    ck["model"]["head.weight"], ck["model"]["head.bias"] = solution[:-1].T.float(), solution[-1].float()
+    torch.save(ck, ckpt)
     with caplog.at_level("INFO"):
         assert cli_main(["evaluate", str(cfg_file), *overrides, "model.num_frames=8", f"checkpoint={ckpt}",
                          f"output_dir={tmp_path / 'at8'}"]) == 0
     assert "encoder.pos_embed: interpolated" in caplog.text
     res = json.loads((tmp_path / "at8" / "eval" / "results.json").read_text())
     assert res["val"]["num_samples"] == 9 and 0.0 <= res["val"]["top1"] <= 1.0
+    assert res["val"]["top1"] == pytest.approx(6 / 9)
+    rows = {r["label"]: r for r in json.loads((tmp_path / "at8" / "eval" / "val" / "predictions.json").read_text())}
+    names = [rows[c]["label_name"] for c in range(9)]  # one val video per class
+    for label, want in zip(labels.tolist(), target.tolist()):
+        assert rows[label]["topk"][0][0] == names[want] and rows[label]["correct"] == (want == label)
     other = tmp_path / "cls5.pt"
     _write_classifier(other, load_config(cfg_file, [*overrides[:2], "model.num_classes=5", *overrides[3:]]))
     assert cli_main(["evaluate", str(cfg_file), *overrides, f"checkpoint={other}",
