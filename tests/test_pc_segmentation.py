@@ -66,6 +66,23 @@ def test_category_changes_the_prediction():
     pts = torch.randn(1, 64, 3).expand(2, -1, -1)
     logits = model({"points": pts, "cls_label": torch.tensor([0, 9])}).logits
     assert not torch.allclose(logits[0], logits[1])  # the label embedding reaches every point
+    # The category enters only through its embedding, appended to every point's head input: the
+    # geometry features agree, and the last label_dim channels are the embedding of the one-hot
+    # category, LeakyReLU(0.2)(BatchNorm(W[:, c])) with fresh BatchNorm statistics (mean 0, var 1).
+    with torch.no_grad():
+        feats = model.forward_features(pts, torch.tensor([0, 9]))  # (2, C_in, N)
+    conv, bn = model.label_conv[0], model.label_conv[1]
+    d = conv.out_channels
+    assert_close(feats[0, :-d], feats[1, :-d], atol=1e-6)
+    for row, category in enumerate((0, 9)):
+        embedding = F.leaky_relu(conv.weight[:, category, 0] / (1 + bn.eps) ** 0.5, 0.2)
+        assert_close(feats[row, -d:], embedding[:, None].expand(-1, 64), atol=1e-6)
+    # so the first head layer's pre-activation shifts by one vector, the same at every point
+    with torch.no_grad():
+        pre = model.convs1(feats)
+        shift = model.convs1.weight[:, -d:, 0] @ (feats[0, -d:, 0] - feats[1, -d:, 0])
+    assert_close(pre[0] - pre[1], shift[:, None].expand(-1, 64), atol=1e-5)
+    assert ((logits[0] - logits[1]).abs().amax(dim=-1) > 1e-6).all()  # every point's logits move (init: ~7e-6)
 
 
 def test_official_head_layout():
