@@ -64,6 +64,47 @@ def test_grid_shape_and_not_blank(model):
     assert bare.shape[1] == grid.shape[1] - 110
 
 
+def cell(grid: np.ndarray, row: int, col: int, *, side: int = 96, pad: int = 2, label_width: int = 110) -> np.ndarray:
+    """The (side, side, 3) picture of cell (row, frame) of a grid of square cells."""
+    y, x = pad + row * (side + pad), label_width + pad + col * (side + pad)
+    return grid[y:y + side, x:x + side]
+
+
+def test_grid_cells_are_the_views_enlarged_with_masked_tubelets_grey(model):
+    """Cell (i, j) of the grid is view i at frame j enlarged 3x by pixel repetition; the masked input
+    is mid-grey (128) exactly on the masked tubelets; the separators are white; every row has its
+    label on the left."""
+    cfg = variant_config("videomae_tiny_test")
+    mask = tube_mask(1, cfg.grid, 0.75, generator=torch.Generator().manual_seed(1))
+    video = smooth_clip()
+    views = reconstruction_views(model, video, mask)  # (4 rows, 4 frames, 32, 32, 3)
+    grid = reconstruction_grid(model, video, mask, pad=2, labels=True)
+    scale, side = 3, 96
+    covered = np.zeros(grid.shape[:2], dtype=bool)
+    covered[:, :110] = True  # the label column
+    for i in range(4):
+        for j in range(4):
+            want = (views[i, j] * 255).round().astype(np.uint8).repeat(scale, axis=0).repeat(scale, axis=1)
+            assert np.array_equal(cell(grid, i, j), want), (i, j)
+            y, x = 2 + i * (side + 2), 110 + 2 + j * (side + 2)
+            covered[y:y + side, x:x + side] = True
+    assert (grid[~covered] == 255).all()  # the separators are white
+    k = 3 * cfg.tubelet_size * cfg.patch_size ** 2
+    hidden = unpatchify(mask[..., None].expand(-1, -1, k).float(), cfg.grid, cfg.tubelet_size,
+                        cfg.patch_size)[0, 0].bool().numpy()  # (T, H, W)
+    assert hidden.mean() == 0.75  # 3 of every 4 tubelets
+    for j in range(4):
+        big = hidden[j].repeat(scale, axis=0).repeat(scale, axis=1)
+        masked_input, original = cell(grid, 1, j), cell(grid, 0, j)
+        assert (masked_input[big] == 128).all()
+        assert np.array_equal(masked_input[~big], original[~big])
+        assert (np.abs(original[big].astype(int) - 128) > 2).any()  # the clip is not grey there
+    dark = grid[:, :110].min(axis=-1) < 100  # label text
+    bands = [slice(2 + i * (side + 2), 2 + i * (side + 2) + side) for i in range(4)]
+    assert all(dark[band].sum() > 20 for band in bands)
+    assert dark.sum() == sum(dark[band].sum() for band in bands)  # text only beside its row
+
+
 def test_write_visualization_files(model, tmp_path):
     files = write_visualization(model, smooth_clip(), tmp_path / "out", seed=3, fps=5, name="clip")
     png, gif = files
@@ -73,6 +114,25 @@ def test_write_visualization_files(model, tmp_path):
     anim = Image.open(gif)
     assert anim.n_frames == 4
     assert np.asarray(anim.convert("RGB")).std() > 10
+    # the PNG is the grid of the mask the seed draws
+    mask, _ = model.sample_masks(1, torch.device("cpu"), generator=torch.Generator().manual_seed(3))
+    assert np.array_equal(img, reconstruction_grid(model, smooth_clip(), mask, pad=2, labels=True))
+    # GIF frame j: the four views at frame j side by side (up to the GIF palette), 1000 / fps ms each
+    side, errors = 96, []
+    for j in range(4):
+        anim.seek(j)
+        assert anim.info["duration"] == 200
+        frame = np.asarray(anim.convert("RGB"), dtype=np.float32)
+        assert frame.shape == (2 + side + 2, 2 + 4 * (side + 2), 3)
+        row = []
+        for t in range(4):  # the grid's column t laid out as a strip
+            strip = np.full(frame.shape, 255, np.float32)
+            for i in range(4):
+                strip[2:2 + side, 2 + i * (side + 2):2 + i * (side + 2) + side] = cell(img, i, t)
+            row.append(float(np.abs(frame - strip).mean()))
+        errors.append(row)
+    for j, row in enumerate(errors):
+        assert row[j] < 8 and row[j] == min(row), errors  # each frame shows its own time step
 
 
 def test_write_visualization_from_real_videos(model, tmp_path, realdata):
