@@ -21,11 +21,13 @@ load.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any, ClassVar, Literal, Union, get_args, get_origin
 
 import yaml
 
@@ -62,6 +64,42 @@ class OptimConfig:
     layer_decay: float | None = None  # layer-wise LR decay (models expose timm's group_matcher)
     clip_grad: float | None = None  # max global grad norm
 
+    def validate(self) -> None:
+        for name in ("lr", "blr", "min_lr", "warmup_lr"):
+            _check_rate(name, getattr(self, name), zero_ok=name in ("min_lr", "warmup_lr"))
+        for name in ("weight_decay", "weight_decay_end", "momentum", "warmup_epochs", "warmup_steps"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name}={value} must be a finite number >= 0")
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas={list(self.betas)} must both lie in [0, 1)")
+        if not (math.isfinite(self.eps) and self.eps > 0):
+            raise ValueError(f"eps={self.eps} must be a finite number > 0")
+        if self.layer_decay is not None and not 0.0 < self.layer_decay <= 1.0:
+            raise ValueError(f"layer_decay={self.layer_decay} must lie in (0, 1] (or null for none)")
+        if self.clip_grad is not None and not (math.isfinite(self.clip_grad) and self.clip_grad > 0):
+            raise ValueError(f"clip_grad={self.clip_grad} must be a finite number > 0 (or null for no clipping)")
+
+
+FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max
+MAX_LEARNING_RATE = 100.0  # far above any rate that trains (peak rates are ~1e-5 to ~10 with LARS-size batches)
+
+
+def _check_rate(name: str, value: float | None, *, zero_ok: bool) -> None:
+    """A learning rate must be a number the optimizer can compute with, and a sensible one."""
+    if value is None:
+        return
+    if math.isnan(value):
+        raise ValueError(f"{name}={value} is not a number")
+    if abs(value) > FLOAT32_MAX:
+        raise ValueError(f"{name}={value:g} does not fit in float32 (largest {FLOAT32_MAX:.3g}): the optimizer "
+                         f"would compute with inf and every weight would become NaN")
+    if value < 0 or (value == 0 and not zero_ok):
+        raise ValueError(f"{name}={value:g} must be " + ("> 0" if not zero_ok else ">= 0"))
+    if value > MAX_LEARNING_RATE:
+        raise ValueError(f"{name}={value:g} is too large to be meaningful: above {MAX_LEARNING_RATE:g} every "
+                         f"update overshoots and the loss diverges (typical peak rates are 1e-5 to 1e-1)")
+
 
 @dataclass
 class TrainConfig:
@@ -96,6 +134,18 @@ class TrainConfig:
     tensorboard: bool = True
     find_unused_parameters: bool = False
 
+    def validate(self) -> None:
+        positive = ("batch_size", "accum_steps", "log_every", "keep_last")
+        non_negative = ("epochs", "num_workers", "eval_every", "save_every", "save_every_steps", "keep_best")
+        for name in positive + non_negative:
+            value = getattr(self, name)
+            if value < (1 if name in positive else 0):
+                raise ValueError(f"{name}={value} must be {'>= 1' if name in positive else '>= 0'}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps={self.max_steps} must be >= 1 (or null: train.epochs sets the length)")
+        if not 0.0 <= self.ema_decay <= 1.0:
+            raise ValueError(f"ema_decay={self.ema_decay} must lie in [0, 1]")
+
 
 @dataclass
 class BenchConfig:
@@ -124,6 +174,15 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
+
+    # True for a task that runs no optimizer step (the SVM probe): only it may keep train.epochs at 0
+    trains_nothing: ClassVar[bool] = False
+
+    def validate(self) -> None:
+        """Checks across sections; task configs that add their own call this first."""
+        if self.train.epochs == 0 and not self.trains_nothing:
+            raise ValueError(f"train.epochs=0 trains nothing: task {self.task!r} needs at least 1 epoch "
+                             f"(train.max_steps=N stops earlier)")
 
     @property
     def run_dir(self) -> Path:
@@ -407,8 +466,18 @@ def _build(cls: type, data: dict[str, Any], prefix: str, src: _Source, base: Any
         try:
             check()
         except ValueError as e:
-            raise ConfigError(f"section '{prefix.rstrip('.') or 'top level'}': {e}") from None
+            raise ConfigError(_validation_message(str(e), prefix, names, src)) from None
     return obj
+
+
+def _validation_message(msg: str, prefix: str, names: list[str], src: _Source) -> str:
+    """A ``validate()`` message that starts with a key of its section (``batch_size=0 must ...``,
+    ``data.num_frames=8 differs ...``) gets the full key and where it was set; others name the section."""
+    head = re.match(r"[A-Za-z_][\w.]*", msg)
+    if head and head.group(0).split(".")[0] in names:
+        where = src.where(prefix + head.group(0))
+        return f"{where}: {prefix}{msg}" if where != "defaults" else f"{prefix}{msg}"
+    return f"section '{prefix.rstrip('.') or 'top level'}': {msg}"
 
 
 def config_from_dict(cls: type, data: dict[str, Any], file: str | None = None,

@@ -262,6 +262,7 @@ class PointClassifyConfig(RunConfig):
     train: TrainConfig = field(default_factory=_cls_train_defaults)
 
     def validate(self) -> None:
+        super().validate()
         self.model.check_npoints(self.data.npoints)
 
 

@@ -84,6 +84,7 @@ class PointPartSegConfig(RunConfig):
     train: TrainConfig = field(default_factory=_seg_train_defaults)
 
     def validate(self) -> None:
+        super().validate()
         self.model.check_npoints(self.data.npoints)
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -69,8 +69,10 @@ class PointSVMConfig(RunConfig):
     data: ClsDataConfig = field(default_factory=ClsDataConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     train: TrainConfig = field(default_factory=_svm_train_defaults)
+    trains_nothing: ClassVar[bool] = True
 
     def validate(self) -> None:
+        super().validate()
         if self.train.epochs != 0 or self.train.max_steps:
             raise ValueError("the SVM probe trains no network: keep train.epochs at 0 (and max_steps unset)")
         if len(self.probe.cs) > 1 and self.train.select_on == "last":

@@ -84,6 +84,7 @@ class PointPretrainConfig(RunConfig):
     data: PointDataConfig = field(default_factory=PointDataConfig)
 
     def validate(self) -> None:
+        super().validate()
         self.model.check_npoints(self.data.npoints)
 
 

@@ -183,6 +183,7 @@ class VideoFinetuneConfig(RunConfig):
     mixup: MixupConfig = field(default_factory=MixupConfig)
 
     def validate(self) -> None:
+        super().validate()
         if self.model.num_classes < 1:
             raise ValueError(f"model.num_classes must be >= 1 for classification, got {self.model.num_classes}")
         if self.model.label_smoothing:

@@ -91,6 +91,7 @@ class VideoPretrainConfig(RunConfig):
     data: VideoDataConfig = field(default_factory=VideoDataConfig)
 
     def validate(self) -> None:
+        super().validate()
         if self.data.num_frames is not None and self.data.num_frames != self.model.num_frames:
             raise ValueError(f"data.num_frames={self.data.num_frames} differs from model.num_frames="
                              f"{self.model.num_frames}; set one (data.num_frames may stay null)")
