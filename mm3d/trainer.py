@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
 from mm3d.checkpoint import CheckpointManager, capture_rng, load_checkpoint, restore_rng
-from mm3d.config import RunConfig, save_config, to_dict
+from mm3d.config import ConfigError, RunConfig, save_config, to_dict
 from mm3d.data import ResumableSampler, build_loader
 from mm3d.distributed import all_reduce_min, all_reduce_sum, barrier, gather_objects, get_info, init_distributed
 from mm3d.engine import OptimizerStep, amp_dtype, autocast, batch_size_of, move_to_device, unwrap
@@ -282,9 +282,10 @@ class Trainer:
         barrier()
         self.amp_dtype = amp_dtype(cfg.train.precision)
         if self.amp_dtype is torch.float16 and self.device.type == "cpu":
-            raise ValueError("train.precision=fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
+            raise ConfigError(f"train.precision=fp16 needs a CUDA device, but this run is on the {self.device.type}: "
+                              f"use train.precision=bf16 or fp32 there")
         if self.amp_dtype is torch.bfloat16 and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise ValueError("train.precision=bf16 is not supported by this GPU; use fp16 or fp32")
+            raise ConfigError("train.precision=bf16 is not supported by this GPU; use fp16 or fp32")
 
         self.datasets = self.task.build_datasets(cfg, ["train", "val", "test"] if train else ["val", "test"])
         if train and "train" not in self.datasets:
@@ -319,9 +320,10 @@ class Trainer:
         micro = n_train // cfg.train.batch_size if cfg.train.drop_last else math.ceil(n_train / cfg.train.batch_size)
         self.steps_per_epoch = micro // cfg.train.accum_steps
         if train and self.steps_per_epoch == 0:
-            raise ValueError(f"the training split has {len(self.datasets['train'])} samples: too few for "
-                             f"batch_size={cfg.train.batch_size} x accum_steps={cfg.train.accum_steps} "
-                             f"x world_size={self.info.world_size}")
+            per_step = cfg.train.batch_size * cfg.train.accum_steps * self.info.world_size
+            raise ConfigError(f"train.batch_size={cfg.train.batch_size} x train.accum_steps={cfg.train.accum_steps} "
+                              f"x {self.info.world_size} process(es) = {per_step} samples per optimizer step, more "
+                              f"than the training split's {len(self.datasets['train'])}: lower train.batch_size")
         epoch_steps = cfg.train.epochs * self.steps_per_epoch
         self.total_steps = min(cfg.train.max_steps, epoch_steps) if cfg.train.max_steps else epoch_steps
         o = cfg.optim

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from mm3d.config import ConfigError
+
 
 class Indexed(Dataset):
     """A view of `base` (optionally a subset of its items) whose items also carry ``index``: ()
@@ -60,8 +62,8 @@ def stratified_split(labels: Sequence[int], fraction: float, seed: int) -> tuple
 def require_root(path: str, what: str) -> Path:
     """The folder `path` named by config key `what`; fails when it is empty or not a folder."""
     if not path:
-        raise ValueError(f"{what} is empty: give the dataset folder (e.g. {what}=DIR on the command line)")
+        raise ConfigError(f"{what} is empty: give the dataset folder (e.g. {what}=DIR on the command line)")
     p = Path(path)
     if not p.is_dir():
-        raise FileNotFoundError(f"{what} {p} is not a folder")
+        raise ConfigError(f"{what}={p} is not a folder" + ("" if p.exists() else " (it does not exist)"))
     return p

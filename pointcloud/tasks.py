@@ -30,6 +30,7 @@ from mm3d.pointcloud import datasets as D
 from mm3d.pointcloud.io import read_points
 from mm3d.pointcloud.models import PointMAEConfig, PointMAEPretrain, build_pretrain_model, chamfer_loss
 from mm3d.pointcloud.ops.bench import bench_ops
+from mm3d.pointcloud.splits import require_root
 from mm3d.pointcloud.transforms import (ShapeAugmentation, normalize_unit_sphere, sample_indices,
                                         training_batch_transform)
 from mm3d.pointcloud.visualize import CloudRenderer, write_reconstruction_figure
@@ -94,12 +95,7 @@ def build_pretrain_datasets(data: PointDataConfig, splits: Iterable[str], *, see
     Evaluation splits sample their points with a fixed seed, so their loss is comparable
     between evaluations.
     """
-    if not data.root:
-        raise ValueError(f"data.root is empty: give the {data.dataset} folder (e.g. data.root=DIR on "
-                         f"the command line)")
-    root = Path(data.root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"data.root {root} is not a folder")
+    root = require_root(data.root, "data.root")
     splits = set(splits)
     out: dict[str, Dataset] = {}
     if data.dataset == "shapenet55":

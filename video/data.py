@@ -42,6 +42,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from mm3d.errors import UserError
+
 log = logging.getLogger(__name__)
 
 ListFormat = Literal["auto", "video", "pretrain", "rawframes"]
@@ -56,6 +58,10 @@ except ImportError:  # pragma: no cover - depends on the platform
 # --------------------------------------------------------------------------------------------
 # Annotation lists
 # --------------------------------------------------------------------------------------------
+
+
+class AnnotationError(UserError, ValueError):
+    """A malformed annotation list or label map; the message names the file and line."""
 
 
 @dataclass(frozen=True)
@@ -87,7 +93,7 @@ def read_label_map(path: str | os.PathLike) -> list[str]:
     names = [n for n in names if n]
     dup = {n for n in names if names.count(n) > 1}
     if dup:
-        raise ValueError(f"{path}: label map repeats class names {sorted(dup)}")
+        raise AnnotationError(f"{path}: label map repeats class names {sorted(dup)}")
     return names
 
 
@@ -102,7 +108,7 @@ def _parse_int(token: str, what: str, where: str) -> int:
     try:
         return int(token)
     except ValueError:
-        raise ValueError(f"{where}: {what} {token!r} is not an integer") from None
+        raise AnnotationError(f"{where}: {what} {token!r} is not an integer") from None
 
 
 def _detect_format(fields: list[str], where: str) -> Literal["video", "pretrain", "rawframes"]:
@@ -113,9 +119,9 @@ def _detect_format(fields: list[str], where: str) -> Literal["video", "pretrain"
         if re.fullmatch(r"-\d+", last):
             return "pretrain"
         return "rawframes"
-    raise ValueError(f"{where}: cannot tell the list format from {len(fields)} fields "
-                     f"{fields!r}; expected 'path label', 'path start total_frames' or "
-                     f"'dir total_frames label' (pass fmt= explicitly)")
+    raise AnnotationError(f"{where}: cannot tell the list format from {len(fields)} fields "
+                          f"{fields!r}; expected 'path label', 'path start total_frames' or "
+                          f"'dir total_frames label' (pass fmt= explicitly)")
 
 
 def read_annotation_list(
@@ -147,7 +153,8 @@ def read_annotation_list(
         The rows in file order.
 
     Raises:
-        ValueError naming ``file:line`` for a malformed row or a label outside the classes.
+        AnnotationError (a ValueError) naming ``file:line`` for a malformed row or a label
+        outside the classes.
     """
     path = Path(path)
     names: list[str] | None
@@ -173,8 +180,8 @@ def read_annotation_list(
         if layout is None:
             layout = _detect_format(fields, where)
         if len(fields) != expected[layout] or not all(fields):
-            raise ValueError(f"{where}: expected {expected[layout]} fields for a {layout!r} list "
-                             f"({_FORMAT_HELP[layout]}), got {len(fields)}: {text!r}")
+            raise AnnotationError(f"{where}: expected {expected[layout]} fields for a {layout!r} list "
+                                  f"({_FORMAT_HELP[layout]}), got {len(fields)}: {text!r}")
         entry = fields[0]
         if path_map is not None:
             entry = path_map.get(entry, entry)
@@ -194,22 +201,22 @@ def read_annotation_list(
             elif re.fullmatch(r"[+-]?\d+", label_token):
                 label = int(label_token)
             elif names is None:
-                raise ValueError(f"{where}: label {label_token!r} is not an integer (give a "
-                                 f"label map to use class names)")
+                raise AnnotationError(f"{where}: label {label_token!r} is not an integer (give a "
+                                      f"label map to use class names)")
             else:
-                raise ValueError(f"{where}: label {label_token!r} is neither an integer nor a "
-                                 f"class of the label map")
+                raise AnnotationError(f"{where}: label {label_token!r} is neither an integer nor a "
+                                      f"class of the label map")
             if label < 0 or (num_classes is not None and label >= num_classes):
                 bound = f"[0, {num_classes})" if num_classes is not None else ">= 0"
-                raise ValueError(f"{where}: label {label} is outside the classes {bound}")
+                raise AnnotationError(f"{where}: label {label} is outside the classes {bound}")
             total_frames = None
             if layout == "rawframes":
                 total_frames = _parse_int(fields[1], "total frames", where)
                 if total_frames <= 0:
-                    raise ValueError(f"{where}: total frames {total_frames} must be positive")
+                    raise AnnotationError(f"{where}: total frames {total_frames} must be positive")
         records.append(VideoRecord(full, label, total_frames, where, start_index))
     if not records:
-        raise ValueError(f"{path}: the list has no rows")
+        raise AnnotationError(f"{path}: the list has no rows")
     return records
 
 
