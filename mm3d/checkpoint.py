@@ -14,6 +14,7 @@ import logging
 import os
 import pickle
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Mapping
@@ -80,30 +81,81 @@ def save_atomic(obj: Any, path: str | Path) -> Path:
     return path
 
 
-def load_checkpoint(path: str | Path, *, allow_pickle: bool = False) -> dict[str, Any]:
+def load_checkpoint(path: str | Path, *, allow_pickle: bool = False, mmap: bool = False) -> dict[str, Any]:
     """Load a checkpoint on the CPU with ``weights_only=True``.
 
     Files that need arbitrary unpickling (official research checkpoints that store an argparse
-    Namespace, for instance) load only with `allow_pickle=True`.
+    Namespace, for instance) load only with `allow_pickle=True`. A file that is no torch
+    checkpoint at all (neither the zip archive nor the legacy pickle that ``torch.save`` writes)
+    fails before torch reads it. `mmap` maps the tensors of a zip checkpoint instead of reading
+    them (to look at its config cheaply). Every failure raises :class:`CheckpointError`.
     """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
+        raise CheckpointError(f"checkpoint not found: {path}" + (" (a folder)" if path.is_dir() else ""))
+    kind = _file_kind(path)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and kind == "zip")
     except pickle.UnpicklingError as e:
         if not allow_pickle:
             raise CheckpointError(
                 f"{path} cannot be loaded with weights_only=True: it stores Python objects that need "
-                f"pickle ({str(e).splitlines()[0][:200]}). Only if you trust this file, load it with "
-                f"allow_pickle=true (CLI: --allow-pickle).") from None
+                f"pickle ({_unpickler_reason(e)}). Only if you trust this file, load it with "
+                f"allow_pickle=true (CLI: --allow-pickle)") from None
         log.warning("loading %s with full pickle (allow_pickle=true)", path)
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-    except (RuntimeError, EOFError, OSError) as e:
-        raise CheckpointError(f"{path} is not a readable torch checkpoint: {e}") from None
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=False)
+        except (pickle.UnpicklingError, AttributeError, ImportError, RuntimeError, EOFError, OSError) as e2:
+            raise CheckpointError(f"{path} cannot be unpickled: {_torch_message(e2)}") from None
+    except (RuntimeError, EOFError, OSError, IndexError) as e:
+        raise CheckpointError(f"{path} is not a readable torch checkpoint ({kind}): {_torch_message(e)}") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, expected a dict")
     return obj
+
+
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def _torch_message(e: BaseException) -> str:
+    """The first line of a torch error message, without terminal escape sequences."""
+    text = _ANSI_ESCAPE.sub("", str(e)).strip()
+    return (text.splitlines() or [type(e).__name__])[0][:300]
+
+
+def _unpickler_reason(e: pickle.UnpicklingError) -> str:
+    """What ``weights_only=True`` refused (torch's 'WeightsUnpickler error:' line, first sentence)."""
+    text = _ANSI_ESCAPE.sub("", str(e))
+    m = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+    if m is None:
+        return _torch_message(e)
+    return m.group(1).split(". ")[0].strip().rstrip(".")[:300]
+
+
+def _file_kind(path: Path) -> str:
+    """``zip`` (torch.save), ``pickle`` (legacy torch.save) or ``tar`` (torch < 0.4); anything else
+    raises CheckpointError saying what the file looks like."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if head.startswith(b"PK\x03\x04"):
+        return "zip"
+    if head[:1] == b"\x80":  # pickle protocol >= 2: PROTO opcode
+        return "pickle"
+    if head[257:262] == b"ustar":
+        return "tar"
+    if not head:
+        raise CheckpointError(f"{path} is empty: not a torch checkpoint")
+    what = "a text file" if _looks_like_text(head) else "binary data of another kind"
+    raise CheckpointError(f"{path} is not a torch checkpoint: it is {what} (starts with {head[:16]!r}), "
+                          f"neither the zip archive nor the pickle that torch.save writes")
+
+
+def _looks_like_text(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return b"\x00" not in data
 
 
 def extract_state_dict(ckpt: Mapping[str, Any], keys: tuple[str, ...] = ("model", "module",
