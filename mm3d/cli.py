@@ -38,8 +38,30 @@ def _load(args: argparse.Namespace):
     return load_config(args.config, args.overrides)
 
 
+def _check_checkpoint_modality(key: str, path: str, cfg: Any) -> None:
+    """Refuse ``key=path`` when the checkpoint's stored config is of a task of the other modality.
+
+    Files this cannot read as one of our checkpoints (converted or foreign weights, Hugging Face
+    folders, files that need pickle) are left to the task's own loader and its messages.
+    """
+    if not path or not Path(path).is_file():
+        return
+    try:
+        stored = load_checkpoint(path, mmap=True).get("config")
+    except CheckpointError:
+        return
+    task_name = stored.get("task") if isinstance(stored, dict) else None
+    if not isinstance(task_name, str) or task_name not in TASKS:
+        return
+    theirs, ours = TASKS.get(task_name).modality, TASKS.get(cfg.task).modality
+    if theirs != ours:
+        raise CheckpointError(f"{key}={path} is a {task_name} checkpoint ({theirs}); this run is {cfg.task} "
+                              f"({ours}): give a {ours} checkpoint")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = _load(args)
+    _check_checkpoint_modality("init", cfg.init, cfg)
     stage = getattr(TASKS.get(cfg.task), "stage", "")
     if stage and stage != args.command:
         log.warning("config task %r is a %s task, started with `mm3d %s`", cfg.task, stage, args.command)
@@ -52,11 +74,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _model_from_checkpoint(path: str, allow_pickle: bool, overrides: Sequence[str] = ()):
     """Rebuild the task, config and model stored in one of our checkpoints."""
     ck = load_checkpoint(path, allow_pickle=allow_pickle)
-    if not ck.get("config"):
+    if not isinstance(ck.get("config"), dict) or not ck["config"]:
         raise CheckpointError(f"{path} holds no config (converted weights?): pass a config with "
                               f"init={path} to `mm3d finetune`/`mm3d evaluate` instead")
     data = deep_merge(ck["config"], parse_overrides(list(overrides)))
     data["seeds"] = []
+    if data.get("task") not in TASKS:
+        raise CheckpointError(f"{path}: its stored config names the task {data.get('task')!r}, which this mm3d "
+                              f"does not know; `mm3d tasks` lists the known ones")
     task = TASKS.get(data["task"])
     cfg = config_from_dict(task.config_class, data, file=f"{path} (stored config)")
     model = task.build_model(cfg)
@@ -67,7 +92,8 @@ def _model_from_checkpoint(path: str, allow_pickle: bool, overrides: Sequence[st
 def cmd_evaluate(args: argparse.Namespace) -> int:
     cfg = _load(args)
     if not cfg.checkpoint:
-        raise SystemExit("mm3d evaluate: give the weights to score with checkpoint=PATH")
+        raise UserError("give the weights to score with checkpoint=PATH")
+    _check_checkpoint_modality("checkpoint", cfg.checkpoint, cfg)
     cfg = replace(cfg, output_dir=str(cfg.run_dir / "eval"), init="", train=replace(cfg.train, resume=""))
     trainer = Trainer(cfg, TASKS.get(cfg.task), train=False)
     for note in trainer.task.load_trained(trainer.model, cfg.checkpoint, cfg):
@@ -90,10 +116,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_visualize(args: argparse.Namespace) -> int:
+    if not args.input and args.dataset_index is None:
+        raise UserError("give --input FILE or --dataset-index I")
+    if args.dataset_index is not None and args.dataset_index < 0:
+        raise UserError(f"--dataset-index must be >= 0, got {args.dataset_index}")
     device = resolve_device(args.device, DistInfo())
     task, cfg, model = _model_from_checkpoint(args.checkpoint, args.allow_pickle, args.overrides)
-    if not args.input and args.dataset_index is None:
-        raise SystemExit("mm3d visualize: give --input FILE or --dataset-index I")
     torch.manual_seed(args.seed)
     files = task.visualize(model.to(device), cfg, inputs=args.input or [], dataset_index=args.dataset_index,
                            out_dir=Path(args.out), interactive=args.interactive, seed=args.seed, device=device)
@@ -103,17 +131,27 @@ def cmd_visualize(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    """Top-k classes of every input; an input that cannot be read gets one error line on stderr (the
+    others are still classified) and the exit status is then 1."""
+    if args.topk < 1:
+        raise UserError(f"--topk must be >= 1, got {args.topk}")
     device = resolve_device(args.device, DistInfo())
     task, cfg, model = _model_from_checkpoint(args.checkpoint, args.allow_pickle, args.overrides)
     rows = task.predict(model.to(device), cfg, args.inputs, topk=args.topk, label_map=args.label_map, device=device)
+    failed = 0
     for row in rows:
+        if row.get("error"):
+            failed += 1
+            msg = str(row["error"])
+            print(f"mm3d predict: error: {msg if row['input'] in msg else row['input'] + ': ' + msg}",
+                  file=sys.stderr)
         if args.json:
             print(json.dumps(row))
-        else:
-            print(row["input"] + (f"  ERROR: {row['error']}" if row.get("error") else ""))
+        elif not row.get("error"):
+            print(row["input"])
             for name, p in row["topk"]:
                 print(f"  {p:7.2%}  {name}")
-    return 0
+    return 1 if failed else 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -260,7 +298,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _shadowed_package() -> str | None:
+    """Why ``import mm3d`` did not find the mm3d package, or None when it did.
+
+    Run as ``python -m mm3d.cli`` from the folder that holds a checkout named ``mm3d/``, Python
+    searches the current folder first and imports that checkout as a namespace package (it has no
+    ``__init__.py``) instead of the package inside it; the modules still load through an editable
+    install, but the package's own attributes (``__version__``) are missing.
+    """
+    pkg = sys.modules.get("mm3d")
+    if pkg is not None and getattr(pkg, "__file__", None) is not None and hasattr(pkg, "__version__"):
+        return None
+    folder = ", ".join(str(p) for p in getattr(pkg, "__path__", [])) or "mm3d"
+    return (f"`import mm3d` found the folder {folder} (a checkout named mm3d?) instead of the mm3d package, "
+            f"because Python looks in the current folder first: run from another folder, or use the `mm3d` "
+            f"command that `pip install -e {folder}` installs")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    shadow = _shadowed_package()
+    if shadow:
+        words = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")]
+        print(f"mm3d{' ' + words[0] if words else ''}: error: {shadow}", file=sys.stderr)
+        return 2
     _setup()
     args = build_parser().parse_args(argv)
     try:

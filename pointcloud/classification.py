@@ -39,6 +39,7 @@ from torch.utils.data import Dataset
 
 from mm3d.config import RunConfig, TrainConfig
 from mm3d.engine import SplitMeans, move_to_device
+from mm3d.errors import UserError
 from mm3d.metrics import ClassificationMeter
 from mm3d.registry import register_task
 from mm3d.results import (per_class_markdown, protocol_label, selection_split, write_classification_split,
@@ -379,28 +380,41 @@ class PointMAEClassifyTask(Task):
     def predict(self, model: nn.Module, cfg: PointClassifyConfig, inputs: list[str], *, topk: int,
                 label_map: str | None, device: torch.device) -> list[dict[str, Any]]:
         """Classify point-cloud files (.txt/.xyz/.ply/.pcd/.npy/.bin): FPS ``data.npoints`` points on
-        the unit sphere, as the test protocol; returns the top-k classes with probabilities."""
-        names = class_names(cfg, label_map)
+        the unit sphere, as the test protocol; returns the top-k classes with probabilities. A file
+        that cannot be read gives ``{"input", "error", "topk": []}`` (the caller reports it); a
+        label map that is missing or of the wrong length raises a UserError."""
+        try:
+            names = class_names(cfg, label_map)
+        except FileNotFoundError as e:
+            raise UserError(str(e)) from None
         num_classes = model.num_classes
         if names is None:
             names = [f"class_{i}" for i in range(num_classes)]
         if len(names) != num_classes:
-            raise ValueError(f"{len(names)} class names ({label_map or 'from the config/data'}) for a model of "
-                             f"{num_classes} classes")
-        clouds = []
+            raise UserError(f"{len(names)} class names ({label_map or 'from the config/data'}) for a model of "
+                            f"{num_classes} classes")
+        rows: list[dict[str, Any]] = []
+        clouds, read = [], []
         for path in inputs:
-            xyz = torch.from_numpy(np.ascontiguousarray(read_points(path)[:, :3]))
+            try:
+                xyz = torch.from_numpy(np.ascontiguousarray(read_points(path)[:, :3]))
+            except (OSError, ValueError) as e:
+                rows.append({"input": str(path), "error": str(e), "topk": []})
+                continue
             n = cfg.data.npoints
             idx = sample_indices(xyz, n, "fps") if xyz.shape[0] >= n else \
                 sample_indices(xyz, n, "random", generator=torch.Generator().manual_seed(cfg.seed))
             clouds.append(normalize_unit_sphere(xyz[idx]))
-        model.eval()
-        with torch.no_grad():
-            probs = model({"points": torch.stack(clouds).to(device)}).logits.float().softmax(dim=-1).cpu()
-        k = min(topk, num_classes)
-        top = probs.topk(k, dim=-1)
-        return [{"input": str(path), "topk": [(names[int(j)], float(p)) for p, j in zip(top.values[r], top.indices[r])]}
-                for r, path in enumerate(inputs)]
+            read.append(len(rows))
+            rows.append({"input": str(path), "topk": []})
+        if clouds:
+            model.eval()
+            with torch.no_grad():
+                probs = model({"points": torch.stack(clouds).to(device)}).logits.float().softmax(dim=-1).cpu()
+            top = probs.topk(min(topk, num_classes), dim=-1)
+            for r, i in enumerate(read):
+                rows[i]["topk"] = [(names[int(j)], float(p)) for p, j in zip(top.values[r], top.indices[r])]
+        return rows
 
 
 

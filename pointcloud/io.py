@@ -17,7 +17,8 @@ extension      columns
 
 The first three columns are always ``x y z``. Bad input raises ``ValueError`` naming the file and
 the line (text files) or the point index (binary files): a wrong column count, a value that is
-not a number, NaN or infinity, an empty file. A missing file raises ``FileNotFoundError``.
+not a number, NaN or infinity, an empty file. A missing file raises ``FileNotFoundError``, a folder
+``IsADirectoryError``.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ def read_points(path: str | Path, *, bin_columns: int = 4) -> np.ndarray:
         bin_columns: values per point in a raw ``.bin`` file (ignored for other formats).
     """
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder, not a point-cloud file ({', '.join(POINT_EXTENSIONS)})")
     if not path.is_file():
         raise FileNotFoundError(f"point-cloud file not found: {path}")
     ext = path.suffix.lower()

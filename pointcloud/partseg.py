@@ -24,6 +24,7 @@ from torch.utils.data import Dataset
 
 from mm3d.config import RunConfig, TrainConfig
 from mm3d.engine import SplitMeans, move_to_device
+from mm3d.errors import UserError
 from mm3d.registry import register_task
 from mm3d.results import protocol_label, selection_split, write_results_md
 from mm3d.task import EvalResult, Task
@@ -261,11 +262,11 @@ class PointMAEPartSegTask(Task):
             raise NotImplementedError("part segmentation renders dataset shapes (their category and ground "
                                       "truth come from the dataset): use --dataset-index I with data.root=...")
         if dataset_index is None:
-            raise ValueError("give --dataset-index I (a shape of the test split)")
+            raise UserError("give --dataset-index I (a shape of the test split)")
         dataset = self.build_datasets(cfg, ["test"]).get("test")
         if dataset is None or not 0 <= dataset_index < len(dataset):
-            raise ValueError(f"--dataset-index {dataset_index} is out of range: the test split of "
-                             f"{cfg.data.root or '(data.root unset)'} has {len(dataset) if dataset else 0} shapes")
+            raise UserError(f"--dataset-index {dataset_index} is out of range: the test split of "
+                            f"{cfg.data.root or '(data.root unset)'} has {len(dataset) if dataset else 0} shapes")
         return [self._render_one(model, dataset, dataset_index, Path(out_dir) / f"partseg_test_{dataset_index:05d}.png",
                                  CloudRenderer(400, 400, point_size=4.0), device, interactive)]
 

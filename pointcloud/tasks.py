@@ -24,6 +24,7 @@ from torch.utils.data import Dataset
 
 from mm3d.config import RunConfig
 from mm3d.engine import SplitMeans, move_to_device
+from mm3d.errors import UserError
 from mm3d.registry import register_task
 from mm3d.task import EvalResult, Task
 from mm3d.pointcloud import datasets as D
@@ -206,17 +207,20 @@ class PointMAEPretrainTask(Task):
         """``mm3d visualize``: reconstruction figures of point-cloud files or a dataset item."""
         clouds: list[tuple[str, torch.Tensor]] = []
         for path in inputs:
-            raw = read_points(path, bin_columns=cfg.data.bin_columns)
+            try:
+                raw = read_points(path, bin_columns=cfg.data.bin_columns)
+            except (OSError, ValueError) as e:
+                raise UserError(f"--input: {e}") from None
             clouds.append((Path(path).stem, prepare_points(torch.from_numpy(raw), cfg.data.npoints, seed=seed)))
         if dataset_index is not None:
             ds = build_pretrain_datasets(cfg.data, ["train", "test"], seed=seed)
             split = "test" if "test" in ds else "train"
             if not 0 <= dataset_index < len(ds[split]):
-                raise ValueError(f"--dataset-index {dataset_index} is out of range: the {split} split of "
-                                 f"{cfg.data.root} has {len(ds[split])} items")
+                raise UserError(f"--dataset-index {dataset_index} is out of range: the {split} split of "
+                                f"{cfg.data.root} has {len(ds[split])} items")
             clouds.append((f"{split}_{dataset_index:05d}", ds[split][dataset_index]["points"]))
         if not clouds:
-            raise ValueError("nothing to visualise: give input files or a dataset index")
+            raise UserError("nothing to visualise: give input files or a dataset index")
         renderer = CloudRenderer(480, 480)
         files: list[Path] = []
         for name, points in clouds:

@@ -14,6 +14,7 @@ pytest.importorskip("open3d")
 from PIL import Image  # noqa: E402
 
 from mm3d.config import load_config  # noqa: E402
+from mm3d.errors import UserError  # noqa: E402
 from mm3d.pointcloud.io import read_points  # noqa: E402
 from mm3d.pointcloud.models import build_pretrain_model  # noqa: E402
 from mm3d.pointcloud.visualize import (  # noqa: E402
@@ -134,7 +135,7 @@ def test_visualize_files_and_dataset_items(synth_shapenet, tmp_path):
     assert names == ["scan.png", "test_00001.png"]
     inp = read_points(tmp_path / "vis" / "scan_input.ply")[:, :3]
     assert inp.shape == (256, 3) and np.linalg.norm(inp, axis=1).max() == pytest.approx(1.0, abs=1e-4)
-    with pytest.raises(ValueError, match="out of range"):
+    with pytest.raises(UserError, match="out of range"):
         task.visualize(model, cfg, inputs=[], dataset_index=10_000, out_dir=tmp_path / "vis",
                        interactive=False, seed=0, device=torch.device("cpu"))
 

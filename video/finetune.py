@@ -41,6 +41,7 @@ from torch.utils.data import Dataset
 
 from mm3d.checkpoint import CheckpointError, extract_state_dict, load_checkpoint, load_model_weights
 from mm3d.config import ConfigError, RunConfig
+from mm3d.errors import UserError
 from mm3d.metrics import ClassificationMeter, ClassificationResult
 from mm3d.registry import register_task
 from mm3d.results import (per_class_markdown, protocol_label, selection_split, write_classification_split,
@@ -534,8 +535,12 @@ class VideoMAEFinetuneTask(Task):
                 label_map: str | None, device: torch.device) -> list[dict[str, Any]]:
         """Top-k classes of each video file (or rawframe folder) with the test views of the config
         (``data.test_num_clips x data.test_num_crops``, softmax averaged) and the loaders' decoder
-        fallbacks. A file that cannot be read gives ``{"input", "error", "topk": []}``."""
-        names = label_names(cfg, label_map)
+        fallbacks. A file that cannot be read gives ``{"input", "error", "topk": []}`` (the caller
+        reports it); a label map that is missing or of the wrong length raises a UserError."""
+        try:
+            names = label_names(cfg, label_map)
+        except FileNotFoundError as e:
+            raise UserError(f"--label-map: {e}" if label_map else str(e)) from None
         model.eval()
         d = cfg.data
         k = max(1, min(topk, cfg.model.num_classes))
@@ -552,7 +557,6 @@ class VideoMAEFinetuneTask(Task):
                 finally:
                     src.close()
             except (RuntimeError, OSError, ValueError) as e:
-                log.error("cannot read %s: %s", path, e)
                 rows.append({"input": path, "error": str(e), "topk": []})
                 continue
             views = torch.cat([ds.transform(c, None) for c in clips])  # (N * crops, C, T, H, W)

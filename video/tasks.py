@@ -24,6 +24,7 @@ from torch.utils.data import Dataset
 from mm3d.checkpoint import extract_state_dict, load_checkpoint, load_model_weights
 from mm3d.config import RunConfig
 from mm3d.engine import OptimizerStep, SplitMeans, autocast, batch_size_of, move_to_device, unwrap
+from mm3d.errors import UserError
 from mm3d.masking import video_mask
 from mm3d.registry import register_task
 from mm3d.task import EvalResult, Task
@@ -237,18 +238,21 @@ class VideoMAEPretrainTask(Task):
             log.info("video reconstructions are written as PNG and GIF files; no window is opened")
         files: list[Path] = []
         for path in inputs:
-            files += write_visualization(model, path, out_dir, seed=seed, sampling_rate=cfg.data.sampling_rate)
+            try:
+                files += write_visualization(model, path, out_dir, seed=seed, sampling_rate=cfg.data.sampling_rate)
+            except (D.VideoDecodeError, OSError) as e:
+                raise UserError(f"--input: {e}") from None
         if dataset_index is not None:
             ds = self.build_datasets(cfg, ["val"] if cfg.data.val_list else ["train"])
             split, data = next(iter(ds.items()))
             if not 0 <= dataset_index < len(data):
-                raise ValueError(f"--dataset-index {dataset_index} is out of range: the {split} list has "
-                                 f"{len(data)} videos")
+                raise UserError(f"--dataset-index {dataset_index} is out of range: the {split} list has "
+                                f"{len(data)} videos")
             video = data[dataset_index]["video"]
             video = video[0] if video.dim() == 5 else video
             files += write_visualization(model, video[None], out_dir, seed=seed, name=f"{split}_{dataset_index:05d}")
         if not files:
-            raise ValueError("nothing to visualise: give --input VIDEO or --dataset-index I")
+            raise UserError("nothing to visualise: give --input VIDEO or --dataset-index I")
         return files
 
     def bench_extra(self, cfg: VideoPretrainConfig, device: torch.device) -> list[dict[str, Any]]:
