@@ -51,11 +51,14 @@ def inputs(batch: int = 2, seed: int = 0):
     return video, mask
 
 
+@pytest.mark.parametrize("mean_pooling", [False, True])  # True: transformers' default, no final encoder norm
 @pytest.mark.parametrize("norm_pix", [True, False])
-def test_hf_pretraining_parity(norm_pix):
-    hf = randomized(transformers.VideoMAEForPreTraining(hf_config(norm_pix_loss=norm_pix)))
+def test_hf_pretraining_parity(norm_pix, mean_pooling):
+    hf = randomized(transformers.VideoMAEForPreTraining(hf_config(norm_pix_loss=norm_pix,
+                                                                  use_mean_pooling=mean_pooling)))
     conv = hf_to_ours(hf.state_dict(), hf.config)
     assert conv.kind == "pretrain" and conv.config.norm_pix_loss == norm_pix
+    assert conv.config.encoder_norm is not mean_pooling
     ours = build_pretrain_model(conv.config).eval()
     ours.load_state_dict(conv.state_dict, strict=True)
     video, mask = inputs()
@@ -295,3 +298,36 @@ def test_bench_peer_runs_the_same_step():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     dual = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, decoder_mask_type="running_cell"))
     assert task.bench_peer(dual, model, {"video": video}, torch.device("cpu")) is None
+
+
+def test_hf_default_config_folder_converts_and_round_trips(tmp_path):
+    """A `VideoMAEConfig()`-default pretraining model saved by `save_pretrained` (use_mean_pooling=True:
+    no final encoder norm) converts with `mm3d convert --from videomae-hf`, matches transformers, and
+    writes back (`--from to-hf`) to a folder transformers loads with the same outputs."""
+    from mm3d.checkpoint import load_checkpoint
+    from mm3d.cli import main
+
+    cfg = transformers.VideoMAEConfig(image_size=32, patch_size=8, num_frames=4, tubelet_size=2, hidden_size=48,
+                                      num_hidden_layers=2, num_attention_heads=3, intermediate_size=192,
+                                      decoder_hidden_size=32, decoder_num_hidden_layers=1,
+                                      decoder_num_attention_heads=2, decoder_intermediate_size=128)
+    assert cfg.use_mean_pooling  # the transformers default this test is about
+    hf = randomized(transformers.VideoMAEForPreTraining(cfg))
+    hf.save_pretrained(tmp_path / "hf")
+    assert main(["convert", "--from", "videomae-hf", str(tmp_path / "hf"), str(tmp_path / "ours.pt")]) == 0
+    ck = load_checkpoint(tmp_path / "ours.pt")
+    model_cfg = config_from_dict(VideoMAEConfig, ck["config"]["model"])
+    assert model_cfg.encoder_norm is False
+    ours = build_pretrain_model(model_cfg).eval()
+    load_model_weights(ours, ck)
+    video, mask = inputs()
+    with torch.no_grad():
+        theirs = hf(video.transpose(1, 2), bool_masked_pos=mask)
+        mine = ours({"video": video, "mask": mask})
+    assert_close(mine.pred, theirs.logits, atol=ATOL, msg="reconstruction")
+    assert main(["convert", "--from", "to-hf", str(tmp_path / "ours.pt"), str(tmp_path / "back")]) == 0
+    again = transformers.VideoMAEForPreTraining.from_pretrained(tmp_path / "back").eval()
+    assert again.config.use_mean_pooling
+    with torch.no_grad():
+        assert_close(again(video.transpose(1, 2), bool_masked_pos=mask).logits, theirs.logits, atol=ATOL)
+

@@ -292,15 +292,14 @@ def hf_to_ours(state_dict: Mapping[str, torch.Tensor], hf_config: Mapping[str, A
         take("videomae.layernorm.weight", "encoder.norm.weight")
         take("videomae.layernorm.bias", "encoder.norm.bias")
     if kind == "pretrain":
-        if not has_layernorm:
-            raise ValueError("this VideoMAEForPreTraining has no final encoder norm (use_mean_pooling=True); "
-                             "mm3d's pretraining encoder always ends with one, as the official model does")
+        if not has_layernorm:  # transformers' default use_mean_pooling=True: no final encoder norm
+            notes.append("no final encoder norm (Hugging Face use_mean_pooling=True): model.encoder_norm=false")
         take("encoder_to_decoder.weight", "encoder_to_decoder.weight")
         take("mask_token", "mask_token")
         blocks("decoder.decoder_layers.", "decoder.blocks.", cfg.decoder_depth)
         for p in ("norm.weight", "norm.bias", "head.weight", "head.bias"):
             take("decoder." + p, "decoder." + p)
-        cfg = replace(cfg, use_mean_pooling=False)
+        cfg = replace(cfg, use_mean_pooling=False, encoder_norm=has_layernorm)
     else:
         if "fc_norm.weight" in sd:
             take("fc_norm.weight", "fc_norm.weight")
@@ -336,7 +335,7 @@ def ours_config_to_hf(cfg: VideoMAEConfig, kind: Kind) -> dict[str, Any]:
         "intermediate_size": int(cfg.embed_dim * cfg.mlp_ratio), "hidden_act": "gelu",
         "hidden_dropout_prob": cfg.proj_drop, "attention_probs_dropout_prob": cfg.attn_drop,
         "initializer_range": 0.02, "layer_norm_eps": cfg.norm_eps, "qkv_bias": cfg.qkv_bias,
-        "use_mean_pooling": cfg.use_mean_pooling if kind == "classifier" else False,
+        "use_mean_pooling": cfg.use_mean_pooling if kind == "classifier" else not cfg.encoder_norm,
         "decoder_num_attention_heads": cfg.decoder_num_heads, "decoder_hidden_size": cfg.decoder_embed_dim,
         "decoder_num_hidden_layers": cfg.decoder_depth,
         "decoder_intermediate_size": int(cfg.decoder_embed_dim * cfg.mlp_ratio),

@@ -109,6 +109,7 @@ class VideoMAEConfig:
     decoder_depth: int = 4
     decoder_num_heads: int = 6
     norm_pix_loss: bool = True
+    encoder_norm: bool = True  # pretraining: the encoder ends with a LayerNorm (official; HF: use_mean_pooling=False)
     mask_type: EncoderMaskKind = "tube"
     mask_ratio: float = 0.9
     decoder_mask_type: Literal["running_cell"] | None = None  # VideoMAEv2 dual masking
@@ -531,7 +532,8 @@ class VideoMAEPretrain(nn.Module):
                  decoder_num_heads: int = 6, norm_pix_loss: bool = True, mask_type: EncoderMaskKind = "tube",
                  mask_ratio: float = 0.9, decoder_mask_type: Literal["running_cell"] | None = None,
                  decoder_mask_ratio: float = 0.5, pixel_mean: tuple[float, ...] = IMAGENET_DEFAULT_MEAN,
-                 pixel_std: tuple[float, ...] = IMAGENET_DEFAULT_STD, grad_checkpointing: bool = False) -> None:
+                 pixel_std: tuple[float, ...] = IMAGENET_DEFAULT_STD, grad_checkpointing: bool = False,
+                 encoder_norm: bool = True) -> None:
         super().__init__()
         if len(pixel_mean) != in_chans or len(pixel_std) != in_chans:
             raise ValueError(f"pixel_mean/pixel_std need {in_chans} values, got {pixel_mean}, {pixel_std}")
@@ -544,7 +546,7 @@ class VideoMAEPretrain(nn.Module):
             img_size=img_size, num_frames=num_frames, tubelet_size=tubelet_size, patch_size=patch_size,
             in_chans=in_chans, embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
             qkv_bias=qkv_bias, norm_eps=norm_eps, drop_path=drop_path, attn_drop=attn_drop,
-            proj_drop=proj_drop, init_values=init_values, pos_embed=pos_embed, final_norm=True,
+            proj_drop=proj_drop, init_values=init_values, pos_embed=pos_embed, final_norm=encoder_norm,
             grad_checkpointing=grad_checkpointing)
         self.grid = self.encoder.grid
         self.encoder_to_decoder = nn.Linear(embed_dim, decoder_embed_dim, bias=False)
@@ -768,7 +770,7 @@ def build_pretrain_model(cfg: VideoMAEConfig) -> VideoMAEPretrain:
                             decoder_depth=cfg.decoder_depth, decoder_num_heads=cfg.decoder_num_heads,
                             norm_pix_loss=cfg.norm_pix_loss, mask_type=cfg.mask_type, mask_ratio=cfg.mask_ratio,
                             decoder_mask_type=cfg.decoder_mask_type, decoder_mask_ratio=cfg.decoder_mask_ratio,
-                            pixel_mean=tuple(mean), pixel_std=tuple(std))
+                            pixel_mean=tuple(mean), pixel_std=tuple(std), encoder_norm=cfg.encoder_norm)
 
 
 def build_classifier(cfg: VideoMAEConfig, num_classes: int | None = None) -> VideoMAEClassifier:
