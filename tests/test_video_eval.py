@@ -22,7 +22,7 @@ from mm3d.registry import TASKS
 from mm3d.task import ModelOutput
 from mm3d.testing import assert_close
 from mm3d.video.finetune import collate_views
-from mm3d.video.models import interpolate_pos_embed
+from mm3d.video.tokens import interpolate_pos_embed
 from mm3d.video.synth import SynthVideoSpec, write_video_dataset
 
 TASK = TASKS.get("videomae_finetune")

@@ -19,7 +19,8 @@ from mm3d.registry import TASKS, variant_config
 from mm3d.testing import PROJECT_ROOT, assert_close
 from mm3d.trainer import build_optimizer, run
 from mm3d.video.finetune import VideoMixup, classifier_init_from, collate_views
-from mm3d.video.models import build_classifier, build_pretrain_model, interpolate_pos_embed
+from mm3d.video.models import build_classifier, build_pretrain_model
+from mm3d.video.tokens import interpolate_pos_embed
 from mm3d.video.synth import SynthVideoSpec, render_clip, write_mp4, write_video_dataset
 
 CONFIGS = PROJECT_ROOT / "configs" / "video"

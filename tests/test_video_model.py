@@ -16,8 +16,9 @@ from mm3d.masking import running_cell_mask, tube_mask
 from mm3d.registry import MODELS, variant_config
 from mm3d.testing import assert_close
 from mm3d.video.models import (QVBiasAttention, VideoMAEClassifier, VideoMAEConfig, VideoMAEPretrain,
-                               adapt_pos_embeds, build_classifier, build_pretrain_model, interpolate_pos_embed,
-                               patchify, sincos_1d_table, sincos_3d_table, unpatchify)
+                               build_classifier, build_pretrain_model)
+from mm3d.video.tokens import (adapt_pos_embeds, interpolate_pos_embed, patchify, sincos_1d_table, sincos_3d_table,
+                               unpatchify)
 
 MEAN = torch.tensor([0.485, 0.456, 0.406])
 STD = torch.tensor([0.229, 0.224, 0.225])

@@ -13,7 +13,8 @@ from PIL import Image
 from mm3d.config import config_from_dict
 from mm3d.masking import tube_mask
 from mm3d.registry import TASKS, variant_config
-from mm3d.video.models import build_pretrain_model, unpatchify
+from mm3d.video.models import build_pretrain_model
+from mm3d.video.tokens import unpatchify
 from mm3d.video.visualize import GREY, reconstruction_grid, reconstruction_views, write_visualization
 
 

@@ -32,7 +32,8 @@ from safetensors.torch import load_file, save_file
 from mm3d.checkpoint import extract_state_dict, load_checkpoint
 from mm3d.config import config_from_dict, to_dict
 from mm3d.registry import register_converter
-from mm3d.video.models import VideoMAEClassifier, VideoMAEConfig, adapt_pos_embeds, build_pos_embed
+from mm3d.video.models import VideoMAEClassifier, VideoMAEConfig
+from mm3d.video.tokens import adapt_pos_embeds, build_pos_embed
 
 log = logging.getLogger(__name__)
 

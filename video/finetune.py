@@ -50,7 +50,8 @@ from mm3d.task import EvalResult, Task
 from mm3d.video.convert import classifier_init_state, hf_to_ours, load_hf_dir, official_to_ours
 from mm3d.video.data import RawFrameSource, VideoDataset, VideoRecord, open_record, read_annotation_list, read_label_map
 from mm3d.video.transforms import finetune_train_transform, test_transform
-from mm3d.video.models import VideoMAEClassifier, VideoMAEConfig, adapt_pos_embeds, build_classifier, token_grid
+from mm3d.video.models import VideoMAEClassifier, VideoMAEConfig, build_classifier
+from mm3d.video.tokens import adapt_pos_embeds, token_grid
 
 log = logging.getLogger(__name__)
 

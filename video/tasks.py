@@ -32,7 +32,8 @@ from mm3d.trainer import build_optimizer, peak_lr
 from mm3d.video import data as D
 from mm3d.video import transforms as TR
 from mm3d.video.convert import ours_to_hf
-from mm3d.video.models import VideoMAEConfig, VideoMAEPretrain, adapt_pos_embeds, build_pretrain_model, token_grid
+from mm3d.video.models import VideoMAEConfig, VideoMAEPretrain, build_pretrain_model
+from mm3d.video.tokens import adapt_pos_embeds, token_grid
 from mm3d.video.visualize import write_visualization
 
 log = logging.getLogger(__name__)
