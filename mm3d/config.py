@@ -159,6 +159,15 @@ class BenchConfig:
 
 
 @dataclass
+class EvalConfig:
+    """How evaluation treats what it could not score."""
+
+    # report a test metric although some test samples could not be read (they are counted and named
+    # beside the metric); false refuses to report it
+    allow_missing: bool = False
+
+
+@dataclass
 class RunConfig:
     """Fields every task shares. Tasks subclass this and add `model` and `data` sections."""
 
@@ -174,6 +183,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     # True for a task that runs no optimizer step (the SVM probe): only it may keep train.epochs at 0
     trains_nothing: ClassVar[bool] = False

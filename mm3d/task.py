@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from mm3d.checkpoint import load_model_weights
+from mm3d.datacheck import SplitCheck, check_datasets, tolerant_config
 from mm3d.engine import mean_loss
 
 
@@ -53,6 +54,16 @@ class Task:
     def build_datasets(self, cfg: Any, splits: Iterable[str]) -> dict[str, Dataset]:
         """Return the requested splits (``train``, ``val``, ``test``) that exist for this task."""
         raise NotImplementedError
+
+    def check_data(self, cfg: Any, splits: Iterable[str], *, limit: int = 0) -> dict[str, SplitCheck]:
+        """``mm3d data check``: open every sample of `splits` directly and list every bad one.
+
+        Default: the splits built with ``data.max_failure_ratio=1`` (a dataset that reads its files
+        when built then leaves every bad one out and lists it, instead of failing at the first),
+        then each sample opened through the dataset's ``check_sample`` (no replacement; see
+        :mod:`mm3d.datacheck`). `limit` > 0 opens at most that many samples per split.
+        """
+        return check_datasets(self.build_datasets(tolerant_config(cfg), splits), limit)
 
     def run_info(self, cfg: Any, datasets: dict[str, Dataset]) -> dict[str, Any]:
         """Protocol facts written into every results file (e.g. augmentation, voting, selection)."""
