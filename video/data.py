@@ -26,7 +26,10 @@ Sampling (pure functions of the frame count and an explicit ``np.random.Generato
 
 Dataset
     :class:`VideoDataset` returns ``{"video", "label", "index"}`` per sample, replaces unreadable
-    videos by another sample (logged and counted) and fails once too many are unreadable.
+    videos by another sample (logged and counted) and fails once too many are unreadable
+    (:class:`mm3d.datacheck.FailureBudget`). ``mm3d data check`` opens every row directly instead
+    (:meth:`VideoDataset.check_sample`): no replacement, and a stream that ends before the frames
+    its header promises is an error.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from mm3d.datacheck import FailureBudget, read_or_replace
 from mm3d.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -302,11 +306,12 @@ class _PyAVSource:
 
     backend = "pyav"
 
-    def __init__(self, path: str, num_threads: int) -> None:
+    def __init__(self, path: str, num_threads: int, strict: bool = False) -> None:
         import av
 
         self.path = path
         self._num_threads = num_threads
+        self._strict = strict  # a stream that ends before a requested frame is an error (else: clamped)
         self._container = av.open(path)
         if not self._container.streams.video:
             self._container.close()
@@ -354,6 +359,9 @@ class _PyAVSource:
                 break
         if final is None:
             raise VideoDecodeError(f"{self.path}: PyAV decoded no frames")
+        if final_i < last and self._strict:
+            raise VideoDecodeError(f"{self.path}: the stream ends after frame {final_i} (0-based) of the "
+                                   f"{self._len} its header promises (a truncated file?)")
         if final_i < last:  # the stream ended early: later indices take the last frame
             log.debug("%s: stream ended at frame %d before frame %d; clamping", self.path,
                       final_i, last)
@@ -372,9 +380,10 @@ class _PyAVSource:
 class _FallbackSource:
     """decord first; PyAV when decord fails later, on the frames (e.g. an unsupported codec)."""
 
-    def __init__(self, primary: _DecordSource, num_threads: int) -> None:
+    def __init__(self, primary: _DecordSource, num_threads: int, strict: bool = False) -> None:
         self._src: FrameSource = primary
         self._num_threads = num_threads
+        self._strict = strict
         self.path = primary.path
 
     @property
@@ -393,7 +402,7 @@ class _FallbackSource:
                 raise
             log.info("decord failed on %s (%s); decoding with PyAV", self.path, e)
             self._src.close()
-            self._src = _PyAVSource(self.path, self._num_threads)
+            self._src = _PyAVSource(self.path, self._num_threads, self._strict)
             return self._src.get(indices)
 
     def close(self) -> None:
@@ -445,11 +454,13 @@ class RawFrameSource:
 
 
 def open_video(path: str | os.PathLike, *, backend: Backend = "auto",
-               num_threads: int = 1) -> FrameSource:
+               num_threads: int = 1, strict: bool = False) -> FrameSource:
     """Open a video file for frame access.
 
     ``auto`` tries decord and falls back to PyAV when decord is missing, cannot open the file
-    or fails while decoding it; ``decord`` / ``pyav`` use only that decoder.
+    or fails while decoding it; ``decord`` / ``pyav`` use only that decoder. PyAV clamps a
+    request past the end of a stream that is shorter than its header says to the last frame;
+    ``strict=True`` makes that an error instead (``mm3d data check``).
 
     Raises:
         VideoDecodeError naming the path and every decoder's reason.
@@ -461,26 +472,28 @@ def open_video(path: str | os.PathLike, *, backend: Backend = "auto",
     if backend in ("auto", "decord"):
         try:
             src = _DecordSource(path, num_threads)
-            return _FallbackSource(src, num_threads) if backend == "auto" else src
+            return _FallbackSource(src, num_threads, strict) if backend == "auto" else src
         except Exception as e:  # noqa: BLE001 - decord raises its own error types
             reasons.append(f"decord: {e}".strip().splitlines()[0])
             if backend == "decord":
                 raise VideoDecodeError(f"{path}: {'; '.join(reasons)}") from e
     try:
-        return _PyAVSource(path, num_threads)
+        return _PyAVSource(path, num_threads, strict)
     except Exception as e:  # noqa: BLE001 - PyAV raises FFmpeg error subclasses
         reasons.append(f"pyav: {e}".strip().splitlines()[0])
         raise VideoDecodeError(f"{path}: {'; '.join(reasons)}") from e
 
 
 def open_record(record: VideoRecord, *, backend: Backend = "auto", num_threads: int = 1,
-                rawframe_template: str = "img_{:05d}.jpg", rawframe_start: int = 1) -> FrameSource:
-    """Open a list row: a frame folder for rawframe rows, else a video file."""
+                rawframe_template: str = "img_{:05d}.jpg", rawframe_start: int = 1,
+                strict: bool = False) -> FrameSource:
+    """Open a list row: a frame folder for rawframe rows, else a video file (`strict`: see
+    :func:`open_video`)."""
     if record.is_rawframes:
         start = rawframe_start if record.start_index is None else record.start_index
         return RawFrameSource(record.path, record.total_frames, template=rawframe_template,
                               start=start)
-    return open_video(record.path, backend=backend, num_threads=num_threads)
+    return open_video(record.path, backend=backend, num_threads=num_threads, strict=strict)
 
 
 def decode_frames(path: str | os.PathLike, indices: np.ndarray, *, backend: Backend = "auto",
@@ -658,8 +671,9 @@ class VideoDataset(torch.utils.data.Dataset):
         rawframe_template, rawframe_start: frame file names of rawframe rows.
         max_failure_ratio: unreadable rows are logged, replaced by the next readable row and
             counted (``failed``); once more than this fraction of the rows has failed, loading
-            raises RuntimeError. 0 fails on the first unreadable row. The count is per process:
-            with DataLoader workers each worker counts the rows it met.
+            raises :class:`~mm3d.datacheck.BadDataError` naming them. 0 fails on the first
+            unreadable row. The count is per process: with DataLoader workers each worker counts
+            the rows it met. :meth:`check_sample` reads a row without replacement.
         seed: base seed of the per-process random stream (mixed with ``torch.initial_seed()``,
             which DataLoader workers set per worker and epoch).
     """
@@ -683,8 +697,6 @@ class VideoDataset(torch.utils.data.Dataset):
                             num_sample=num_sample).items():
             if v < 1:
                 raise ValueError(f"{name} must be >= 1, got {v}")
-        if not 0.0 <= max_failure_ratio <= 1.0:
-            raise ValueError(f"max_failure_ratio must lie in [0, 1], got {max_failure_ratio}")
         if mode == "test" and transform is None and num_crops > 1:
             raise ValueError("num_crops > 1 needs a test transform that makes the crops")
         self.records = list(records)
@@ -703,12 +715,49 @@ class VideoDataset(torch.utils.data.Dataset):
         self.rawframe_start = rawframe_start
         self.max_failure_ratio = max_failure_ratio
         self.seed = seed
-        self.failed: dict[int, str] = {}  # row index -> reason, in this process
+        self._budget = FailureBudget(len(self.records), max_failure_ratio, noun="videos", logger=log)
         self._rng_key: tuple[int, int] | None = None
         self._rng: np.random.Generator | None = None
 
     def __len__(self) -> int:
         return len(self.records)
+
+    @property
+    def failed(self) -> dict[int, str]:
+        """``{row: reason}`` of the rows that could not be read (and were replaced) in this process."""
+        return self._budget.failed
+
+    def sample_source(self, index: int) -> tuple[str, str]:
+        """``(file or frame folder, "list:line")`` of row `index`."""
+        record = self.records[index]
+        return record.path, record.line
+
+    def check_sample(self, index: int) -> None:
+        """Open row `index` directly (no replacement) and decode the frames of its evaluation views and its
+        first and final frames; raises :class:`VideoDecodeError` naming the file when it cannot.
+
+        A stream that ends before the frames its header promises is an error here (the loaders
+        repeat its last frame). Used by ``mm3d data check`` and to name the reason of a row an
+        evaluation did not score.
+        """
+        record = self.records[index]
+        try:
+            src = open_record(record, backend=self.backend, num_threads=self.num_threads,
+                              rawframe_template=self.rawframe_template,
+                              rawframe_start=self.rawframe_start, strict=True)
+            try:
+                n = src.num_frames
+                if self.sampling == "dense":
+                    views = uniform_clips(n, self.num_frames, self.sampling_rate, self.num_clips)
+                else:
+                    views = segment_clips(n, self.num_frames, self.num_clips)
+                src.get(np.unique(np.concatenate([views.reshape(-1), [0, n - 1]])))
+            finally:
+                src.close()
+        except VideoDecodeError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any reader failure is a bad sample
+            raise VideoDecodeError(f"{record.path}: {type(e).__name__}: {e}") from e
 
     def _stream(self) -> np.random.Generator:
         key = (os.getpid(), torch.initial_seed())
@@ -744,33 +793,10 @@ class VideoDataset(torch.utils.data.Dataset):
         except Exception as e:  # noqa: BLE001 - any reader failure is a bad sample
             raise VideoDecodeError(f"{record.path}: {type(e).__name__}: {e}") from e
 
-    def _fail(self, index: int, err: Exception) -> None:
-        record = self.records[index]
-        self.failed[index] = str(err)
-        n = len(self.failed)
-        log.warning("cannot read %s (row %s): %s -- replaced by another sample "
-                    "(%d/%d rows failed in this process)", record.path, record.line, err, n,
-                    len(self))
-        if n > self.max_failure_ratio * len(self):
-            last = "; ".join(f"{self.records[i].line}: {r}" for i, r in
-                             list(self.failed.items())[-3:])
-            raise RuntimeError(f"{n} of {len(self)} videos could not be read, more than "
-                               f"max_failure_ratio={self.max_failure_ratio}; last errors: {last}")
-
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         rng = self._stream() if self.mode == "train" else None
-        frames = None
-        i = int(index)
-        for _ in range(len(self)):
-            if i not in self.failed:
-                try:
-                    frames = self._read(i, rng)
-                    break
-                except VideoDecodeError as e:
-                    self._fail(i, e)
-            i = (i + 1) % len(self)
-        if frames is None:
-            raise RuntimeError(f"no row of the list could be read ({len(self.failed)} failed)")
+        i, frames = read_or_replace(index, len(self), lambda j: self._read(j, rng), self._budget,
+                                    self.sample_source, errors=(VideoDecodeError,))
         gen = torch.Generator()
         if rng is not None:
             gen.manual_seed(int(rng.integers(2**63)))
