@@ -86,6 +86,9 @@ class ClsDataConfig:
     way: int = 5
     shot: int = 10
     fold: int = -1  # -1: the run seed is the fold (seeds: [0..9] runs all ten)
+    max_failure_ratio: float = 0.01  # unreadable files (clouds) are left out, named and counted; fail past this share
+    drop_nonfinite: bool = True  # drop (and count) points with NaN/inf when reading files; false: an error
+    bin_columns: int | None = None  # `mm3d predict --bin-columns`: float32 values per point in raw .bin files
 
     def validate(self) -> None:
         if self.npoints <= 0 or self.fps_points < self.npoints:
@@ -104,6 +107,10 @@ class ClsDataConfig:
             raise ValueError(f"vote_splits may hold 'val' and 'test', got {bad}")
         if self.dataset == "modelnet40_fewshot" and (self.way <= 0 or self.shot <= 0):
             raise ValueError(f"way and shot must be positive, got {self.way}, {self.shot}")
+        if not 0.0 <= self.max_failure_ratio <= 1.0:
+            raise ValueError(f"max_failure_ratio must be in [0, 1], got {self.max_failure_ratio}")
+        if self.bin_columns is not None and self.bin_columns < 3:
+            raise ValueError(f"bin_columns must be >= 3 (x, y, z first) or null, got {self.bin_columns}")
 
 
 def _modelnet_n(data: ClsDataConfig) -> int:
@@ -159,10 +166,12 @@ def _base_datasets(cfg: Any, splits: set[str]) -> dict[str, Dataset]:
             continue
         if d.dataset == "scanobjectnn":
             out[split] = D.ScanObjectNN(root, d.scan_variant, split, d.fps_points,
-                                        seed=None if split == "train" else cfg.seed)
+                                        seed=None if split == "train" else cfg.seed,
+                                        max_failure_ratio=d.max_failure_ratio)
         else:
             base = D.ModelNet(root, split, num_classes=_modelnet_n(d), npoints=d.fps_points,
-                              cache_points=d.cache_points)
+                              cache_points=d.cache_points, max_failure_ratio=d.max_failure_ratio,
+                              drop_nonfinite=d.drop_nonfinite)
             if d.dataset == "modelnet40_fewshot":
                 fold = d.fold if d.fold >= 0 else cfg.seed
                 require_root(d.fewshot_root, "data.fewshot_root")
@@ -215,7 +224,7 @@ def build_cls_datasets(cfg: Any, splits: Iterable[str], *, carve_val: bool = Tru
             keep, held = stratified_split(labels, cfg.data.val_fraction, cfg.data.val_seed)
             if held and keep:
                 if "train" in splits:
-                    out["train"] = Indexed(train, keep)
+                    out["train"] = Indexed(train, keep, dropped=getattr(train, "dropped", []))
                 out["val"] = Indexed(train, held)
                 log.info("validation split: %d of %d training shapes (val_fraction=%g, val_seed=%d)",
                          len(held), len(labels), cfg.data.val_fraction, cfg.data.val_seed)
@@ -397,7 +406,8 @@ class PointMAEClassifyTask(Task):
         clouds, read = [], []
         for path in inputs:
             try:
-                xyz = torch.from_numpy(np.ascontiguousarray(read_points(path)[:, :3]))
+                xyz = torch.from_numpy(np.ascontiguousarray(read_points(
+                    path, bin_columns=cfg.data.bin_columns, drop_nonfinite=cfg.data.drop_nonfinite)[:, :3]))
             except (OSError, ValueError) as e:
                 rows.append({"input": str(path), "error": str(e), "topk": []})
                 continue

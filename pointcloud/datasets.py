@@ -20,24 +20,33 @@ in which case sample ``i`` always gets the same points (use it for evaluation sp
 
 Cheap checks run at construction (list files, listed files, class names, label ranges); file
 contents are checked when read, with errors naming the file and line. ModelNet and ShapeNetPart
-parse their text files once into a cache (see :func:`load_or_build_cache`), so all of their
-content checks run before training starts.
+parse their text files once into a cache (see :func:`~mm3d.pointcloud.cache.load_or_build_cache`),
+so all of their content checks run before training starts.
+
+Bad files are skipped, named and counted as bad videos are (:mod:`mm3d.datacheck`): ModelNet,
+ShapeNetPart and ScanObjectNN read everything when built and leave bad files (clouds) out
+(``dropped``); ShapeNet55 and PointFolder return the next readable file in place of a bad one
+(``failed``). More than ``max_failure_ratio`` bad (default 0: any) is a
+:class:`~mm3d.datacheck.BadDataError` naming all of them. A malformed list is an error naming its
+file and line.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 from pathlib import Path
-from typing import Callable, Literal, Sequence
+from typing import Literal, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
-from mm3d.pointcloud.io import POINT_EXTENSIONS, data_row_line, read_points, read_text_points
+from mm3d.datacheck import BadSample, FailureBudget, bad_sample, read_or_replace
+from mm3d.pointcloud.cache import cache_dirs, load_or_build_cache, restore_bad, store_bad
+from mm3d.pointcloud.files import MISSING, READ_ERRORS, ListedFiles, file_present, read_list_lines
+from mm3d.pointcloud.io import (POINT_EXTENSIONS, bin_columns_for, data_row_line, read_points,
+                                read_text_points)
 from mm3d.pointcloud.transforms import normalize_unit_sphere, sample_indices
 
 log = logging.getLogger(__name__)
@@ -78,101 +87,14 @@ SCANOBJECTNN_FILES: dict[str, tuple[str, str, str]] = {
 }
 
 # ----------------------------------------------------------------------------------------------
-# Cache of preprocessed arrays
+# Helpers
 # ----------------------------------------------------------------------------------------------
-
-
-def user_cache_dir() -> Path:
-    """``$MM3D_CACHE_DIR``, else ``$XDG_CACHE_HOME/mm3d``, else ``~/.cache/mm3d``."""
-    env = os.environ.get("MM3D_CACHE_DIR")
-    if env:
-        return Path(env)
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "mm3d"
-
-
-def settings_digest(key: dict) -> str:
-    """A 16-hex-digit hash of a JSON-serialisable settings dict."""
-    return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def load_or_build_cache(stem: str, key: dict, dirs: Sequence[Path],
-                        build: Callable[[], dict[str, np.ndarray]]
-                        ) -> tuple[dict[str, np.ndarray], Path | None, bool]:
-    """Load arrays cached under `key`, or build and save them.
-
-    The file ``<stem>_<digest>.npz`` (digest of `key`) is looked for in each of `dirs`; when it
-    is absent everywhere, `build()` runs and its arrays are written to the first folder that
-    accepts them (atomically), or kept in memory only when none does (or `dirs` is empty).
-    Changing any setting in `key` changes the file name, so stale caches are never read.
-
-    Returns:
-        (arrays, path of the cache file or None when kept in memory, whether it was loaded).
-    """
-    digest = settings_digest(key)
-    name = f"{stem}_{digest}.npz"
-    for d in dirs:
-        path = Path(d) / name
-        if path.is_file():
-            try:
-                with np.load(path, allow_pickle=False) as z:
-                    arrays = {k: z[k] for k in z.files}
-            except (OSError, ValueError) as e:  # truncated or corrupt: rebuild
-                log.warning("ignoring unreadable cache %s (%s)", path, e)
-                continue
-            if str(arrays.pop("_digest", "")) == digest:
-                log.info("loaded cache %s", path)
-                return arrays, path, True
-    arrays = build()
-    if not dirs:
-        return arrays, None, False
-    for d in dirs:
-        path = Path(d) / name
-        tmp = path.with_name(f"{path.stem}.tmp{os.getpid()}.npz")
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            np.savez(tmp, _digest=np.array(digest), **arrays)
-            os.replace(tmp, path)
-        except OSError as e:
-            log.warning("cannot write cache in %s (%s); trying the next location", d, e)
-            if tmp.parent.is_dir():
-                tmp.unlink(missing_ok=True)
-            continue
-        log.info("wrote cache %s", path)
-        return arrays, path, False
-    log.warning("no writable cache location among %s: keeping %s in memory only",
-                [str(d) for d in dirs], stem)
-    return arrays, None, False
-
-
-def _cache_dirs(root: Path, cache_dir: str | Path | None) -> list[Path]:
-    if cache_dir is not None:
-        return [Path(cache_dir)]
-    return [root / ".mm3d_cache", user_cache_dir()]
 
 
 def _item_generator(seed: int | None, index: int) -> torch.Generator | None:
     if seed is None:
         return None
     return torch.Generator().manual_seed(int(seed) * 1_000_003 + int(index))
-
-
-def _listed_file(folder: Path, name: str, listings: dict[Path, set[str]], where: str) -> Path:
-    """``folder / name``, checked against one cached directory listing per folder (cheaper than a
-    stat per file on network file systems); a missing file raises naming `where` (file, line)."""
-    if folder not in listings:
-        listings[folder] = set(os.listdir(folder)) if folder.is_dir() else set()
-    if name not in listings[folder]:
-        raise FileNotFoundError(f"{where}: listed file {folder / name} does not exist")
-    return folder / name
-
-
-def _read_lines(path: Path) -> list[tuple[int, str]]:
-    """Non-blank stripped lines of a list file with their 1-based line numbers."""
-    if not path.is_file():
-        raise FileNotFoundError(f"list file not found: {path}")
-    return [(i, s.strip()) for i, s in enumerate(path.read_text().splitlines(), start=1)
-            if s.strip()]
 
 
 def _resample(n_available: int, npoints: int, generator: torch.Generator | None
@@ -189,7 +111,7 @@ def _resample(n_available: int, npoints: int, generator: torch.Generator | None
 # ----------------------------------------------------------------------------------------------
 
 
-class ShapeNet55(Dataset):
+class ShapeNet55(ListedFiles):
     """ShapeNet-55 as released by Point-BERT and used for Point-MAE pretraining.
 
     Layout under `root` (``ShapeNet55-34/``)::
@@ -208,11 +130,14 @@ class ShapeNet55(Dataset):
         use_both_splits: train on train + test, as Point-BERT's pretraining does.
         split_dir: the folder of the list files (``ShapeNet-34`` for that benchmark).
         seed: fixed per-item sampling (see the module docstring).
+        max_failure_ratio, drop_nonfinite: bad files (see the module docstring) and non-finite
+            points (see :func:`~mm3d.pointcloud.io.read_points`).
     """
 
     def __init__(self, root: str | Path, split: Literal["train", "test"] = "train",
                  npoints: int = 1024, *, use_both_splits: bool = False,
-                 split_dir: str = "ShapeNet-55", seed: int | None = None) -> None:
+                 split_dir: str = "ShapeNet-55", seed: int | None = None,
+                 max_failure_ratio: float = 0.0, drop_nonfinite: bool = True) -> None:
         if split not in ("train", "test"):
             raise ValueError(f"ShapeNet55 split must be 'train' or 'test', got {split!r}")
         self.root = Path(root)
@@ -221,10 +146,12 @@ class ShapeNet55(Dataset):
         if not self.pc_dir.is_dir():
             raise FileNotFoundError(f"ShapeNet55: point folder not found: {self.pc_dir}")
         lists = {s: self.root / split_dir / f"{s}.txt" for s in ("train", "test")}
-        entries = {s: _read_lines(p) for s, p in lists.items()}
+        entries = {s: read_list_lines(p) for s, p in lists.items()}
         use = ["test", "train"] if use_both_splits else [split]
         present = set(os.listdir(self.pc_dir))
         self.files: list[str] = []
+        self.where: list[str] = []
+        self.dropped: list[BadSample] = []
         synset_of: list[str] = []
         for s in use:
             for line_no, name in entries[s]:
@@ -232,23 +159,30 @@ class ShapeNet55(Dataset):
                     raise ValueError(f"{lists[s]}, line {line_no}: {name!r} is not "
                                      f"'<synset>-<model id>.npy'")
                 if name not in present:
-                    raise FileNotFoundError(f"{lists[s]}, line {line_no}: listed file "
-                                            f"{self.pc_dir / name} does not exist")
+                    self.dropped.append(BadSample(str(self.pc_dir / name), f"{lists[s]}:{line_no}", MISSING))
+                    continue
                 self.files.append(name)
+                self.where.append(f"{lists[s]}:{line_no}")
                 synset_of.append(name.split("-", 1)[0])
-        if not self.files:
+        if not self.files and not self.dropped:
             listed = ", ".join(str(lists[s]) for s in use)
             raise ValueError(f"ShapeNet55: no files listed in {listed}")
         self.synsets = sorted({n.split("-", 1)[0] for lst in entries.values() for _, n in lst})
         index = {s: i for i, s in enumerate(self.synsets)}
         self.labels = torch.tensor([index[s] for s in synset_of], dtype=torch.long)
+        self.drop_nonfinite, self.paths = drop_nonfinite, [self.pc_dir / f for f in self.files]
+        self.budget = FailureBudget(len(self.files), max_failure_ratio, noun="ShapeNet-55 files", logger=log)
+        self.budget.leave_out(self.dropped, len(self.files) + len(self.dropped))
 
     def __len__(self) -> int:
         return len(self.files)
 
+    def check_sample(self, i: int) -> torch.Tensor:
+        """The (N, 3) points of file `i`, read directly (no replacement)."""
+        return torch.from_numpy(read_points(self.paths[i], drop_nonfinite=self.drop_nonfinite)[:, :3])
+
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        path = self.pc_dir / self.files[i]
-        pts = torch.from_numpy(read_points(path)[:, :3])
+        i, pts = read_or_replace(i, len(self), self.check_sample, self.budget, self.sample_source, READ_ERRORS)
         idx = _resample(pts.shape[0], self.npoints, _item_generator(self.seed, i))
         return {"points": normalize_unit_sphere(pts[idx]), "label": self.labels[i]}
 
@@ -258,7 +192,7 @@ class ShapeNet55(Dataset):
 # ----------------------------------------------------------------------------------------------
 
 
-class ModelNet(Dataset):
+class ModelNet(ListedFiles):
     """ModelNet40 or ModelNet10 in the ``modelnet40_normal_resampled`` layout (PointNet++).
 
     Layout under `root`::
@@ -296,6 +230,8 @@ class ModelNet(Dataset):
         sample: ``fps`` or ``random`` reduction of each file to `cache_points`.
         cache_device: device for the batched FPS (default: CUDA when available).
         write_cache: False builds the cache in memory, without reading or writing files.
+        max_failure_ratio, drop_nonfinite: bad files (left out and named, see the module
+            docstring; the cache remembers them) and non-finite points.
     """
 
     def __init__(self, root: str | Path, split: Literal["train", "test"] = "train", *,
@@ -303,7 +239,8 @@ class ModelNet(Dataset):
                  use_normals: bool = False, cache_points: int = 8192,
                  cache_dir: str | Path | None = None, sample: Literal["fps", "random"] = "fps",
                  cache_device: str | torch.device | None = None,
-                 write_cache: bool = True) -> None:
+                 write_cache: bool = True, max_failure_ratio: float = 0.0,
+                 drop_nonfinite: bool = True) -> None:
         if split not in ("train", "test"):
             raise ValueError(f"ModelNet split must be 'train' or 'test', got {split!r}")
         if num_classes not in (10, 40):
@@ -315,10 +252,10 @@ class ModelNet(Dataset):
                              f"{cache_points}]")
         self.root = Path(root)
         self.split, self.npoints, self.use_normals = split, int(npoints), bool(use_normals)
-        self.cache_points, self.sample = int(cache_points), sample
+        self.cache_points, self.sample, self.drop_nonfinite = int(cache_points), sample, drop_nonfinite
         names_file = self.root / f"modelnet{num_classes}_shape_names.txt"
         list_file = self.root / f"modelnet{num_classes}_{split}.txt"
-        class_lines = _read_lines(names_file)
+        class_lines = read_list_lines(names_file)
         self.classes: list[str] = [name for _, name in class_lines]
         seen: dict[str, int] = {}
         for line_no, name in class_lines:
@@ -330,56 +267,76 @@ class ModelNet(Dataset):
 
         self.ids: list[str] = []
         self.paths: list[Path] = []
+        self.where: list[str] = []
+        self.dropped: list[BadSample] = []
         labels: list[int] = []
         listing: dict[Path, set[str]] = {}
-        for line_no, shape_id in _read_lines(list_file):
+        for line_no, shape_id in read_list_lines(list_file):
             cls = shape_id.rsplit("_", 1)[0]
             if "_" not in shape_id or cls not in class_index:
                 raise ValueError(f"{list_file}, line {line_no}: shape {shape_id!r} has class "
                                  f"{cls!r}, which is not in {names_file} ({len(self.classes)} "
                                  f"classes)")
+            if not file_present(self.root / cls, f"{shape_id}.txt", listing):
+                self.dropped.append(BadSample(str(self.root / cls / f"{shape_id}.txt"), f"{list_file}:{line_no}",
+                                              MISSING))
+                continue
             self.ids.append(shape_id)
-            self.paths.append(_listed_file(self.root / cls, f"{shape_id}.txt", listing,
-                                           f"{list_file}, line {line_no}"))
+            self.paths.append(self.root / cls / f"{shape_id}.txt")
+            self.where.append(f"{list_file}:{line_no}")
             labels.append(class_index[cls])
-        if not self.ids:
+        if not self.ids and not self.dropped:
             raise ValueError(f"{list_file}: no shapes listed")
 
         key = {"kind": "modelnet", "version": 1, "root": str(self.root.resolve()),
                "split": split, "num_classes": num_classes, "classes": self.classes,
                "cache_points": self.cache_points, "sample": sample, "normals": self.use_normals,
                "files": [[i, p.stat().st_size] for i, p in zip(self.ids, self.paths)]}
+        if not drop_nonfinite:
+            key["nonfinite"] = "error"
         stem = f"modelnet{num_classes}_{split}_{self.cache_points}pts_{sample}"
-        dirs = _cache_dirs(self.root, cache_dir) if write_cache else []
+        dirs = cache_dirs(self.root, cache_dir) if write_cache else []
         device = torch.device(cache_device) if cache_device is not None else (
             torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
-        arrays, self.cache_path, self.cache_hit = load_or_build_cache(
-            stem, key, dirs, lambda: {"points": self._build_cache(device)})
-        self.points = arrays["points"]  # (M, cache_points, 3 or 6) float32
+        arrays, self.cache_path, self.cache_hit = load_or_build_cache(stem, key, dirs,
+                                                                      lambda: self._build_cache(device))
+        keep, bad = restore_bad(arrays, self.paths, self.where)
+        self.dropped += bad
+        self.ids, self.paths, self.where = ([x for x, k in zip(v, keep) if k]
+                                            for v in (self.ids, self.paths, self.where))
+        self.points = arrays["points"]  # (M, cache_points, 3 or 6) float32, the readable files
         expected = (len(self.ids), self.cache_points, 6 if self.use_normals else 3)
         assert self.points.shape == expected, (self.points.shape, expected)
-        self.labels = torch.tensor(labels, dtype=torch.long)
+        self.labels = torch.tensor(labels, dtype=torch.long)[torch.from_numpy(keep)]
+        FailureBudget(len(self.ids) + len(self.dropped), max_failure_ratio, noun="ModelNet files",
+                      logger=log).leave_out(self.dropped)
 
-    def _build_cache(self, device: torch.device) -> np.ndarray:
-        """Read every file and reduce it to (cache_points, C) normalised points."""
+    def _build_cache(self, device: torch.device) -> dict[str, np.ndarray]:
+        """Read every file and reduce it to (cache_points, C) normalised points (``points``, the
+        readable files only) and the rows and reasons of the bad files."""
         chunk = 256 if device.type == "cuda" else 32  # files sampled together
         channels = 6 if self.use_normals else 3
         out = np.empty((len(self.paths), self.cache_points, channels), dtype=np.float32)
         log.info("building the ModelNet %s cache: %d files -> %d points (%s) on %s",
                  self.split, len(self.paths), self.cache_points, self.sample, device)
         gen = torch.Generator().manual_seed(0)
+        bad: dict[int, str] = {}
         for start in range(0, len(self.paths), chunk):
-            group = list(range(start, min(start + chunk, len(self.paths))))
-            clouds = []
-            for i in group:
-                arr = read_text_points(self.paths[i])
-                if arr.shape[1] < channels:
-                    raise ValueError(f"{self.paths[i]}: {arr.shape[1]} columns, need {channels} "
-                                     f"(x,y,z{',nx,ny,nz' if self.use_normals else ''})")
-                if arr.shape[0] < self.cache_points:
-                    raise ValueError(f"{self.paths[i]}: {arr.shape[0]} points, fewer than "
-                                     f"cache_points={self.cache_points}; lower cache_points")
+            clouds, group = [], []
+            for i in range(start, min(start + chunk, len(self.paths))):
+                try:
+                    arr = read_text_points(self.paths[i], drop_nonfinite=self.drop_nonfinite)
+                    if arr.shape[1] < channels:
+                        raise ValueError(f"{self.paths[i]}: {arr.shape[1]} columns, need {channels} "
+                                         f"(x,y,z{',nx,ny,nz' if self.use_normals else ''})")
+                    if arr.shape[0] < self.cache_points:
+                        raise ValueError(f"{self.paths[i]}: {arr.shape[0]} points, fewer than "
+                                         f"cache_points={self.cache_points}; lower cache_points")
+                except READ_ERRORS as e:
+                    bad[i] = bad_sample(self.paths[i], "", e).reason
+                    continue
                 clouds.append(arr[:, :channels])
+                group.append(i)
             # Clouds of equal size are sampled together (the release has 10,000 points each).
             sizes = sorted({c.shape[0] for c in clouds})
             for n in sizes:
@@ -391,8 +348,10 @@ class ModelNet(Dataset):
                 picked = normalize_unit_sphere(picked)
                 out[[group[k] for k in members]] = picked.cpu().numpy()
             if (start // chunk) % 20 == 0:
-                log.info("  %d / %d files", group[-1] + 1, len(self.paths))
-        return out
+                log.info("  %d / %d files", min(start + chunk, len(self.paths)), len(self.paths))
+        keep = np.ones(len(self.paths), dtype=bool)
+        keep[list(bad)] = False
+        return {"points": out if keep.all() else out[keep], **store_bad(bad)}
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -410,7 +369,7 @@ class ModelNet(Dataset):
 # ----------------------------------------------------------------------------------------------
 
 
-class ScanObjectNN(Dataset):
+class ScanObjectNN(ListedFiles):
     """ScanObjectNN (h5 release) in one of its three benchmark variants.
 
     Layout under `root` (``ScanObjectNN/``), per :data:`SCANOBJECTNN_FILES`::
@@ -434,13 +393,15 @@ class ScanObjectNN(Dataset):
         normalize: centre and scale each item to the unit sphere.
         num_classes: labels must lie in [0, num_classes).
         seed: fixed per-item sampling (see the module docstring).
+        max_failure_ratio: clouds with a label outside the classes or a non-finite coordinate are
+            left out and named (see the module docstring).
     """
 
     def __init__(self, root: str | Path,
                  variant: Literal["OBJ_BG", "OBJ_ONLY", "PB_T50_RS"] = "OBJ_BG",
                  split: Literal["train", "test"] = "train", npoints: int = 2048, *,
                  normalize: bool = False, num_classes: int = len(SCANOBJECTNN_CLASSES),
-                 seed: int | None = None) -> None:
+                 seed: int | None = None, max_failure_ratio: float = 0.0) -> None:
         import h5py
 
         if variant not in SCANOBJECTNN_FILES:
@@ -462,15 +423,14 @@ class ScanObjectNN(Dataset):
             raise ValueError(f"{self.path}: 'data' must be (M, N, 3), got shape {data.shape}")
         if labels.shape[0] != data.shape[0]:
             raise ValueError(f"{self.path}: {labels.shape[0]} labels for {data.shape[0]} clouds")
-        bad = (labels < 0) | (labels >= num_classes)
-        if bad.any():
-            j = int(np.flatnonzero(bad)[0])
-            raise ValueError(f"{self.path}: label {labels[j]} of cloud {j} is outside the "
-                             f"{num_classes} classes")
         finite = np.isfinite(data).all(axis=(1, 2))
-        if not finite.all():
-            j = int(np.flatnonzero(~finite)[0])
-            raise ValueError(f"{self.path}: cloud {j} has non-finite coordinates")
+        bad = np.flatnonzero((labels < 0) | (labels >= num_classes) | ~finite)
+        self.dropped = [BadSample(str(self.path), f"cloud {j}", f"label {labels[j]} is outside the {num_classes} "
+                                  f"classes" if not 0 <= labels[j] < num_classes else "non-finite coordinates")
+                        for j in bad.tolist()]
+        FailureBudget(len(labels), max_failure_ratio, noun="ScanObjectNN clouds", logger=log).leave_out(self.dropped)
+        self.rows = np.setdiff1d(np.arange(len(labels)), bad)  # h5 row of each item
+        data, labels = data[self.rows], labels[self.rows]
         if npoints > data.shape[1]:
             raise ValueError(f"ScanObjectNN npoints={npoints} exceeds the {data.shape[1]} points "
                              f"stored per cloud in {self.path}")
@@ -481,6 +441,9 @@ class ScanObjectNN(Dataset):
 
     def __len__(self) -> int:
         return self.points.shape[0]
+
+    def sample_source(self, i: int) -> tuple[str, str]:
+        return str(self.path), f"cloud {int(self.rows[i])}"
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         pts = self.points[i]
@@ -496,7 +459,7 @@ class ScanObjectNN(Dataset):
 # ----------------------------------------------------------------------------------------------
 
 
-class ShapeNetPart(Dataset):
+class ShapeNetPart(ListedFiles):
     """ShapeNetPart (``shapenetcore_partanno_segmentation_benchmark_v0_normal``).
 
     Layout under `root`::
@@ -523,23 +486,26 @@ class ShapeNetPart(Dataset):
         use_normals: also return ``normals``.
         cache_dir, write_cache: as for :class:`ModelNet`.
         seed: fixed per-item sampling (see the module docstring).
+        max_failure_ratio, drop_nonfinite: as for :class:`ModelNet`.
     """
 
     def __init__(self, root: str | Path,
                  split: Literal["train", "val", "test", "trainval"] = "train",
                  npoints: int = 2048, *, use_normals: bool = False,
                  cache_dir: str | Path | None = None, write_cache: bool = True,
-                 seed: int | None = None) -> None:
+                 seed: int | None = None, max_failure_ratio: float = 0.0,
+                 drop_nonfinite: bool = True) -> None:
         splits = {"train": ["train"], "val": ["val"], "test": ["test"],
                   "trainval": ["train", "val"]}
         if split not in splits:
             raise ValueError(f"ShapeNetPart split must be one of {list(splits)}, got {split!r}")
         self.root = Path(root)
         self.npoints, self.use_normals, self.seed = int(npoints), bool(use_normals), seed
+        self.drop_nonfinite = drop_nonfinite
         cat_file = self.root / "synsetoffset2category.txt"
         self.categories: list[str] = []
         synset_to_cat: dict[str, int] = {}
-        for line_no, line in _read_lines(cat_file):
+        for line_no, line in read_list_lines(cat_file):
             parts = line.split()
             if len(parts) != 2:
                 raise ValueError(f"{cat_file}, line {line_no}: expected '<Category> <synset>', "
@@ -552,6 +518,8 @@ class ShapeNetPart(Dataset):
             self.categories.append(name)
 
         self.paths: list[Path] = []
+        self.where: list[str] = []
+        self.dropped: list[BadSample] = []
         cls_labels: list[int] = []
         present: dict[Path, set[str]] = {}
         for s in splits[split]:
@@ -571,10 +539,14 @@ class ShapeNetPart(Dataset):
                 if synset not in synset_to_cat:
                     raise ValueError(f"{list_file}, entry {k}: synset {synset} of {entry!r} is "
                                      f"not in {cat_file}")
-                self.paths.append(_listed_file(self.root / synset, f"{shape_id}.txt", present,
-                                               f"{list_file}, entry {k}"))
+                if not file_present(self.root / synset, f"{shape_id}.txt", present):
+                    self.dropped.append(BadSample(str(self.root / synset / f"{shape_id}.txt"),
+                                                  f"{list_file}, entry {k}", MISSING))
+                    continue
+                self.paths.append(self.root / synset / f"{shape_id}.txt")
+                self.where.append(f"{list_file}, entry {k}")
                 cls_labels.append(synset_to_cat[synset])
-        if not self.paths:  # e.g. the real sample's empty val list: allowed, but said
+        if not self.paths and not self.dropped:  # e.g. the real sample's empty val list: allowed, but said
             log.warning("ShapeNetPart %s: the split lists under %s name no shapes", split,
                         self.root / "train_test_split")
         self.cls_labels = torch.tensor(cls_labels, dtype=torch.long)
@@ -582,29 +554,41 @@ class ShapeNetPart(Dataset):
         key = {"kind": "shapenetpart", "version": 1, "root": str(self.root.resolve()),
                "split": split, "categories": self.categories,
                "files": [[str(p.relative_to(self.root)), p.stat().st_size] for p in self.paths]}
-        dirs = _cache_dirs(self.root, cache_dir) if write_cache else []
+        if not drop_nonfinite:
+            key["nonfinite"] = "error"
+        dirs = cache_dirs(self.root, cache_dir) if write_cache else []
         arrays, self.cache_path, self.cache_hit = load_or_build_cache(
             f"shapenetpart_{split}", key, dirs, self._build_cache)
+        keep, bad = restore_bad(arrays, self.paths, self.where)
+        self.dropped += bad
+        self.paths, self.where = [p for p, k in zip(self.paths, keep) if k], [w for w, k in zip(self.where, keep) if k]
+        self.cls_labels = self.cls_labels[torch.from_numpy(keep)]
         self.points = arrays["points"]    # (total points, 6) float32, normalised per shape
         self.seg = arrays["seg"]          # (total points,) int16
         self.offsets = arrays["offsets"]  # (num shapes + 1,) int64
+        FailureBudget(len(self.paths) + len(self.dropped), max_failure_ratio, noun="ShapeNetPart files",
+                      logger=log).leave_out(self.dropped)
 
     def _build_cache(self) -> dict[str, np.ndarray]:
         log.info("parsing %d ShapeNetPart files", len(self.paths))
-        points, segs, offsets = [], [], [0]
-        for path, cat in zip(self.paths, self.cls_labels.tolist()):
-            arr = read_text_points(path, columns=7)
-            seg = self._check_parts(path, arr[:, 6], self.categories[cat])
+        points, segs, offsets, bad = [], [], [0], {}
+        for i, (path, cat) in enumerate(zip(self.paths, self.cls_labels.tolist())):
+            try:
+                arr = read_text_points(path, columns=7, drop_nonfinite=self.drop_nonfinite)
+                seg = self._check_parts(path, arr[:, 6], self.categories[cat])
+            except READ_ERRORS as e:
+                bad[i] = bad_sample(path, "", e).reason
+                continue
             xyz = normalize_unit_sphere(torch.from_numpy(arr[:, :3])).numpy()
             points.append(np.concatenate([xyz, arr[:, 3:6]], axis=1))
             segs.append(seg)
             offsets.append(offsets[-1] + arr.shape[0])
         if not points:
             return {"points": np.zeros((0, 6), np.float32), "seg": np.zeros(0, np.int16),
-                    "offsets": np.zeros(1, np.int64)}
+                    "offsets": np.zeros(1, np.int64), **store_bad(bad)}
         return {"points": np.concatenate(points).astype(np.float32),
                 "seg": np.concatenate(segs).astype(np.int16),
-                "offsets": np.asarray(offsets, dtype=np.int64)}
+                "offsets": np.asarray(offsets, dtype=np.int64), **store_bad(bad)}
 
     @staticmethod
     def _check_parts(path: Path, labels: np.ndarray, category: str) -> np.ndarray:
@@ -640,7 +624,7 @@ class ShapeNetPart(Dataset):
 # ----------------------------------------------------------------------------------------------
 
 
-class PointFolder(Dataset):
+class PointFolder(ListedFiles):
     """Every point-cloud file under `root` (recursively), as unlabeled pretraining data.
 
     Files are read with :func:`mm3d.pointcloud.io.read_points` (``.ply``, ``.pcd``, ``.xyz``,
@@ -652,15 +636,19 @@ class PointFolder(Dataset):
         root: the folder.
         npoints: points per item.
         extensions: file extensions to include (case-insensitive).
-        bin_columns: float32 values per point in ``.bin`` files (KITTI 4, ScanNet 6).
+        bin_columns: float32 values per point in ``.bin`` files (KITTI 4, ScanNet 6); None reads
+            4 and warns when the files' sizes fit other counts too.
         sample: ``random`` or ``fps`` (FPS is slow on CPU for large scans).
         seed: fixed per-item sampling (see the module docstring).
+        max_failure_ratio, drop_nonfinite: bad files (replaced by the next readable one, see
+            the module docstring) and non-finite points.
     """
 
     def __init__(self, root: str | Path, npoints: int = 1024, *,
                  extensions: Sequence[str] = (".ply", ".pcd", ".xyz", ".npy", ".bin"),
-                 bin_columns: int = 4, sample: Literal["random", "fps"] = "random",
-                 seed: int | None = None) -> None:
+                 bin_columns: int | None = None, sample: Literal["random", "fps"] = "random",
+                 seed: int | None = None, max_failure_ratio: float = 0.0,
+                 drop_nonfinite: bool = True) -> None:
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"PointFolder: folder not found: {self.root}")
@@ -676,14 +664,21 @@ class PointFolder(Dataset):
         if sample not in ("random", "fps"):
             raise ValueError(f"PointFolder sample must be 'random' or 'fps', got {sample!r}")
         self.npoints, self.bin_columns, self.sample, self.seed = (
-            int(npoints), int(bin_columns), sample, seed)
+            int(npoints), bin_columns_for(self.files, bin_columns), sample, seed)
+        self.drop_nonfinite, self.dropped = drop_nonfinite, []
+        self.paths, self.where = self.files, [""] * len(self.files)
+        self.budget = FailureBudget(len(self.files), max_failure_ratio, noun="point-cloud files", logger=log)
 
     def __len__(self) -> int:
         return len(self.files)
 
+    def check_sample(self, i: int) -> torch.Tensor:
+        """The (N, 3) points of file `i`, read directly (no replacement)."""
+        return torch.from_numpy(np.ascontiguousarray(read_points(
+            self.files[i], bin_columns=self.bin_columns, drop_nonfinite=self.drop_nonfinite)[:, :3]))
+
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        pts = torch.from_numpy(np.ascontiguousarray(
-            read_points(self.files[i], bin_columns=self.bin_columns)[:, :3]))
+        i, pts = read_or_replace(i, len(self), self.check_sample, self.budget, self.sample_source, READ_ERRORS)
         gen = _item_generator(self.seed, i)
         if self.sample == "fps" and pts.shape[0] >= self.npoints:
             idx = sample_indices(pts, self.npoints, "fps")

@@ -186,8 +186,12 @@ class FewShotModelNet(Dataset):
             raise ValueError(f"{fold_file}: classes {unknown} are not in the ModelNet class list of "
                              f"{base.root} ({len(base.classes)} classes)")
         position = {shape: i for i, shape in enumerate(base.ids)}
-        indices, labels = [], []
+        left_out = {Path(b.file).stem: b for b in getattr(base, "dropped", [])}
+        indices, labels, self.dropped = [], [], []
         for k, (shape, label) in enumerate(data[split]):
+            if shape in left_out:  # unreadable: the base left it out (and named it)
+                self.dropped.append(left_out[shape])
+                continue
             if shape not in position:
                 raise ValueError(f"{fold_file}, {split} entry {k}: shape {shape!r} is not in the {split} "
                                  f"list of {base.root}")
@@ -203,6 +207,12 @@ class FewShotModelNet(Dataset):
 
     def __len__(self) -> int:
         return len(self.indices)
+
+    def sample_source(self, i: int) -> tuple[str, str]:
+        return self.base.sample_source(self.indices[i])
+
+    def check_sample(self, i: int) -> dict[str, torch.Tensor]:
+        return self[i]
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return {**self.base[self.indices[i]], "label": self.labels[i]}

@@ -56,10 +56,14 @@ class PartSegDataConfig:
     translate_range: float = 0.1
     up_axis: Literal["x", "y", "z"] = "y"
     render_shapes: int = 4  # Open3D renders of test shapes in the report (0: none)
+    max_failure_ratio: float = 0.01  # unreadable files are left out, named and counted; fail past this share
+    drop_nonfinite: bool = True  # drop (and count) points with NaN/inf when reading files; false: an error
 
     def validate(self) -> None:
         if self.npoints <= 0:
             raise ValueError(f"npoints must be positive, got {self.npoints}")
+        if not 0.0 <= self.max_failure_ratio <= 1.0:
+            raise ValueError(f"max_failure_ratio must be in [0, 1], got {self.max_failure_ratio}")
         if not 0 < self.scale_low <= self.scale_high:
             raise ValueError(f"need 0 < scale_low <= scale_high, got {self.scale_low}, {self.scale_high}")
         if self.render_shapes < 0:
@@ -148,7 +152,8 @@ class PointMAEPartSegTask(Task):
         for split in splits:
             if split not in wanted:
                 continue
-            ds = ShapeNetPart(root, wanted[split], cfg.data.npoints, seed=None if split == "train" else cfg.seed)
+            ds = ShapeNetPart(root, wanted[split], cfg.data.npoints, seed=None if split == "train" else cfg.seed,
+                              max_failure_ratio=cfg.data.max_failure_ratio, drop_nonfinite=cfg.data.drop_nonfinite)
             if len(ds.categories) > cfg.head.num_categories:
                 raise ValueError(f"{root / 'synsetoffset2category.txt'} lists {len(ds.categories)} categories, "
                                  f"more than head.num_categories={cfg.head.num_categories}")

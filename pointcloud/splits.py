@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import Dataset
 
 from mm3d.config import ConfigError
+from mm3d.datacheck import BadSample, sample_source
 
 
 class Indexed(Dataset):
@@ -23,17 +24,31 @@ class Indexed(Dataset):
     their position in this view, used to count each sample once when DDP ranks gather results.
 
     Attributes of the base dataset that the tasks read (``classes``, ``categories``) are copied.
+    What the base tells about its files (:mod:`mm3d.datacheck`) is seen through the view:
+    ``sample_source(i)``, ``check_sample(i)`` and ``dropped``, the files the base left out when it
+    was built (by default those of a whole view; a subset has none unless given).
     """
 
-    def __init__(self, base: Dataset, indices: Sequence[int] | None = None) -> None:
+    def __init__(self, base: Dataset, indices: Sequence[int] | None = None,
+                 dropped: Sequence[BadSample] | None = None) -> None:
         self.base = base
         self.indices = list(range(len(base))) if indices is None else [int(i) for i in indices]
         for attr in ("classes", "categories"):
             if hasattr(base, attr):
                 setattr(self, attr, list(getattr(base, attr)))
+        if dropped is None:
+            dropped = getattr(base, "dropped", []) if indices is None else []
+        self.dropped = list(dropped)
 
     def __len__(self) -> int:
         return len(self.indices)
+
+    def sample_source(self, i: int) -> tuple[str, str]:
+        return sample_source(self.base, self.indices[i])
+
+    def check_sample(self, i: int) -> object:
+        check = getattr(self.base, "check_sample", None)
+        return check(self.indices[i]) if check is not None else self.base[self.indices[i]]
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return {**self.base[self.indices[i]], "index": torch.tensor(i, dtype=torch.long)}

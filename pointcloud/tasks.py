@@ -61,7 +61,11 @@ class PointDataConfig:
     cache_points: int = 8192  # ModelNet: FPS points cached per shape
     cache_dir: str = ""  # ModelNet: where the cache goes ("": <root>/.mm3d_cache, else a user cache)
     sample: Literal["random", "fps"] = "random"  # folder: how to pick npoints from each file
-    bin_columns: int = 4  # folder: float32 values per point in raw .bin files
+    # folder (and `mm3d visualize --bin-columns`): float32 values per point in raw .bin files; null reads 4
+    # and warns when a file's size fits other counts too
+    bin_columns: int | None = None
+    drop_nonfinite: bool = True  # drop (and count) points with NaN/inf, as PCL marks invalid pixels; false: an error
+    max_failure_ratio: float = 0.01  # unreadable files are skipped, named and counted; fail past this share
     report_shapes: int = 4  # reconstruction pictures written after training (0: none)
 
     def validate(self) -> None:
@@ -73,6 +77,10 @@ class PointDataConfig:
             raise ValueError(f"translate_range must be >= 0, got {self.translate_range}")
         if self.report_shapes < 0:
             raise ValueError(f"report_shapes must be >= 0, got {self.report_shapes}")
+        if not 0.0 <= self.max_failure_ratio <= 1.0:
+            raise ValueError(f"max_failure_ratio must be in [0, 1], got {self.max_failure_ratio}")
+        if self.bin_columns is not None and self.bin_columns < 3:
+            raise ValueError(f"bin_columns must be >= 3 (x, y, z first) or null, got {self.bin_columns}")
         if self.dataset.startswith("modelnet") and self.npoints > self.cache_points:
             raise ValueError(f"npoints={self.npoints} exceeds cache_points={self.cache_points}")
 
@@ -99,10 +107,11 @@ def build_pretrain_datasets(data: PointDataConfig, splits: Iterable[str], *, see
     root = require_root(data.root, "data.root")
     splits = set(splits)
     out: dict[str, Dataset] = {}
+    files = dict(max_failure_ratio=data.max_failure_ratio, drop_nonfinite=data.drop_nonfinite)
     if data.dataset == "shapenet55":
         def make(split: str, s: int | None) -> Dataset:
             return D.ShapeNet55(root, split, data.npoints, use_both_splits=data.use_both_splits and split == "train",
-                                split_dir=data.split_dir, seed=s)
+                                split_dir=data.split_dir, seed=s, **files)
         if "train" in splits:
             out["train"] = make("train", None)
         if "test" in splits:
@@ -115,13 +124,13 @@ def build_pretrain_datasets(data: PointDataConfig, splits: Iterable[str], *, see
         for split in ("train", "test"):
             if split in splits:
                 out[split] = D.ModelNet(root, split, num_classes=n, npoints=data.npoints,
-                                        cache_points=data.cache_points, cache_dir=data.cache_dir or None)
+                                        cache_points=data.cache_points, cache_dir=data.cache_dir or None, **files)
     elif data.dataset == "folder":
         if "train" in splits:
-            out["train"] = D.PointFolder(root, data.npoints, bin_columns=data.bin_columns, sample=data.sample)
+            out["train"] = D.PointFolder(root, data.npoints, bin_columns=data.bin_columns, sample=data.sample, **files)
         if "test" in splits:
             out["test"] = D.PointFolder(root, data.npoints, bin_columns=data.bin_columns, sample=data.sample,
-                                        seed=seed)
+                                        seed=seed, **files)
             log.info("data.dataset=folder has no held-out split: 'test' re-reads the training files")
     else:  # guarded by the config's Literal
         raise ValueError(f"unknown data.dataset {data.dataset!r}")
@@ -208,7 +217,7 @@ class PointMAEPretrainTask(Task):
         clouds: list[tuple[str, torch.Tensor]] = []
         for path in inputs:
             try:
-                raw = read_points(path, bin_columns=cfg.data.bin_columns)
+                raw = read_points(path, bin_columns=cfg.data.bin_columns, drop_nonfinite=cfg.data.drop_nonfinite)
             except (OSError, ValueError) as e:
                 raise UserError(f"--input: {e}") from None
             clouds.append((Path(path).stem, prepare_points(torch.from_numpy(raw), cfg.data.npoints, seed=seed)))

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from mm3d.datacheck import BadDataError
 from mm3d.pointcloud import transforms as T
 from mm3d.pointcloud.datasets import (SCANOBJECTNN_FILES, SHAPENETPART_CATEGORIES,
                                       SHAPENETPART_SEG_CLASSES, ModelNet, PointFolder,
@@ -115,7 +116,7 @@ def test_read_formats_roundtrip(tmp_path):
 def test_read_text_errors(tmp_path, content, pattern):
     (tmp_path / "bad.txt").write_text(content)
     with pytest.raises(ValueError, match=pattern):
-        read_points(tmp_path / "bad.txt")
+        read_points(tmp_path / "bad.txt", drop_nonfinite=False)
 
 
 def test_read_other_errors(tmp_path):
@@ -131,7 +132,7 @@ def test_read_other_errors(tmp_path):
     arr[2, 1] = np.nan
     np.save(tmp_path / "nan.npy", arr)
     with pytest.raises(ValueError, match=r"nan.npy.*row 2"):
-        read_points(tmp_path / "nan.npy")
+        read_points(tmp_path / "nan.npy", drop_nonfinite=False)
     (tmp_path / "empty.bin").write_bytes(b"")
     with pytest.raises(ValueError, match="empty.bin: empty"):
         read_points(tmp_path / "empty.bin")
@@ -139,7 +140,7 @@ def test_read_other_errors(tmp_path):
         "VERSION .7\nFIELDS x y z\nSIZE 4 4 4\nTYPE F F F\nCOUNT 1 1 1\nWIDTH 2\nHEIGHT 1\n"
         "POINTS 2\nDATA ascii\n0 0 0\n1 nan 2\n")
     with pytest.raises(ValueError, match=r"nan.pcd, line 11: non-finite"):
-        read_points(tmp_path / "nan.pcd")
+        read_points(tmp_path / "nan.pcd", drop_nonfinite=False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -250,7 +251,7 @@ def test_scanobjectnn_bad_label(tmp_path):
     with h5py.File(folder / "test_objectdataset.h5", "w") as f:
         f["data"] = np.zeros((3, 16, 3), np.float32)
         f["label"] = np.array([0, 15, 2])
-    with pytest.raises(ValueError, match=r"test_objectdataset.h5: label 15 of cloud 1"):
+    with pytest.raises(BadDataError, match=r"test_objectdataset.h5 \(cloud 1\): label 15 is outside"):
         ScanObjectNN(tmp_path, "OBJ_BG", "test", npoints=16)
 
 
@@ -355,27 +356,27 @@ def _edit_line(path: Path, line_no: int, new: str) -> None:
 
 
 @pytest.mark.parametrize("new_line, pattern", [
-    ("0.1,0.2,0.3,0.4,0.5", r"cone_0005.txt, line 7: 5 columns, expected 6"),
-    ("0.1,nan,0.3,0.4,0.5,0.6", r"cone_0005.txt, line 7: non-finite"),
+    ("0.1,0.2,0.3,0.4,0.5", r"cone_0005.txt \(\S*modelnet40_test.txt:7\): line 7: 5 columns, expected 6"),
+    ("0.1,nan,0.3,0.4,0.5,0.6", r"cone_0005.txt \(\S*modelnet40_test.txt:7\): line 7: non-finite"),
 ])
 def test_modelnet_bad_file(modelnet_copy, tmp_path, new_line, pattern):
     _edit_line(modelnet_copy / "cone/cone_0005.txt", 7, new_line)
-    with pytest.raises(ValueError, match=pattern):
+    with pytest.raises(BadDataError, match=pattern):
         ModelNet(modelnet_copy, "test", npoints=32, cache_points=64, sample="random",
-                 write_cache=False)
+                 write_cache=False, drop_nonfinite=False)
 
 
 def test_modelnet_bad_lists(modelnet_copy):
     kw = dict(npoints=32, cache_points=64, sample="random", write_cache=False)
-    with pytest.raises(ValueError, match=r"_0005.txt: 1024 points, fewer than cache_points"):
+    with pytest.raises(BadDataError, match=r"_0005.txt \(\S+\): 1024 points, fewer than cache_points"):
         ModelNet(modelnet_copy, "test", npoints=32, cache_points=4096, write_cache=False)
     (modelnet_copy / "cone/cone_0005.txt").write_text("")
-    with pytest.raises(ValueError, match=r"cone_0005.txt: empty"):
+    with pytest.raises(BadDataError, match=r"cone_0005.txt \(\S+\): empty"):
         ModelNet(modelnet_copy, "test", **kw)
     lst = modelnet_copy / "modelnet40_train.txt"
     ids = lst.read_text().split()
     lst.write_text("\n".join(ids[:3] + ["sphere_0999"] + ids[3:]) + "\n")
-    with pytest.raises(FileNotFoundError, match=r"modelnet40_train.txt, line 4: .*sphere_0999"):
+    with pytest.raises(BadDataError, match=r"sphere_0999.txt \(\S*modelnet40_train.txt:4\): listed file does not"):
         ModelNet(modelnet_copy, "train", **kw)
     lst.write_text("\n".join(ids[:2] + ["dragon_0001"]) + "\n")
     with pytest.raises(ValueError, match=r"modelnet40_train.txt, line 3: .*'dragon'.*not in"):
@@ -397,14 +398,14 @@ def test_shapenetpart_bad_part(synth_root, tmp_path):
     category = {v: k for k, v in SHAPENETPART_CATEGORIES.items()}[path.parent.name]
     row[6] = "47.000000" if category != "Table" else "0.000000"
     _edit_line(path, 5, " ".join(row))
-    with pytest.raises(ValueError, match=rf"{path.name}, line 5: part label .* {category} part"):
+    with pytest.raises(BadDataError, match=rf"{path.name} \(\S+, entry 0\): line 5: part label .* {category} part"):
         ShapeNetPart(root, "test", write_cache=False)
     ShapeNetPart(root, "train", write_cache=False)  # other splits are unaffected
     lst = root / "train_test_split/shuffled_val_file_list.json"
     entries = json.loads(lst.read_text())
     lst.write_text(json.dumps(entries + ["shape_data/04379243/doesnotexist"]))
-    with pytest.raises(FileNotFoundError, match=rf"shuffled_val_file_list.json, entry "
-                                                rf"{len(entries)}: .*doesnotexist"):
+    with pytest.raises(BadDataError, match=rf"doesnotexist.txt \(\S*shuffled_val_file_list.json, entry "
+                                           rf"{len(entries)}\): listed file does not exist"):
         ShapeNetPart(root, "val", write_cache=False)
 
 
@@ -413,7 +414,7 @@ def test_shapenet55_missing_file(synth_root, tmp_path):
     shutil.copytree(synth_root / "shapenet55", root)
     victim = (root / "ShapeNet-55/test.txt").read_text().split()[2]
     (root / "shapenet_pc" / victim).unlink()
-    with pytest.raises(FileNotFoundError, match=rf"test.txt, line 3: .*{victim}"):
+    with pytest.raises(BadDataError, match=rf"{victim} \(\S*test.txt:3\): listed file does not exist"):
         ShapeNet55(root, "test")
 
 

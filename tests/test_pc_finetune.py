@@ -11,6 +11,7 @@ import torch
 
 from mm3d.checkpoint import CheckpointError
 from mm3d.config import load_config, save_config, to_dict
+from mm3d.datacheck import BadDataError
 from mm3d.registry import TASKS, variant_config
 from mm3d.testing import assert_close
 from mm3d.pointcloud import fewshot
@@ -187,7 +188,7 @@ def test_missing_file_in_split_list(mn_root, tmp_path):
     root = tmp_path / "mn"
     shutil.copytree(mn_root, root, ignore=shutil.ignore_patterns(".mm3d_cache"))
     (root / "box" / "box_0002.txt").unlink()
-    with pytest.raises(FileNotFoundError, match=r"modelnet40_train.txt, line 6: listed file .*box_0002.txt"):
+    with pytest.raises(BadDataError, match=r"box_0002.txt \(\S*modelnet40_train.txt:6\): listed file does not exist"):
         build_cls_datasets(cls_cfg(root, tmp_path), ["train", "val", "test"])
 
 

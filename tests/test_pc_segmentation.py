@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from mm3d.config import load_config
+from mm3d.datacheck import BadDataError
 from mm3d.registry import TASKS, variant_config
 from mm3d.testing import assert_close
 from mm3d.pointcloud.partseg import PartSegDataConfig
@@ -171,7 +172,8 @@ def test_part_label_outside_category_names_file_and_line(snp_root, tmp_path):
     lines[4] = " ".join(cols)
     path.write_text("\n".join(lines) + "\n")
     task = TASKS.get("pointmae_partseg")
-    with pytest.raises(ValueError, match=rf"{path.name}, line 5: part label .* is not in the \w+ part set"):
+    with pytest.raises(BadDataError, match=rf"{path.name} \([^)]*entry 0\): line 5: part label .* is not in the "
+                                           rf"\w+ part set"):
         task.build_datasets(seg_cfg(root, tmp_path), ["train", "val", "test"])
 
 
