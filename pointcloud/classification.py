@@ -38,6 +38,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from mm3d.config import RunConfig, TrainConfig
+from mm3d.datacheck import account_missing, missing_markdown, unscored_samples
 from mm3d.engine import SplitMeans, move_to_device
 from mm3d.errors import UserError
 from mm3d.metrics import ClassificationMeter
@@ -58,7 +59,7 @@ from mm3d.pointcloud.transforms import (ShapeAugmentation, build_point_augmentat
 log = logging.getLogger(__name__)
 
 REPORT_COLUMNS = ("top1", "vote_top1", "mean_class_acc", "vote_mean_class_acc", "top5", "chance_top1", "loss",
-                  "num_samples")  # of results.md
+                  "num_samples", "num_missing")  # of results.md
 
 
 @dataclass
@@ -339,7 +340,11 @@ class PointMAEClassifyTask(Task):
                 vote_meter.update(self.vote_logits(model, pool, cfg, gen), label, index)
         res = meter.compute()
         metrics = {**means.compute(), **res.metrics, "chance_top1": majority_accuracy(res.confusion)}
-        classes = getattr(getattr(loader, "dataset", None), "classes", None)
+        dataset = getattr(loader, "dataset", None)
+        if dataset is not None:  # every sample not scored is counted and named; a test split refuses
+            account_missing(metrics, unscored_samples(dataset, res.index.tolist()), split,
+                            allow_missing=cfg.eval.allow_missing)
+        classes = getattr(dataset, "classes", None)
         artifacts: dict[str, Any] = {"classification": res, "classes": classes}
         if vote_meter is not None:
             vres = vote_meter.compute()
@@ -383,7 +388,8 @@ class PointMAEClassifyTask(Task):
                 sections.append(per_class_markdown(cls_res.confusion, names, split))
         files.append(write_results_md(run_dir, f"{cfg.name} ({cfg.task})", table_info(info),
                                       {s: r.metrics for s, r in results.items()}, REPORT_COLUMNS,
-                                      extra_info=TABLE_INFO, sections=sections))
+                                      extra_info=TABLE_INFO, sections=[*sections, *missing_markdown(
+                                          {s: r.metrics for s, r in results.items()})]))
         return files
 
     def predict(self, model: nn.Module, cfg: PointClassifyConfig, inputs: list[str], *, topk: int,

@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from mm3d.config import RunConfig, TrainConfig
+from mm3d.datacheck import account_missing, missing_markdown, unscored_samples
 from mm3d.engine import SplitMeans, move_to_device
 from mm3d.errors import UserError
 from mm3d.registry import register_task
@@ -196,8 +197,12 @@ class PointMAEPartSegTask(Task):
             means.update(batch["points"].shape[0], {"loss": out.loss})
             meter.update(out.logits, batch["seg"], batch["cls_label"].reshape(-1), batch.get("index"))
         res = meter.compute()
-        return EvalResult({**means.compute(), **res.metrics},
-                          {"shape_iou": res.shape_iou, "cls_label": res.cls_label, "categories": categories})
+        metrics = {**means.compute(), **res.metrics}
+        dataset = getattr(loader, "dataset", None)
+        if dataset is not None:  # every shape not scored is counted and named; a test split refuses
+            account_missing(metrics, unscored_samples(dataset, res.index.tolist()), split,
+                            allow_missing=cfg.eval.allow_missing)
+        return EvalResult(metrics, {"shape_iou": res.shape_iou, "cls_label": res.cls_label, "categories": categories})
 
     def run_info(self, cfg: PointPartSegConfig, datasets: Mapping[str, Any]) -> dict[str, Any]:
         selected = selection_split(cfg.train.select_on, list(datasets))
@@ -218,8 +223,9 @@ class PointMAEPartSegTask(Task):
                     f"| {c} | {results['test'].metrics['iou_' + c]:.4f} |" for c in cats) + "\n")
         files.append(write_results_md(run_dir, f"{cfg.name} ({cfg.task})", table_info(info),
                                       {s: r.metrics for s, r in results.items()},
-                                      ("instance_miou", "class_miou", "accuracy", "loss", "num_samples"),
-                                      extra_info=TABLE_INFO, sections=sections))
+                                      ("instance_miou", "class_miou", "accuracy", "loss", "num_samples", "num_missing"),
+                                      extra_info=TABLE_INFO, sections=[*sections, *missing_markdown(
+                                          {s: r.metrics for s, r in results.items()})]))
         files += self.render_shapes(model, cfg, datasets.get("test"), Path(run_dir) / "plots", device)
         return files
 

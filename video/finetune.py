@@ -41,6 +41,7 @@ from torch.utils.data import Dataset
 
 from mm3d.checkpoint import CheckpointError, extract_state_dict, load_checkpoint, load_model_weights
 from mm3d.config import ConfigError, RunConfig
+from mm3d.datacheck import account_missing, missing_markdown, unscored_samples
 from mm3d.errors import UserError
 from mm3d.metrics import ClassificationMeter, ClassificationResult
 from mm3d.registry import register_task
@@ -55,7 +56,7 @@ from mm3d.video.tokens import adapt_pos_embeds, token_grid
 
 log = logging.getLogger(__name__)
 
-REPORT_COLUMNS = ("top1", "top5", "mean_class_acc", "loss", "num_samples")  # of results.md
+REPORT_COLUMNS = ("top1", "top5", "mean_class_acc", "loss", "num_samples", "num_missing")  # of results.md
 
 __all__ = [
     "FinetuneDataConfig",
@@ -478,8 +479,11 @@ class VideoMAEFinetuneTask(Task):
                  split: str) -> EvalResult:
         """Multi-view scores: softmax averaged over the views of each video, gathered over ranks.
 
-        Metrics: ``top1``, ``top5``, ``mean_class_acc``, ``num_samples`` (videos) and ``loss``
-        (mean negative log-likelihood of the true class under the averaged probabilities).
+        Metrics: ``top1``, ``top5``, ``mean_class_acc``, ``num_samples`` (videos scored), ``loss``
+        (mean negative log-likelihood of the true class under the averaged probabilities) and
+        ``num_missing``: the videos that were not scored (the loader replaced them as unreadable),
+        each named in ``missing``; a test split with missing videos is refused unless
+        ``eval.allow_missing=true`` (:func:`mm3d.datacheck.account_missing`).
         Artefacts: ``{"classification": ClassificationResult}``.
         """
         model.eval()
@@ -495,6 +499,10 @@ class VideoMAEFinetuneTask(Task):
             metrics["loss"] = float(-p_true.clamp(min=1e-12).log().mean())
         else:
             metrics["loss"] = float("nan")
+        dataset = getattr(loader, "dataset", None)
+        if dataset is not None:
+            account_missing(metrics, unscored_samples(dataset, res.index.tolist()), split,
+                            allow_missing=cfg.eval.allow_missing)
         return EvalResult(metrics, {"classification": res})
 
     def run_info(self, cfg: VideoFinetuneConfig, datasets: Mapping[str, Any]) -> dict[str, Any]:
@@ -526,7 +534,9 @@ class VideoMAEFinetuneTask(Task):
                 per_class.append(per_class_markdown(art.confusion, names, split))
         files.append(write_results_md(run_dir, f"{cfg.name} ({cfg.task})", self.run_info(cfg, datasets),
                                       {s: r.metrics for s, r in results.items()}, REPORT_COLUMNS,
-                                      extra_info=("init", "frames", "test_views"), sections=per_class))
+                                      extra_info=("init", "frames", "test_views"),
+                                      sections=[*per_class, *missing_markdown({s: r.metrics for s, r in
+                                                                               results.items()})]))
         return files
 
     # ---- prediction ------------------------------------------------------------------------
