@@ -19,6 +19,7 @@ import mm3d.toy  # noqa: F401  (the core's own toy task)
 from mm3d.bench import run_bench
 from mm3d.checkpoint import CheckpointError, load_checkpoint, load_model_weights
 from mm3d.config import config_from_dict, deep_merge, load_config, parse_overrides
+from mm3d.datacheck import check_report, write_check_report
 from mm3d.demo import run_demo
 from mm3d.distributed import DistInfo, barrier, cleanup, init_distributed, resolve_device
 from mm3d.errors import UserError
@@ -115,13 +116,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stored_overrides(args: argparse.Namespace) -> list[str]:
+    """``--set`` overrides of a checkpoint's stored config, with ``--bin-columns N`` as ``data.bin_columns=N``."""
+    extra = [] if getattr(args, "bin_columns", None) is None else [f"data.bin_columns={args.bin_columns}"]
+    return [*args.overrides, *extra]
+
+
 def cmd_visualize(args: argparse.Namespace) -> int:
     if not args.input and args.dataset_index is None:
         raise UserError("give --input FILE or --dataset-index I")
     if args.dataset_index is not None and args.dataset_index < 0:
         raise UserError(f"--dataset-index must be >= 0, got {args.dataset_index}")
     device = resolve_device(args.device, DistInfo())
-    task, cfg, model = _model_from_checkpoint(args.checkpoint, args.allow_pickle, args.overrides)
+    task, cfg, model = _model_from_checkpoint(args.checkpoint, args.allow_pickle, _stored_overrides(args))
     torch.manual_seed(args.seed)
     files = task.visualize(model.to(device), cfg, inputs=args.input or [], dataset_index=args.dataset_index,
                            out_dir=Path(args.out), interactive=args.interactive, seed=args.seed, device=device)
@@ -136,7 +143,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.topk < 1:
         raise UserError(f"--topk must be >= 1, got {args.topk}")
     device = resolve_device(args.device, DistInfo())
-    task, cfg, model = _model_from_checkpoint(args.checkpoint, args.allow_pickle, args.overrides)
+    task, cfg, model = _model_from_checkpoint(args.checkpoint, args.allow_pickle, _stored_overrides(args))
     rows = task.predict(model.to(device), cfg, args.inputs, topk=args.topk, label_map=args.label_map, device=device)
     failed = 0
     for row in rows:
@@ -191,24 +198,25 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_data_check(args: argparse.Namespace) -> int:
-    """Build every split of a config and read each sample once, reporting counts and failures."""
+    """Open every sample of a config's splits directly (no replacement; the task's ``check_data``) and
+    list every bad one (file, list line, reason) on stderr as met and in a JSON report, written to
+    ``--report`` (default ``<run dir>/data_check.json``) and printed. Exit status 1 when any is bad."""
     cfg = _load(args)
     task = TASKS.get(cfg.task)
-    datasets = task.build_datasets(cfg, ["train", "val", "test"])
-    report: dict[str, Any] = {}
-    ok = True
-    for split, ds in datasets.items():
-        n = len(ds) if args.limit <= 0 else min(len(ds), args.limit)
-        errors = []
-        for i in range(n):
-            try:
-                ds[i]
-            except Exception as e:  # report every bad sample, then fail once at the end
-                errors.append(f"sample {i}: {type(e).__name__}: {e}")
-        report[split] = {"samples": len(ds), "checked": n, "errors": len(errors), "first_errors": errors[:5]}
-        ok &= not errors
+    try:
+        checks = task.check_data(cfg, ["train", "val", "test"], limit=args.limit)
+    except (ValueError, OSError) as e:  # a list, class list or folder that cannot be used at all
+        raise UserError(str(e)) from e
+    path = Path(args.report) if args.report else cfg.run_dir / "data_check.json"
+    report = check_report(checks, config=args.config, task=cfg.task, report=str(path))
+    write_check_report(report, path)
     print(json.dumps(report, indent=1))
-    return 0 if ok else 1
+    checked = sum(c.checked for c in checks.values())
+    if report["errors"]:
+        log.error("%d of %d checked samples are bad; every one is listed in %s", report["errors"], checked, path)
+    else:
+        log.info("all %d checked samples are readable; report: %s", checked, path)
+    return 0 if report["ok"] else 1
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -246,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True, help="output directory")
     sp.add_argument("--seed", type=int, default=0, help="seed of the mask")
     sp.add_argument("--interactive", action="store_true", help="open a window (needs a display)")
+    sp.add_argument("--bin-columns", type=int, metavar="N",
+                    help="float32 values per point of raw .bin inputs (as data.bin_columns; default 4, with a "
+                         "warning when the file's size fits other counts too)")
     sp.set_defaults(fn=cmd_visualize)
 
     sp = sub.add_parser("predict", help="Classify files with a fine-tuned checkpoint; prints the top-k.")
@@ -254,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--label-map", help="class names, one per line")
     sp.add_argument("--topk", type=int, default=5)
     sp.add_argument("--json", action="store_true", help="one JSON object per input")
+    sp.add_argument("--bin-columns", type=int, metavar="N",
+                    help="float32 values per point of raw .bin inputs (as data.bin_columns; default 4, with a "
+                         "warning when the file's size fits other counts too)")
     sp.set_defaults(fn=cmd_predict)
 
     sp = sub.add_parser("convert", help="Convert official / Hugging Face checkpoints (and ours to HF).")
@@ -280,10 +294,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--scale", choices=["tiny", "small"], default="small")
     sp.set_defaults(fn=cmd_data_synth)
-    sp = dsub.add_parser("check", help="Read every sample of a config's datasets and report errors.")
+    sp = dsub.add_parser("check", help="Open every sample of a config's datasets and list every bad one "
+                         "(exit status 1 when any is).")
     sp.add_argument("config")
     sp.add_argument("overrides", nargs="*", metavar="key.sub=value")
     sp.add_argument("--limit", type=int, default=0, help="check at most N samples per split (0: all)")
+    sp.add_argument("--report", help="where to write the JSON report (default: <run dir>/data_check.json, "
+                    "i.e. runs/<name>/ or output_dir)")
     sp.set_defaults(fn=cmd_data_check)
     for name, (help_text, add_args, fn) in DATA_COMMANDS.items():
         sp = dsub.add_parser(name, help=help_text, description=help_text)
