@@ -126,6 +126,7 @@ class TrainConfig:
     # the task has no val split), "test" (the papers' protocol, labelled so in every output), "last"
     select_on: Literal["val", "test", "last"] = "val"
     resume: str = ""  # "" (fresh) | "auto" (latest in the run dir, if any) | a checkpoint path
+    resume_force: bool = False  # resume although the config changed what the run computes (logged)
     ema: bool = False
     ema_decay: float = 0.9999
     grad_checkpointing: bool = False
@@ -133,6 +134,12 @@ class TrainConfig:
     progress: Literal["auto", "bar", "lines", "off"] = "auto"
     tensorboard: bool = True
     find_unused_parameters: bool = False
+
+    # keys that do not change what a run computes: they may differ when it is resumed
+    run_neutral_keys: ClassVar[tuple[str, ...]] = (
+        "epochs", "max_steps", "device", "num_workers", "pin_memory", "log_every", "eval_every", "save_every",
+        "save_every_steps", "keep_last", "keep_best", "resume", "resume_force", "grad_checkpointing", "compile",
+        "progress", "tensorboard", "find_unused_parameters")
 
     def validate(self) -> None:
         positive = ("batch_size", "accum_steps", "log_every", "keep_last")
@@ -180,6 +187,7 @@ class RunConfig:
     checkpoint: str = ""  # `mm3d evaluate`: the checkpoint to score
     init: str = ""  # weights to start from (a pretraining checkpoint, converted official weights)
     allow_pickle: bool = False  # load foreign checkpoints that need pickle (trusted files only)
+    overwrite: bool = False  # clear a run folder that holds an earlier run (else that is an error)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
@@ -187,6 +195,9 @@ class RunConfig:
 
     # True for a task that runs no optimizer step (the SVM probe): only it may keep train.epochs at 0
     trains_nothing: ClassVar[bool] = False
+    # keys (and whole sections) that do not change what a run computes: they may differ on resume
+    run_neutral_keys: ClassVar[tuple[str, ...]] = ("name", "output_dir", "overwrite", "checkpoint", "allow_pickle",
+                                                   "seeds", "bench", "eval")
 
     def validate(self) -> None:
         """Checks across sections; task configs that add their own call this first."""

@@ -6,8 +6,9 @@ task contract: a dataset of dicts, a model returning a :class:`ModelOutput`, a c
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import ClassVar, Iterable
 
 import torch
 from torch import nn
@@ -24,6 +25,9 @@ class ToyModelConfig:
     hidden: int = 32
     dropout: float = 0.1
     nan_at_call: int = -1  # testing aid: produce a NaN loss at this forward call (-1: never)
+    step_sleep: float = 0.0  # testing aid: seconds each training forward sleeps (a signal lands mid-run)
+
+    run_neutral_keys: ClassVar[tuple[str, ...]] = ("step_sleep",)  # may differ when resuming
 
 
 @dataclass
@@ -63,16 +67,19 @@ class ToyOutput(ModelOutput):
 class ToyRegressor(nn.Module):
     """MLP with dropout (so resume tests cover RNG restoration)."""
 
-    def __init__(self, in_dim: int, hidden: int, dropout: float, nan_at_call: int = -1) -> None:
+    def __init__(self, in_dim: int, hidden: int, dropout: float, nan_at_call: int = -1,
+                 step_sleep: float = 0.0) -> None:
         super().__init__()
         self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, 1))
-        self.nan_at_call, self.calls = nan_at_call, 0
+        self.nan_at_call, self.step_sleep, self.calls = nan_at_call, step_sleep, 0
 
     def forward(self, batch: dict[str, torch.Tensor]) -> ToyOutput:
         pred = self.net(batch["x"]).squeeze(-1)
         loss = nn.functional.mse_loss(pred, batch["y"])
         if self.training:
             self.calls += 1
+            if self.step_sleep:
+                time.sleep(self.step_sleep)
             if self.calls == self.nan_at_call:
                 loss = loss * float("nan")
         return ToyOutput(loss=loss, pred=pred)
@@ -86,7 +93,7 @@ class ToyTask(Task):
 
     def build_model(self, cfg: ToyConfig) -> nn.Module:
         m = cfg.model
-        return ToyRegressor(m.in_dim, m.hidden, m.dropout, m.nan_at_call)
+        return ToyRegressor(m.in_dim, m.hidden, m.dropout, m.nan_at_call, m.step_sleep)
 
     def build_datasets(self, cfg: ToyConfig, splits: Iterable[str]) -> dict[str, Dataset]:
         d, n = cfg.data, {"train": cfg.data.num_train, "val": cfg.data.num_val}
