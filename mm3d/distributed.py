@@ -130,6 +130,60 @@ def gather_objects(obj) -> list:
     return out
 
 
+def broadcast_object(obj):
+    """Rank 0's picklable `obj` on every rank (`obj` itself in a single process)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class StopVote:
+    """Ranks agree, at the same optimizer step, to stop when any one of them asks.
+
+    :meth:`poll` is called by every rank at every step boundary with its own request (a signal
+    number, 0 for none). In a single process it returns the request itself: no collective, no
+    device. Under DDP each call starts a non-blocking MAX all-reduce of one integer on a gloo
+    group of its own (CPU only: the GPU stream never waits for it) and collects the one started at
+    the previous boundary, so every rank sees a request one step after the first rank made it, and
+    all stop at that same step.
+    """
+
+    def __init__(self) -> None:
+        self.group = None
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            self.group = dist.new_group(backend="gloo")
+        self._pending: tuple[torch.Tensor, object] | None = None
+
+    def poll(self, request: int) -> int:
+        """The agreed request (0: go on); call on every rank at every step boundary."""
+        if self.group is None:
+            return request
+        agreed = self._collect()
+        if agreed:
+            return agreed
+        buf = torch.tensor([request], dtype=torch.int64)
+        self._pending = (buf, dist.all_reduce(buf, op=dist.ReduceOp.MAX, group=self.group, async_op=True))
+        return 0
+
+    def now(self, request: int) -> int:
+        """The agreed request, at once (a blocking all-reduce; for the end of training)."""
+        if self.group is None:
+            return request
+        buf = torch.tensor([max(request, self._collect())], dtype=torch.int64)
+        dist.all_reduce(buf, op=dist.ReduceOp.MAX, group=self.group)
+        return int(buf[0])
+
+    def _collect(self) -> int:
+        if self._pending is None:
+            return 0
+        buf, work = self._pending
+        self._pending = None
+        work.wait()
+        return int(buf[0])
+
+
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
