@@ -3,12 +3,15 @@
 A checkpoint is a plain dict, loadable with ``torch.load(weights_only=True)``:
 ``model`` (state dict of the unwrapped model), ``optimizer``, ``scaler``, ``ema``, ``step``,
 ``epoch``, ``batch_in_epoch`` (sampler position), ``rng`` (all RNG states), ``config`` (plain
-dict), ``metrics`` and ``mm3d_version``. Converted foreign weights use the same ``model`` /
+dict), ``metric`` (the value that ranks it, if any), ``log_records`` (lines of ``metrics.jsonl``
+written by then) and ``mm3d_version``. Converted foreign weights use the same ``model`` /
 ``config`` keys plus ``meta``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
@@ -17,7 +20,7 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -63,22 +66,90 @@ def _tupleize(x: Any) -> Any:
 
 
 # --------------------------------------------------------------------------------------------
-# Reading and writing
+# Writing: errors that name the path
 # --------------------------------------------------------------------------------------------
 
 
+class OutputError(UserError):
+    """A run's output cannot be written (full disk, read-only or forbidden folder); names the path."""
+
+
+_OS_ERROR_WORDS = {errno.ENOSPC: "No space left on device", errno.EDQUOT: "disk quota exceeded",
+                   errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+                   errno.EROFS: "read-only file system"}
+
+
+def describe_os_error(e: OSError, path: str | Path | None = None) -> str:
+    """``No space left on device: PATH``, ``permission denied: PATH``, …: what failed, and where.
+
+    The path is the one the error names, else `path`."""
+    where = e.filename if e.filename is not None else path
+    what = _OS_ERROR_WORDS.get(e.errno) or e.strerror or str(e) or type(e).__name__
+    return f"{what}: {where}" if where is not None else what
+
+
+@contextlib.contextmanager
+def output_errors(what: str, path: str | Path | None = None) -> Iterator[None]:
+    """Turn an OSError raised while writing `what` into one :class:`OutputError` line."""
+    try:
+        yield
+    except OSError as e:
+        raise OutputError(f"cannot write {what}: {describe_os_error(e, path)}") from None
+
+
+class _RecordedWrites:
+    """A file wrapper that remembers the first OSError of a write: torch.save reports a failed
+    write to a Python file as ``unexpected pos …``, which says nothing about the disk."""
+
+    def __init__(self, f: Any) -> None:
+        self.f, self.error = f, None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 def save_atomic(obj: Any, path: str | Path) -> Path:
-    """Write with torch.save to a temporary file beside `path`, then rename over it."""
+    """Write with torch.save to ``.NAME.tmp-PID`` beside `path`, flush it to the disk, then rename
+    it over `path`: `path` is either the old file or the complete new one, never half of one.
+
+    A failed write (full disk, read-only or forbidden folder) removes the temporary file and raises
+    :class:`OutputError` naming `path` (``No space left on device: PATH``).
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        torch.save(obj, tmp)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            out = _RecordedWrites(f)
+            try:
+                torch.save(obj, out)
+            except RuntimeError:
+                if out.error is not None:
+                    raise out.error from None
+                raise
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        if e.filename is None or str(e.filename) == str(tmp):
+            e.filename = str(path)
+        raise OutputError(describe_os_error(e)) from None
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
     return path
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------
 
 
 def load_checkpoint(path: str | Path, *, allow_pickle: bool = False, mmap: bool = False) -> dict[str, Any]:
@@ -226,9 +297,16 @@ def _short(keys: list[str], n: int = 12) -> str:
 class CheckpointManager:
     """Keeps the newest `keep_last` and the best `keep_best` checkpoints in `directory`.
 
-    `index.json` (rewritten atomically) lists every kept file with its step and metric;
-    `last.pt` and `best.pt` are hard links (copies where links are unsupported) to the newest and
-    the best file.
+    `index.json` (rewritten atomically) lists every kept file with its step, metric and whether a
+    later finite training loss showed that its weights compute one (``verified``); `last.pt` and
+    `best.pt` are hard links (copies where links are unsupported) to the newest and the best file.
+    Retention never deletes the newest verified checkpoint.
+
+    :meth:`save` runs in stages, each leaving the folder readable: write ``.NAME.tmp-PID`` and
+    rename it to ``step_XXXXXXXX.pt``, rewrite the index, link ``last.pt`` and ``best.pt``, then
+    delete the files the index no longer lists. A process killed at any stage leaves at most a
+    temporary file, a complete checkpoint the index does not list yet, stale links or files to
+    delete; :meth:`recover` (run at the next start) puts the folder right.
     """
 
     def __init__(self, directory: str | Path, keep_last: int = 2, keep_best: int = 1,
@@ -237,6 +315,11 @@ class CheckpointManager:
         self.keep_last, self.keep_best, self.mode = max(1, keep_last), max(0, keep_best), mode
         self.index_path = self.dir / "index.json"
         self.entries: list[dict[str, Any]] = []
+        self.reload()
+
+    def reload(self) -> None:
+        """Read the index again (another process, rank 0, writes it)."""
+        self.entries = []
         if self.index_path.is_file():
             self.entries = json.loads(self.index_path.read_text())
             self.entries = [e for e in self.entries if (self.dir / e["file"]).is_file()]
@@ -250,32 +333,49 @@ class CheckpointManager:
         ranked = self._ranked()
         return self.dir / ranked[0]["file"] if ranked else None
 
+    def newest_first(self) -> list[dict[str, Any]]:
+        """The index entries, newest first."""
+        return sorted(self.entries, key=lambda e: e["step"], reverse=True)
+
     def _ranked(self) -> list[dict[str, Any]]:
         scored = [e for e in self.entries if e.get("metric") is not None]
         return sorted(scored, key=lambda e: e["metric"], reverse=self.mode == "max")
 
+    def mark_verified(self, step: int) -> None:
+        """Every checkpoint written before optimizer step `step` computed a finite training loss
+        (the loss of the step after it), so it is a good one to go back to."""
+        for e in self.entries:
+            if e["step"] < step:
+                e["verified"] = True
+
     def save(self, state: dict[str, Any], step: int, metric: float | None = None) -> Path:
         name = f"step_{step:08d}.pt"
-        path = save_atomic(state, self.dir / name)
-        self.entries = [e for e in self.entries if e["file"] != name]
-        self.entries.append({"file": name, "step": step, "metric": metric})
-        keep = {e["file"] for e in sorted(self.entries, key=lambda e: e["step"])[-self.keep_last:]}
+        entry = {"file": name, "step": step, "metric": metric, "verified": False}
+        path = self._write_file({**state, "metric": metric}, name)
+        self.entries = [e for e in self.entries if e["file"] != name] + [entry]
+        keep = {e["file"] for e in self.newest_first()[: self.keep_last]}
         keep |= {e["file"] for e in self._ranked()[: self.keep_best]}
-        for e in list(self.entries):
-            if e["file"] not in keep:
-                (self.dir / e["file"]).unlink(missing_ok=True)
-                self.entries.remove(e)
-        self._write_index()
-        self._link("last.pt", self.latest())
-        best = self.best()
-        if best is not None:
-            self._link("best.pt", best)
+        keep |= {e["file"] for e in [e for e in self.newest_first() if e.get("verified")][:1]}
+        retired = [e["file"] for e in self.entries if e["file"] not in keep]
+        self.entries = [e for e in self.entries if e["file"] in keep]
+        with output_errors("the checkpoint index", self.index_path):
+            self._write_index()
+            self._link("last.pt", self.latest())
+            self._link("best.pt", self.best())
+            self._retire(retired)
         return path
 
+    def _write_file(self, state: dict[str, Any], name: str) -> Path:
+        return save_atomic(state, self.dir / name)
+
     def _write_index(self) -> None:
-        tmp = self.index_path.with_suffix(".json.tmp")
+        tmp = self.index_path.with_name(f".{self.index_path.name}.tmp")
         tmp.write_text(json.dumps(self.entries, indent=1))
         os.replace(tmp, self.index_path)
+
+    def _retire(self, files: list[str]) -> None:
+        for name in files:
+            (self.dir / name).unlink(missing_ok=True)
 
     def _link(self, name: str, target: Path | None) -> None:
         if target is None:
@@ -290,3 +390,73 @@ class CheckpointManager:
         except OSError:
             shutil.copy2(target, tmp)
         os.replace(tmp, dst)
+
+    def recover(self) -> list[str]:
+        """Put right what a process killed during :meth:`save` left (call once, on one process,
+        before training); returns what was done, for the log.
+
+        Temporary files are deleted; a complete ``step_*.pt`` newer than every indexed one (killed
+        after its rename, before the index) joins the index; an older one the index does not list
+        (killed before the deletions) is deleted; ``last.pt`` and ``best.pt`` are linked again.
+        """
+        if not self.dir.is_dir():
+            return []
+        notes = []
+        for p in sorted(self.dir.iterdir()):
+            if ((p.name.startswith(".") and ".tmp" in p.name) or p.name.endswith(".json.tmp")) and p.is_file():
+                p.unlink()
+                notes.append(f"removed the unfinished {p.name}")
+        self.reload()
+        listed = {e["file"] for e in self.entries}
+        newest = max((e["step"] for e in self.entries), default=-1)
+        changed = False
+        for p in sorted(self.dir.glob("step_*.pt")):
+            m = re.fullmatch(r"step_(\d+)\.pt", p.name)
+            if m is None or p.name in listed:
+                continue
+            step = int(m.group(1))
+            if step > newest:
+                try:
+                    metric = load_checkpoint(p, mmap=True).get("metric")
+                except CheckpointError:
+                    metric = None  # unreadable: adopted without a metric, resume will name it
+                self.entries.append({"file": p.name, "step": step, "metric": metric, "verified": False})
+                notes.append(f"added {p.name} to the index (written completely before a kill)")
+            else:
+                p.unlink()
+                notes.append(f"deleted {p.name} (retired by a save that was killed)")
+            changed = True
+        if changed:
+            self._write_index()
+        for name, target in (("last.pt", self.latest()), ("best.pt", self.best())):
+            dst = self.dir / name
+            if target is None:
+                if dst.exists():
+                    dst.unlink()
+                    changed = True
+            elif not (dst.exists() and dst.samefile(target)):
+                self._link(name, target)
+                notes.append(f"linked {name} to {target.name}")
+        return notes
+
+    def set_aside_after(self, step: int) -> list[Path]:
+        """Move the checkpoints newer than `step` to ``superseded/`` (resuming from an earlier
+        checkpoint of this run: the steps after it are done again); returns their new paths."""
+        newer = [e for e in self.entries if e["step"] > step]
+        if not newer:
+            return []
+        moved = []
+        with output_errors("the checkpoint folder", self.dir):
+            (self.dir / "superseded").mkdir(exist_ok=True)
+            for e in newer:
+                dst = self.dir / "superseded" / e["file"]
+                os.replace(self.dir / e["file"], dst)
+                moved.append(dst)
+            self.entries = [e for e in self.entries if e["step"] <= step]
+            self._write_index()
+            for name, target in (("last.pt", self.latest()), ("best.pt", self.best())):
+                if target is None:
+                    (self.dir / name).unlink(missing_ok=True)
+                else:
+                    self._link(name, target)
+        return moved

@@ -154,3 +154,17 @@ def test_seeds_aggregate_mean_std(tmp_path):
     assert set(summary["per_seed"]) == {"0", "1"}
     assert "val/loss" in summary["mean"] and summary["std"]["val/loss"] >= 0
     assert (tmp_path / "run" / "results.md").read_text().count("±") >= 1
+
+
+def test_manager_never_retires_the_newest_verified_checkpoint(tmp_path):
+    m = CheckpointManager(tmp_path, keep_last=1, keep_best=0)
+    m.save({"x": torch.tensor(1)}, 1)
+    m.mark_verified(2)  # the loss of step 2, computed from step 1's weights, was finite
+    m.save({"x": torch.tensor(2)}, 2)
+    assert sorted(p.name for p in tmp_path.glob("step_*.pt")) == ["step_00000001.pt", "step_00000002.pt"]
+    m.mark_verified(3)
+    m.save({"x": torch.tensor(3)}, 3)
+    assert sorted(p.name for p in tmp_path.glob("step_*.pt")) == ["step_00000002.pt", "step_00000003.pt"]
+    index = json.loads((tmp_path / "index.json").read_text())
+    assert [(e["step"], e["verified"]) for e in index] == [(2, True), (3, False)]
+    assert load_checkpoint(tmp_path / "last.pt")["metric"] is None and m.latest().name == "step_00000003.pt"
