@@ -112,8 +112,9 @@ def run_demo(out: Path, only: str | None = None, quick: bool = False) -> int:
             for suffix, overrides in variants:
                 name = stage.name + suffix
                 filled = [o.format(data=data, ckpt=ckpts, out=out) for o in overrides]
+                # the demo owns its run folders: a second `make demo` replaces the first one's runs
                 cfg = load_config(cfg_path, [*filled, f"output_dir={out / 'runs' / name}", f"name={name}",
-                                             *(QUICK if quick else [])])
+                                             "overwrite=true", *(QUICK if quick else [])])
                 t0 = time.time()
                 res = run(cfg)
                 ckpt = out / "runs" / name / "checkpoints" / "last.pt"

@@ -6,17 +6,29 @@ process or DDP (torchrun / SLURM; gloo on CPU, nccl on GPU), fp32/bf16/fp16 auto
 for fp16), gradient accumulation with ``no_sync``, clipping, LR and weight-decay schedules from
 the global step, layer-wise LR decay through timm, EMA, atomic checkpoints with exact mid-epoch
 resume, a non-finite-loss stop, JSONL/TensorBoard logging and a loss/LR plot.
+
+A run folder belongs to one run: starting again into a folder that holds an earlier run is an
+error unless it is resumed (``train.resume``) or replaced (``overwrite=true``), and resuming with
+a config that changes what the run computes is refused unless forced (``train.resume_force``).
+SIGTERM and the first Ctrl-C stop after the current optimizer step with a checkpoint on every
+rank, exit status 75 (:data:`EXIT_INTERRUPTED`); a resumed run's log and history equal those of
+one never interrupted.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import json
 import logging
 import math
 import os
 import random
+import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -30,11 +42,14 @@ from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
-from mm3d.checkpoint import CheckpointManager, capture_rng, load_checkpoint, restore_rng
-from mm3d.config import ConfigError, RunConfig, save_config, to_dict
+from mm3d.checkpoint import (CheckpointManager, OutputError, capture_rng, load_checkpoint, output_errors,
+                             restore_rng)
+from mm3d.config import ConfigError, RunConfig, config_from_dict, save_config, to_dict
 from mm3d.data import ResumableSampler, build_loader
-from mm3d.distributed import all_reduce_min, all_reduce_sum, barrier, gather_objects, get_info, init_distributed
+from mm3d.distributed import (StopVote, all_reduce_min, all_reduce_sum, barrier, broadcast_object, gather_objects,
+                              get_info, init_distributed)
 from mm3d.engine import OptimizerStep, amp_dtype, autocast, batch_size_of, move_to_device, unwrap
+from mm3d.errors import UserError
 from mm3d.registry import TASKS
 from mm3d.results import jsonable, selection_split
 from mm3d.task import EvalResult, Task
@@ -42,8 +57,30 @@ from mm3d.task import EvalResult, Task
 log = logging.getLogger("mm3d")
 
 
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; the run stops without overwriting good checkpoints."""
+class NonFiniteLossError(UserError, RuntimeError):
+    """The loss became NaN or infinite; the run stops, naming the newest checkpoint that still
+    computes a finite loss."""
+
+
+# The exit status of a run stopped by SIGTERM or Ctrl-C after writing its checkpoint: sysexits.h
+# EX_TEMPFAIL ("temporary failure; the user is invited to retry"). 130/143 would read as "killed by
+# the signal, nothing saved", which is what a second Ctrl-C or a SIGKILL means.
+EXIT_INTERRUPTED = 75
+
+
+class TrainingInterrupted(SystemExit):
+    """SIGTERM or Ctrl-C stopped training after a checkpoint; run again with ``train.resume=auto``.
+
+    A :class:`SystemExit` with status :data:`EXIT_INTERRUPTED`, so ``mm3d`` exits with it and no
+    traceback; a caller of :meth:`Trainer.fit` may catch it.
+    """
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(EXIT_INTERRUPTED)
+        self.message, self.signum = message, signum
+
+    def __str__(self) -> str:
+        return self.message
 
 
 # --------------------------------------------------------------------------------------------
@@ -125,25 +162,33 @@ class TrainState:
 
 
 class MetricLogger:
-    """metrics.jsonl + TensorBoard on rank 0; no-ops on other ranks."""
+    """metrics.jsonl + TensorBoard on rank 0; no-ops on other ranks.
 
-    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool) -> None:
-        self.enabled = enabled
+    `records` counts the lines of metrics.jsonl (`records` already there when resumed); every
+    checkpoint stores it, so a resumed run cuts the log back to what its checkpoint had seen.
+    `purge_step` makes TensorBoard drop the events from that step on (a resumed run).
+    """
+
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, *, records: int = 0,
+                 purge_step: int | None = None) -> None:
+        self.enabled, self.records = enabled, records
         self.path = run_dir / "metrics.jsonl"
         self.tb = None
         if enabled and tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+                with output_errors("the TensorBoard log", run_dir / "tensorboard"):
+                    self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge_step)
             except ImportError:  # tensorboard missing: JSONL still works
                 log.warning("tensorboard is not installed; writing metrics.jsonl only")
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        with self.path.open("a") as f:
+        with output_errors("the metrics log", self.path), self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        self.records += 1
         if self.tb is not None:
             prefix = record.get("split", "train")
             for k, v in record.items():
@@ -258,6 +303,155 @@ class _LossTracker:
         return None if bad == self.NONE else bad
 
 
+class _StopSignals:
+    """SIGTERM and the first Ctrl-C (SIGINT) ask the run to stop after the current optimizer step,
+    with a checkpoint; a later Ctrl-C aborts at once, without one.
+
+    The handlers only set :attr:`signum`; the training loop reads it at step boundaries (a Python
+    attribute: no device read). Installed on the main thread only; a signal the process ignores
+    (SIG_IGN, e.g. SIGINT of a background job) stays ignored.
+    """
+
+    REPEAT_S = 1.0  # a SIGINT this soon after the first is the same Ctrl-C (torchrun forwards it)
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self._at = 0.0
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous = signal.getsignal(sig)
+            if previous is signal.SIG_IGN or previous is None:
+                continue
+            self._previous[sig] = previous
+            signal.signal(sig, self._handle)
+
+    def restore(self) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if not self.signum:
+            self.signum, self._at = signum, time.monotonic()
+            again = "; Ctrl-C again aborts at once, without a checkpoint" if signum == signal.SIGINT else ""
+            log.warning("%s: stopping after this optimizer step, with a checkpoint%s", _signal_name(signum), again)
+        elif signum == signal.SIGINT and time.monotonic() - self._at > self.REPEAT_S:
+            sys.stderr.write("mm3d: Ctrl-C again: aborting at once, without a checkpoint\n")
+            sys.stderr.flush()
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+# --------------------------------------------------------------------------------------------
+# One run per folder: the folder, the log and the config of a resumed run
+# --------------------------------------------------------------------------------------------
+
+
+def earlier_run_files(run_dir: Path) -> list[str]:
+    """What in `run_dir` shows that a run already wrote there (checkpoints, a metrics log, results)."""
+    found = []
+    ck = run_dir / "checkpoints"
+    if (ck / "index.json").is_file() or any(ck.glob("step_*.pt")):
+        found.append("checkpoints/")
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.is_file() and metrics.stat().st_size > 0:
+        found.append("metrics.jsonl")
+    if (run_dir / "results.json").is_file():
+        found.append("results.json")
+    return found
+
+
+def clear_run_dir(run_dir: Path) -> None:
+    """Delete everything in `run_dir` (``overwrite=true``); never the folder the command runs in
+    (or one above it), the home folder or a file-system root."""
+    target, here = run_dir.resolve(), Path.cwd().resolve()
+    if here.is_relative_to(target) or target in (Path(target.anchor), Path.home().resolve()):
+        raise UserError(f"overwrite=true will not clear {run_dir}: it holds the current folder, or is the home "
+                        f"folder or a root; give the run its own output_dir=")
+    for child in run_dir.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+
+
+def truncate_log(path: Path, keep: int | None, step: int) -> list[dict[str, Any]]:
+    """Cut metrics.jsonl back to its first `keep` records (the ones a checkpoint had seen), or to
+    the records up to `step` when the checkpoint did not count them; returns the records kept.
+
+    A line cut short by a kill ends the log. The shorter log replaces the old one atomically.
+    """
+    if not path.is_file():
+        return []
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for line in lines:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    kept = rows[:keep] if keep is not None else [r for r in rows if r.get("step", 0) <= step and not r.get("final")]
+    if len(kept) != len(lines):
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(tmp, path)
+    return kept
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _neutral_keys(cfg: Any, prefix: str = "") -> set[str]:
+    """Dotted keys (or sections) listed in the ``run_neutral_keys`` of `cfg`'s dataclasses."""
+    keys = {prefix + k for k in getattr(type(cfg), "run_neutral_keys", ())}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            keys |= _neutral_keys(value, f"{prefix}{f.name}.")
+    return keys
+
+
+def config_changes(stored: dict[str, Any] | None, cfg: RunConfig) -> list[tuple[str, Any, Any]]:
+    """``(dotted key, stored value, new value)`` for every key that changes what the run computes.
+
+    The stored config is read through `cfg`'s class first (defaults for keys added since, renamed
+    keys); keys a section lists in ``run_neutral_keys`` (lengths, logging, devices, paths) are not
+    compared.
+    """
+    if not stored:
+        return []
+    try:
+        old = to_dict(config_from_dict(type(cfg), copy.deepcopy(stored)))
+    except UserError:  # written by another mm3d version: compare the keys both have
+        old = stored
+    neutral = _neutral_keys(cfg)
+    old_flat, new_flat = _flatten(old), _flatten(to_dict(cfg))
+    return [(k, old_flat[k], v) for k, v in new_flat.items()
+            if k in old_flat and old_flat[k] != v and not any(k == n or k.startswith(n + ".") for n in neutral)]
+
+
+def _describe_changes(changes: list[tuple[str, Any, Any]]) -> str:
+    return "; ".join(f"{k}: {old!r} → {new!r}" for k, old, new in changes)
+
+
 # --------------------------------------------------------------------------------------------
 # The trainer
 # --------------------------------------------------------------------------------------------
@@ -276,10 +470,7 @@ class Trainer:
         self.run_dir = cfg.run_dir
         self.is_main = self.info.is_main
         seed_everything(cfg.seed + self.info.rank, cfg.deterministic)
-        if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.run_dir / "config.yaml")
-        barrier()
+        self._claim_run_dir(train)
         self.amp_dtype = amp_dtype(cfg.train.precision)
         if self.amp_dtype is torch.float16 and self.device.type == "cpu":
             raise ConfigError(f"train.precision=fp16 needs a CUDA device, but this run is on the {self.device.type}: "
@@ -331,9 +522,66 @@ class Trainer:
         self.state = TrainState()
         self.ckpt = CheckpointManager(self.run_dir / "checkpoints", cfg.train.keep_last, cfg.train.keep_best,
                                       cfg.train.best_mode)
-        self.logger = MetricLogger(self.run_dir, self.is_main, cfg.train.tensorboard)
-        if cfg.train.resume:
-            self._resume(cfg.train.resume)
+        self.signals = _StopSignals()
+        self.stop_vote = StopVote() if train else None
+        resumed, log_records, changes = (self._resume(cfg.train.resume) if cfg.train.resume else (None, 0, []))
+        records: list[dict[str, Any]] = []
+        if self.is_main:
+            with output_errors("the run folder", self.run_dir):
+                if cfg.train.resume:  # the log of a resumed run ends where its checkpoint was written
+                    records = truncate_log(self.run_dir / "metrics.jsonl", log_records, self.state.step)
+                save_config(cfg, self.run_dir / "config.yaml")
+        self.state.history = [r for r in records if r.get("split") == "train"]
+        self.logger = MetricLogger(self.run_dir, self.is_main, cfg.train.tensorboard, records=len(records),
+                                   purge_step=self.state.step + 1 if cfg.train.resume else None)
+        if changes:
+            self.logger.write({"step": self.state.step, "epoch": self.state.epoch, "split": "event",
+                               "event": "resume_force", "checkpoint": str(resumed),
+                               "changed": {k: [old, new] for k, old, new in changes}})
+        barrier()
+        if not self.is_main:
+            self.ckpt.reload()
+
+    # ---- the run folder ----------------------------------------------------------------------
+
+    def _claim_run_dir(self, train: bool) -> None:
+        """Make the run folder this run's own (rank 0 checks, clears or repairs it; every rank gets
+        its verdict): a folder holding an earlier run is an error unless this run resumes it or
+        ``overwrite=true`` clears it; leftovers of a save killed midway are put right."""
+        error: str | None = None
+        if self.is_main:
+            try:
+                self._check_run_dir(train)
+            except UserError as e:
+                if not self.info.enabled:
+                    raise
+                error = str(e)
+        error = broadcast_object(error)
+        if error is not None:
+            raise UserError(error)
+
+    def _check_run_dir(self, train: bool) -> None:
+        cfg, run_dir = self.cfg, self.run_dir
+        if cfg.overwrite and cfg.train.resume:
+            raise UserError(f"overwrite=true clears {run_dir}, train.resume={cfg.train.resume} continues the run "
+                            f"in it: give only one of them")
+        ckpt_dir = run_dir / "checkpoints"
+        resume = cfg.train.resume
+        here = resume == "auto" or (resume and Path(resume).resolve().parent == ckpt_dir.resolve())
+        with output_errors("the run folder", run_dir):
+            found = earlier_run_files(run_dir) if run_dir.is_dir() else []
+            if found and not here:
+                if not cfg.overwrite:
+                    ways = ("continue it with train.resume=auto, start a new run with another name= or "
+                            "output_dir=, or replace it with overwrite=true" if train else
+                            "replace it with overwrite=true, or write elsewhere with another output_dir=")
+                    raise UserError(f"{run_dir} already holds an earlier run ({', '.join(found)}): {ways}")
+                clear_run_dir(run_dir)
+                log.info("overwrite=true: cleared %s", run_dir)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            if train:
+                for note in CheckpointManager(ckpt_dir, mode=cfg.train.best_mode).recover():
+                    log.warning("%s: %s", ckpt_dir, note)
 
     # ---- schedule --------------------------------------------------------------------------
 
@@ -369,23 +617,47 @@ class Trainer:
         }
 
     def _save(self, metric: float | None = None) -> None:
+        """Rank 0 writes the checkpoint; every rank learns whether it could (a full or read-only
+        disk stops every rank with the same one-line error)."""
         rngs = gather_objects(capture_rng())  # every rank's RNG streams, for an exact resume
+        error: str | None = None
         if self.is_main:
             state = self.state_dict()
             state["rng_per_rank"] = rngs
-            path = self.ckpt.save(state, self.state.step, metric)
-            log.info("saved %s", path)
-        barrier()
+            state["log_records"] = self.logger.records
+            before = self.ckpt.latest()
+            try:
+                path = self.ckpt.save(state, self.state.step, metric)
+                log.info("saved %s", path)
+            except OutputError as e:
+                error = (f"cannot write the checkpoint of step {self.state.step}: {e}; the earlier checkpoints "
+                         f"are intact (newest: {before or 'none yet'}): make room, then continue with "
+                         f"train.resume=auto")
+        error = broadcast_object(error)
+        if error is not None:
+            raise OutputError(error)
+        if not self.is_main:
+            self.ckpt.reload()
 
-    def _resume(self, spec: str) -> None:
+    def _resume(self, spec: str) -> tuple[Path | None, int | None, list[tuple[str, Any, Any]]]:
+        """Load the checkpoint `spec` (``auto``: the newest of this run, if any). Returns its path,
+        the metrics.jsonl records it had seen (None: not stored) and the config changes forced."""
         if spec == "auto":
             path = self.ckpt.latest()
             if path is None:
                 log.info("resume=auto: no checkpoint in %s, starting fresh", self.ckpt.dir)
-                return
+                return None, 0, []
         else:
             path = Path(spec)
         ck = load_checkpoint(path, allow_pickle=self.cfg.allow_pickle)
+        changes = config_changes(ck.get("config"), self.cfg)
+        if changes and not self.cfg.train.resume_force:
+            raise UserError(f"{path} was written with another config ({_describe_changes(changes)}): resuming it "
+                            f"would mix two runs. Start a new run (another name= or output_dir=), or resume "
+                            f"anyway with train.resume_force=true")
+        if changes:
+            log.warning("train.resume_force=true: resuming %s with a changed config: %s", path,
+                        _describe_changes(changes))
         unwrap(self.model).load_state_dict(ck["model"])
         self.optimizer.load_state_dict(ck["optimizer"])
         self.scaler.load_state_dict(ck["scaler"])
@@ -402,8 +674,13 @@ class Trainer:
             restore_rng(per_rank[self.info.rank])
         else:  # a different world size: fresh, distinct streams per rank
             seed_everything(self.cfg.seed + self.info.rank + 7919 * self.state.step)
+        if self.is_main and spec != "auto" and path.resolve().parent == self.ckpt.dir.resolve():
+            for moved in self.ckpt.set_aside_after(self.state.step):  # an earlier checkpoint of this run
+                log.warning("resuming at step %d: the later %s was moved to %s", self.state.step, moved.name,
+                            moved.parent)
         log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.state.step,
                  self.state.epoch, self.state.batch_in_epoch)
+        return path, ck.get("log_records"), changes
 
     # ---- evaluation ------------------------------------------------------------------------
 
@@ -430,15 +707,67 @@ class Trainer:
     # ---- training --------------------------------------------------------------------------
 
     def _check_finite(self, tracker: "_LossTracker") -> None:
-        """Stop on a non-finite loss seen since the last check (one host read; all ranks agree)."""
+        """Stop on a non-finite loss seen since the last check (one host read; all ranks agree).
+
+        Every loss up to now being finite shows that every checkpoint written before this step
+        computes a finite loss (the next step's loss came from its weights): they are marked
+        verified, and retention keeps the newest of them. On a non-finite loss the message names
+        the newest checkpoint that computes a finite loss: verified, or checked with a forward pass.
+        """
         first_bad = tracker.first_bad_step()
         if first_bad is None:
+            if self.is_main:
+                self.ckpt.mark_verified(self.state.step)
             return
-        last = self.ckpt.latest()
-        raise NonFiniteLossError(
-            f"non-finite loss at step {first_bad} (found at step {self.state.step}); stopping. The last "
-            f"good checkpoint is {last if last else 'none (no checkpoint written yet)'}; it was not "
-            f"overwritten.")
+        good, bad = self._newest_finite_checkpoint()
+        msg = f"non-finite loss at step {first_bad} (found at step {self.state.step}); stopping."
+        not_good = f" ({', '.join(bad)} give a non-finite loss too)" if bad else ""
+        if good is not None:
+            msg += (f" The newest checkpoint that computes a finite loss is {good}{not_good}; it was not "
+                    f"overwritten. Lower optim.lr (or check the data), then continue from it with "
+                    f"train.resume={good} train.resume_force=true")
+        elif bad:
+            msg += (f" No kept checkpoint computes a finite loss ({', '.join(bad)}): start again with a lower "
+                    f"optim.lr (overwrite=true)")
+        else:
+            msg += " No checkpoint was written yet"
+        raise NonFiniteLossError(msg)
+
+    def _newest_finite_checkpoint(self) -> tuple[str | None, list[str]]:
+        """The newest kept checkpoint that computes a finite loss (None: none does), and the newer
+        ones that do not. Unverified ones are checked with a forward pass on the first training
+        batch of every rank; all ranks agree."""
+        kept = [(str(self.ckpt.dir / e["file"]), bool(e.get("verified"))) for e in self.ckpt.newest_first()]
+        kept = broadcast_object(kept)
+        bad: list[str] = []
+        batch = None
+        for path, verified in kept:
+            if not verified:
+                if batch is None:
+                    batch = move_to_device(next(iter(self.loader("train"))), self.device)
+                    if self.batch_tf is not None:
+                        with torch.no_grad():
+                            batch = self.batch_tf(batch)
+                if not self._computes_finite_loss(path, batch):
+                    bad.append(path)
+                    continue
+            return path, bad
+        return None, bad
+
+    def _computes_finite_loss(self, path: str, batch: Any) -> bool:
+        model = unwrap(self.model)  # its weights are spoiled already: the run stops
+        model.load_state_dict(load_checkpoint(path, allow_pickle=self.cfg.allow_pickle)["model"])
+        model.eval()
+        with torch.no_grad(), self._autocast():
+            loss = model(batch).loss.detach().float()
+        return not bool(all_reduce_sum((~torch.isfinite(loss)).float()) > 0)
+
+    def _interrupted(self, signum: int) -> TrainingInterrupted:
+        msg = (f"stopped by {_signal_name(signum)} at step {self.state.step}/{self.total_steps}: saved "
+               f"{self.ckpt.latest()}; continue with train.resume=auto (exit status {EXIT_INTERRUPTED})")
+        if self.is_main:
+            log.warning("%s", msg)
+        return TrainingInterrupted(msg, signum)
 
     def train_epoch(self, epoch: int, progress: Progress) -> bool:
         """Run one epoch from the saved position. Returns False once max_steps is reached.
@@ -499,6 +828,13 @@ class Trainer:
                 progress.update(self.state.step, None)
             if save_now:
                 self._save()
+            # SIGTERM / Ctrl-C: every rank stops at the same step, with a checkpoint
+            stop = self.stop_vote.poll(self.signals.signum) if self.state.step < self.total_steps else 0
+            if stop:
+                if not save_now:
+                    self._check_finite(tracker)
+                    self._save()
+                raise self._interrupted(stop)
             if self.state.step >= self.total_steps:
                 if not (log_now or save_now):
                     self._check_finite(tracker)
@@ -511,14 +847,15 @@ class Trainer:
         cfg = self.cfg
         if self.train_sampler is None:
             raise RuntimeError("this Trainer was built with train=False (evaluation only)")
-        log.info("task %s | %d train samples | %d steps/epoch | %d total steps | lr %.3g | device %s x%d",
-                 cfg.task, len(self.datasets["train"]), self.steps_per_epoch, self.total_steps, self.lr,
-                 self.device, self.info.world_size)
         select_split = selection_split(cfg.train.select_on, list(self.datasets))
-        progress = Progress(self.total_steps, self.state.step, cfg.train.progress, self.is_main, cfg.train.log_every)
         results: dict[str, Any] = {"selected_on": select_split,
                                    "protocol": self.task.run_info(cfg, self.datasets)}
+        progress = Progress(self.total_steps, self.state.step, cfg.train.progress, self.is_main, cfg.train.log_every)
+        self.signals.install()  # before the first line: once it shows, SIGTERM and Ctrl-C stop cleanly
         try:
+            log.info("task %s | %d train samples | %d steps/epoch | %d total steps | lr %.3g | device %s x%d",
+                     cfg.task, len(self.datasets["train"]), self.steps_per_epoch, self.total_steps, self.lr,
+                     self.device, self.info.world_size)
             while self.state.step < self.total_steps:
                 epoch = self.state.epoch
                 more = self.train_epoch(epoch, progress)
@@ -540,17 +877,25 @@ class Trainer:
                 save_now = finished or (cfg.train.save_every and self.state.epoch % cfg.train.save_every == 0)
                 if save_now:
                     self._save(metric)
+            stop = self.stop_vote.now(self.signals.signum)  # a signal during the last step or evaluation
+            if stop:
+                raise self._interrupted(stop)
+        except TrainingInterrupted:
+            self.logger.close()
+            raise
         finally:
+            self.signals.restore()  # from here on a signal ends the process as usual
             progress.close()
         results.update(self._final_evaluation(select_split))
         if self.is_main:
-            plot = plot_curves(self.run_dir / "metrics.jsonl", self.run_dir / "plots" / "curves.png")
-            files = self.task.write_report(self.run_dir, unwrap(self.model), cfg,
-                                           results.get("eval_results", {}), self.datasets, self.device)
-            results["files"] = [str(p) for p in ([plot] if plot else []) + list(files)]
-            results.pop("eval_results", None)
-            results["history"] = self.state.history
-            (self.run_dir / "results.json").write_text(json.dumps(jsonable(results), indent=1))
+            with output_errors("the results", self.run_dir):
+                plot = plot_curves(self.run_dir / "metrics.jsonl", self.run_dir / "plots" / "curves.png")
+                files = self.task.write_report(self.run_dir, unwrap(self.model), cfg,
+                                               results.get("eval_results", {}), self.datasets, self.device)
+                results["files"] = [str(p) for p in ([plot] if plot else []) + list(files)]
+                results.pop("eval_results", None)
+                results["history"] = self.state.history
+                (self.run_dir / "results.json").write_text(json.dumps(jsonable(results), indent=1))
         else:
             results.pop("eval_results", None)
         self.logger.close()
