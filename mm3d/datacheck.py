@@ -222,7 +222,7 @@ def check_dataset(dataset: Any, limit: int = 0) -> SplitCheck:
             file, line = sample_source(dataset, i)
             bad.append(bad_sample(file, line, e, i))
             log.error("bad sample %s", bad[-1])
-        if n >= 20 and (i + 1) % step == 0:
+        if n >= 1000 and (i + 1) % step == 0:  # progress of a long split, every 10 %
             log.info("  %d / %d checked, %d bad", i + 1, n, len(bad))
     return SplitCheck(len(dataset) + len(dropped), n + len(dropped), bad)
 

@@ -398,7 +398,7 @@ def test_real_scannet_bin_warns_without_a_column_count(realdata, caplog):
     assert "scene0000_00.bin" in caplog.text and "fits 3, 4, 6, 7, 8 float32" in caplog.text
 
 
-def test_predict_reads_bin_files_with_bin_columns(tmp_path, capsys):
+def test_predict_and_visualize_read_bin_files_with_bin_columns(tmp_path, capsys):
     cfg = load_config(None, [*MN, "model.num_classes=2", "data.classes=[a, b]"])
     torch.manual_seed(0)
     ckpt = tmp_path / "cls.pt"
@@ -412,3 +412,14 @@ def test_predict_reads_bin_files_with_bin_columns(tmp_path, capsys):
     assert rc == 0, err
     row = json.loads(out.splitlines()[-1])
     assert row["input"] == str(scan) and [name for name, _ in row["topk"]] in (["a", "b"], ["b", "a"])
+
+    pre = load_config(None, ["task=pointmae_pretrain", "model.variant=pointmae_tiny_test", "data.npoints=256"])
+    torch.save({"model": TASKS.get("pointmae_pretrain").build_model(pre).state_dict(), "config": to_dict(pre)},
+               tmp_path / "pre.pt")
+    vis = ["visualize", "--checkpoint", tmp_path / "pre.pt", "--input", scan, "--out", tmp_path / "vis", "--device",
+           "cpu"]
+    rc, out, err = _run(vis, capsys)
+    assert rc == 2 and "column counts that fit: 3, 6, 7" in err
+    rc, out, err = _run([*vis, "--bin-columns", "6"], capsys)
+    assert rc == 0 and (tmp_path / "vis" / "scan_input.ply").is_file()
+    assert read_points(tmp_path / "vis" / "scan_input.ply").shape[0] == 256

@@ -554,6 +554,23 @@ def test_bad_videos_are_replaced_counted_and_bounded(synth, tmp_path, caplog):
         VideoDataset(rows, mode="train", num_frames=4, max_failure_ratio=0.0)[1]
 
 
+def test_check_sample_reads_directly_and_catches_a_stream_shorter_than_its_header(realdata, tmp_path):
+    """A truncated avi opens and PyAV's header still promises 164 frames: the loader repeats the last
+    decoded frame, the check (no replacement) reports the short stream."""
+    data = (realdata / "video" / "ucf101" / "ApplyEyeMakeup" / "test.avi").read_bytes()
+    (tmp_path / "cut.avi").write_bytes(data[: len(data) // 2])
+    rows = [vdata.VideoRecord(str(tmp_path / "cut.avi"), 0, None, "list.txt:1"),
+            vdata.VideoRecord(str(tmp_path / "missing.avi"), 0, None, "list.txt:2")]
+    ds = VideoDataset(rows, mode="test", num_frames=4, sampling_rate=8, backend="pyav", max_failure_ratio=0.5)
+    assert ds[0]["video"].shape == (4, 240, 320, 3) and not ds.failed
+    assert ds.sample_source(1) == (str(tmp_path / "missing.avi"), "list.txt:2")
+    with pytest.raises(VideoDecodeError, match=r"cut.avi: the stream ends after frame \d+ \(0-based\) of the 164"):
+        ds.check_sample(0)
+    with pytest.raises(VideoDecodeError, match="does not exist"):
+        ds.check_sample(1)
+    assert ds[1]["index"].item() == 0 and list(ds.failed) == [1]  # the loader replaces; the check does not
+
+
 def test_real_clips_through_the_dataset(realdata):
     video = realdata / "video"
     recs = (read_annotation_list(video / "annotations" / "kinetics400_videos.txt",
