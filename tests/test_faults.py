@@ -531,3 +531,23 @@ def test_a_read_only_run_folder_is_one_line_naming_the_path(tmp_path, capsys, re
     line = one_error_line(err)
     assert code == 2 and f"{words}: {out}" in line, line
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
+
+
+def test_a_really_full_disk_is_one_line_and_leaves_no_partial_checkpoint(tmp_path, capsys):
+    """A 100 KB tmpfs holds two toy checkpoints (40 KB each), not three."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=100k", "tmpfs", str(disk)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("needs root and a tmpfs mount (the injected ENOSPC test above runs everywhere)")
+    try:
+        out = disk / "run"
+        code, err = cli(tmp_path, capsys, f"output_dir={out}", "train.save_every_steps=1", "train.max_steps=8")
+        line = one_error_line(err)
+        assert code == 2 and "unexpected pos" not in err
+        assert "No space left on device: " in line and str(out) in line
+        index = assert_consistent(out / "checkpoints")
+        for e in index:  # every indexed checkpoint is complete
+            assert load_checkpoint(out / "checkpoints" / e["file"])["step"] == e["step"]
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
