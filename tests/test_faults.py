@@ -15,6 +15,7 @@ import errno
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -275,10 +276,10 @@ def test_a_second_ctrl_c_aborts_at_once_without_a_checkpoint(tmp_path):
     out = tmp_path / "run"
     proc = _Proc(mm3d_cmd(tmp_path, f"output_dir={out}", "model.step_sleep=4", "train.max_steps=5"))
     proc.wait_until(lambda: "task toy_regression |" in proc.err, "the training loop")  # handlers are in place
-    first = time.time()  # the first step (a 4 s forward) ends about 4 s from now
+    # the first step (a 4 s forward) ends about 4 s from now
     proc.p.send_signal(signal.SIGINT)
     proc.wait_until(lambda: "SIGINT: stopping after this optimizer step" in proc.err, "the first Ctrl-C")
-    time.sleep(max(0.0, first + 1.3 - time.time()))  # later than the same-press window (1 s)
+    time.sleep(1.2)  # after the same-press window (1 s from when the process saw the first one)
     second = time.time()
     proc.p.send_signal(signal.SIGINT)
     assert proc.finish() == -signal.SIGINT, proc.err[-3000:]  # killed by the signal, as a shell shows 130
@@ -320,7 +321,7 @@ def test_sigterm_to_one_ddp_rank_stops_both_at_the_same_step_and_resume_continue
     assert len(rank1) == 1
     os.kill(rank1[0], signal.SIGTERM)  # as if only that node were preempted
     proc.finish()  # torchrun itself reports its workers' status 75 as a failure
-    assert "stopped by SIGTERM at step" in proc.err and "exitcode  : 75" in proc.err, proc.err[-4000:]
+    assert "stopped by SIGTERM at step" in proc.err and re.search(r"exitcode\s*:\s*75", proc.err), proc.err[-4000:]
     ck = load_checkpoint(out / "checkpoints" / "last.pt")
     logged = max(r["step"] for r in records(out) if r["split"] == "train")
     assert ck["step"] == logged and 3 <= logged < 14
