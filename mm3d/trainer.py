@@ -949,10 +949,12 @@ def run_seeds(cfg: RunConfig) -> dict[str, Any]:
         for k in sorted(keys):
             vals = [r[split][k] for r in per_seed.values() if k in r.get(split, {})]
             name = f"{split}/{k}"
-            summary["mean"][name] = float(np.mean(vals))
-            summary["std"][name] = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
             for s, r in per_seed.items():
                 summary["per_seed"].setdefault(str(s), {})[name] = r.get(split, {}).get(k)
+            if not all(isinstance(v, (int, float)) for v in vals):  # e.g. the names of unscored samples
+                continue
+            summary["mean"][name] = float(np.mean(vals))
+            summary["std"][name] = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
     if get_info().is_main:
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
         (cfg.run_dir / "results.json").write_text(json.dumps(summary, indent=1))

@@ -423,3 +423,22 @@ def test_predict_and_visualize_read_bin_files_with_bin_columns(tmp_path, capsys)
     rc, out, err = _run([*vis, "--bin-columns", "6"], capsys)
     assert rc == 0 and (tmp_path / "vis" / "scan_input.ply").is_file()
     assert read_points(tmp_path / "vis" / "scan_input.ply").shape[0] == 256
+
+
+def test_multi_seed_summary_keeps_the_names_of_unscored_samples(tmp_path, monkeypatch):
+    """`seeds: [...]` averages the numbers of every seed; the names of unscored samples stay per seed."""
+    import mm3d.trainer as trainer
+
+    class OneSeed:
+        def __init__(self, cfg):
+            self.seed = cfg.seed
+
+        def fit(self):
+            return {"test": {"top1": 0.5 + self.seed, "num_missing": 1.0, "missing": ["a.mp4 (list.txt:2): bad"]}}
+
+    monkeypatch.setattr(trainer, "Trainer", OneSeed)
+    summary = trainer.run_seeds(load_config(None, ["task=toy_regression", "seeds=[0, 1]", f"output_dir={tmp_path}"]))
+    assert summary["mean"]["test/top1"] == 1.0 and summary["mean"]["test/num_missing"] == 1.0
+    assert "test/missing" not in summary["mean"]
+    assert summary["per_seed"]["1"]["test/missing"] == ["a.mp4 (list.txt:2): bad"]
+    assert json.loads((tmp_path / "results.json").read_text())["per_seed"]["0"]["test/missing"]
