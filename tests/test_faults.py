@@ -552,3 +552,17 @@ def test_a_really_full_disk_is_one_line_and_leaves_no_partial_checkpoint(tmp_pat
             assert load_checkpoint(out / "checkpoints" / e["file"])["step"] == e["step"]
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_resuming_an_earlier_checkpoint_of_the_run_sets_the_later_ones_aside(tmp_path):
+    common = ["train.max_steps=6", "train.save_every_steps=2", "train.keep_last=3", "train.eval_every=0"]
+    run(toy_cfg(tmp_path, *common, name="straight"))
+    run(toy_cfg(tmp_path, *common))
+    ck_dir = tmp_path / "run" / "checkpoints"
+    t = Trainer(toy_cfg(tmp_path, *common, f"train.resume={ck_dir / 'step_00000002.pt'}"))
+    assert t.state.step == 2 and t.ckpt.latest().name == "step_00000002.pt"
+    assert sorted(p.name for p in (ck_dir / "superseded").iterdir()) == ["step_00000004.pt", "step_00000006.pt"]
+    assert [e["step"] for e in assert_consistent(ck_dir)] == [2]
+    assert [r["step"] for r in records(tmp_path / "run")] == [1, 2]
+    t.fit()
+    assert records(tmp_path / "run") == records(tmp_path / "straight")
