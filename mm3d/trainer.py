@@ -526,11 +526,20 @@ class Trainer:
         self.stop_vote = StopVote() if train else None
         resumed, log_records, changes = (self._resume(cfg.train.resume) if cfg.train.resume else (None, 0, []))
         records: list[dict[str, Any]] = []
+        error: str | None = None
         if self.is_main:
-            with output_errors("the run folder", self.run_dir):
-                if cfg.train.resume:  # the log of a resumed run ends where its checkpoint was written
-                    records = truncate_log(self.run_dir / "metrics.jsonl", log_records, self.state.step)
-                save_config(cfg, self.run_dir / "config.yaml")
+            try:
+                with output_errors("the run folder", self.run_dir):
+                    if cfg.train.resume:  # the log of a resumed run ends where its checkpoint was written
+                        records = truncate_log(self.run_dir / "metrics.jsonl", log_records, self.state.step)
+                    save_config(cfg, self.run_dir / "config.yaml")
+            except OutputError as e:
+                if not self.info.enabled:
+                    raise
+                error = str(e)
+        error = broadcast_object(error)  # every rank stops on a folder rank 0 cannot write
+        if error is not None:
+            raise OutputError(error)
         self.state.history = [r for r in records if r.get("split") == "train"]
         self.logger = MetricLogger(self.run_dir, self.is_main, cfg.train.tensorboard, records=len(records),
                                    purge_step=self.state.step + 1 if cfg.train.resume else None)
@@ -538,9 +547,8 @@ class Trainer:
             self.logger.write({"step": self.state.step, "epoch": self.state.epoch, "split": "event",
                                "event": "resume_force", "checkpoint": str(resumed),
                                "changed": {k: [old, new] for k, old, new in changes}})
-        barrier()
         if not self.is_main:
-            self.ckpt.reload()
+            self.ckpt.reload()  # rank 0 may have set later checkpoints aside
 
     # ---- the run folder ----------------------------------------------------------------------
 
@@ -562,12 +570,12 @@ class Trainer:
 
     def _check_run_dir(self, train: bool) -> None:
         cfg, run_dir = self.cfg, self.run_dir
-        if cfg.overwrite and cfg.train.resume:
-            raise UserError(f"overwrite=true clears {run_dir}, train.resume={cfg.train.resume} continues the run "
-                            f"in it: give only one of them")
         ckpt_dir = run_dir / "checkpoints"
         resume = cfg.train.resume
-        here = resume == "auto" or (resume and Path(resume).resolve().parent == ckpt_dir.resolve())
+        here = resume == "auto" or bool(resume and Path(resume).resolve().parent == ckpt_dir.resolve())
+        if cfg.overwrite and here:
+            raise UserError(f"overwrite=true clears {run_dir}, train.resume={resume} continues the run in it: "
+                            f"give only one of them")
         with output_errors("the run folder", run_dir):
             found = earlier_run_files(run_dir) if run_dir.is_dir() else []
             if found and not here:
