@@ -18,8 +18,8 @@ from mm3d.errors import UserError  # noqa: E402
 from mm3d.pointcloud.io import read_points  # noqa: E402
 from mm3d.pointcloud.models import build_pretrain_model  # noqa: E402
 from mm3d.pointcloud.visualize import (  # noqa: E402
-    CAPTION_HEIGHT, PREDICTED_COLOR, CloudRenderer, render_clouds, show_interactive,
-    write_reconstruction_figure)
+    CAPTION_HEIGHT, INPUT_COLOR, PREDICTED_COLOR, VISIBLE_COLOR, CloudRenderer, render_clouds,
+    show_interactive, write_reconstruction_figure)
 from mm3d.registry import SYNTH, TASKS, variant_config  # noqa: E402
 
 W, H = 160, 120
@@ -53,6 +53,53 @@ def test_render_clouds_size_and_content():
         r.render([sphere_cloud()], [])
 
 
+def camera_pixel(point, width: int, height: int) -> tuple[float, float]:
+    """(column, row) where the renderer's documented fixed view puts a 3-D point: a pinhole camera
+    looking at the origin from the direction (1, 0.6, 1.6), y up, a 30 degree vertical field of view,
+    at the distance where a sphere of radius 1.05 fills the narrower half-angle."""
+    half = np.radians(15.0)
+    narrow = min(half, np.arctan(np.tan(half) * width / height))
+    eye = np.array([1.0, 0.6, 1.6]) / np.linalg.norm([1.0, 0.6, 1.6]) * 1.05 / np.sin(narrow)
+    forward = -eye / np.linalg.norm(eye)
+    right = np.cross(forward, [0.0, 1.0, 0.0])
+    right /= np.linalg.norm(right)
+    up = np.cross(right, forward)
+    v = np.asarray(point, dtype=np.float64) - eye
+    focal = (height / 2) / np.tan(half)  # pixels
+    return width / 2 + focal * (v @ right) / (v @ forward), height / 2 - focal * (v @ up) / (v @ forward)
+
+
+def tinted(img: np.ndarray, rgb) -> np.ndarray:
+    """Per pixel, how much of the pure colour `rgb` (components 0 or 1) covers the white background:
+    1 inside a point, between 0 and 1 on an anti-aliased edge, 0 for white or any other colour."""
+    on = np.asarray(rgb, dtype=bool)
+    rest = img[..., ~on].astype(float)
+    mask = (img[..., on] == 255).all(axis=-1) & (rest == rest[..., :1]).all(axis=-1) & (rest[..., 0] < 255)
+    return np.where(mask, 1 - rest[..., 0] / 255, 0.0)
+
+
+@pytest.mark.parametrize("size", [(W, H), (100, 160)])
+def test_render_puts_points_where_the_camera_projects_them(size):
+    """Four tight clusters in four colours: each is drawn in its colour, as a point-sized blob centred
+    where the camera projects it (left/right, up/down and the framing all checked); nothing else is
+    drawn."""
+    width, height = size
+    centres = {(1, 0, 0): (0.6, 0, 0), (0, 1, 0): (0, 0.6, 0), (0, 0, 1): (0, 0, -0.6), (1, 0, 1): (-0.5, -0.4, 0.3)}
+    rng = np.random.default_rng(0)
+    clouds = [np.asarray(c, np.float32) + 0.005 * rng.normal(size=(20, 3)).astype(np.float32) for c in centres.values()]
+    img = render_clouds(clouds, list(centres), width, height)
+    drawn = np.zeros(img.shape[:2], dtype=bool)
+    for rgb, centre in centres.items():
+        cover = tinted(img, rgb)
+        assert 15 <= (cover == 1).sum() <= 60, rgb  # 20 points of 5 px within ~1 px of each other
+        rows, cols = np.indices(cover.shape)
+        row, col = (rows * cover).sum() / cover.sum(), (cols * cover).sum() / cover.sum()
+        want_col, want_row = camera_pixel(centre, width, height)
+        assert abs(col - want_col) < 1.0 and abs(row - want_row) < 1.0, (rgb, col, row, want_col, want_row)
+        drawn |= cover > 0
+    assert (img[~drawn] == 255).all()  # white everywhere else
+
+
 def test_reconstruction_figure_panels_and_ply_files(tmp_path):
     torch.manual_seed(0)
     model = build_pretrain_model(variant_config("pointmae_tiny_test"))
@@ -77,6 +124,23 @@ def test_reconstruction_figure_panels_and_ply_files(tmp_path):
     recon = read_points(files[3])
     assert recon.shape[1] == 6 and np.allclose(recon[-1, 3:], PREDICTED_COLOR, atol=1 / 255)
     assert np.allclose(read_points(files[1])[:, :3], pts, atol=1e-6)
+
+    # each panel is exactly the render of its .ply (panel order, offsets and colours); the
+    # reconstruction is the visible points, then the predicted ones
+    inp, vis = read_points(files[1]), read_points(files[2])
+    n_vis = (g - m) * k
+    renderer = CloudRenderer(W, H)
+    assert np.array_equal(panels[0], renderer.render([inp[:, :3]], [INPUT_COLOR]))
+    assert np.array_equal(panels[1], renderer.render([vis[:, :3]], [VISIBLE_COLOR]))
+    assert np.array_equal(panels[2], renderer.render([recon[:n_vis, :3], recon[n_vis:, :3]],
+                                                     [VISIBLE_COLOR, PREDICTED_COLOR]))
+    assert np.allclose(recon[:n_vis], vis) and np.allclose(vis[:, 3:], VISIBLE_COLOR, atol=1 / 255)
+    # the visible patches are input points (masked ones removed): drawn only where the input is drawn,
+    # and on less of the picture
+    nearest = np.linalg.norm(vis[:, None, :3] - pts[None], axis=-1).min(axis=1)
+    assert nearest.max() < 1e-6
+    drawn = [(p != 255).any(axis=-1) for p in panels]
+    assert not (drawn[1] & ~drawn[0]).any() and drawn[1].sum() < 0.6 * drawn[0].sum()
 
 
 def test_interactive_without_display_is_a_clear_message(monkeypatch, caplog):
