@@ -14,10 +14,11 @@ from PIL import Image
 
 from mm3d.testing import assert_close
 from mm3d.video import data as vdata
+from mm3d.video import decode as vdecode
 from mm3d.video import transforms as vt
-from mm3d.video.data import (VideoDataset, VideoDecodeError, decode_frames, dense_sample,
-                             open_video, read_annotation_list, read_label_map, segment_clips,
-                             segment_sample, uniform_clips, video_num_frames)
+from mm3d.video.data import (VideoDataset, dense_sample, read_annotation_list, read_label_map, segment_clips,
+                             segment_sample, uniform_clips)
+from mm3d.video.decode import VideoDecodeError, decode_frames, open_video, video_num_frames
 from mm3d.video.synth import CLASSES, SCALES, SynthVideoSpec, render_clip, write_mp4, write_video_dataset
 
 
@@ -121,7 +122,7 @@ def test_real_rawframe_list_reads_frames(realdata, tmp_path):
     # ... or, as with mmaction2, by a data root holding an 'imgs' folder (here a symlink)
     (tmp_path / "imgs").symlink_to(raw / "ApplyEyeMakeup_clip")
     recs2 = read_annotation_list(raw / "rawframe_test_list.txt", data_root=tmp_path)
-    src = vdata.open_record(recs2[0])
+    src = vdecode.open_record(recs2[0])
     frames = src.get(np.array([0, 4, 4]))
     ref = np.asarray(Image.open(raw / "ApplyEyeMakeup_clip" / "img_00005.jpg").convert("RGB"))
     assert src.backend == "rawframes" and src.num_frames == 5
@@ -129,7 +130,7 @@ def test_real_rawframe_list_reads_frames(realdata, tmp_path):
     assert np.array_equal(frames[1], ref)
     assert np.array_equal(frames[1], frames[2])
     # total_frames unknown (VideoMAEv2 'dir start -1' is a video; count the folder instead)
-    counted = vdata.RawFrameSource(str(raw / "ApplyEyeMakeup_clip"), None)
+    counted = vdecode.RawFrameSource(str(raw / "ApplyEyeMakeup_clip"), None)
     assert counted.num_frames == 10
 
 
@@ -198,15 +199,15 @@ def test_fallback_when_decord_fails_or_is_missing(synth, monkeypatch, caplog):
         raise RuntimeError("simulated codec failure")
 
     with monkeypatch.context() as m:
-        m.setattr(vdata._DecordSource, "get", broken)
+        m.setattr(vdecode._DecordSource, "get", broken)
         src = open_video(path)
         assert src.backend == "decord"
-        with caplog.at_level(logging.INFO, logger="mm3d.video.data"):
+        with caplog.at_level(logging.INFO, logger="mm3d.video.decode"):
             got = src.get(np.array([1, 2]))
         assert src.backend == "pyav" and np.array_equal(got, ref)
         assert "simulated codec failure" in caplog.text
     with monkeypatch.context() as m:
-        m.setattr(vdata, "_decord", None)
+        m.setattr(vdecode, "_decord", None)
         src = open_video(path)
         assert src.backend == "pyav" and np.array_equal(src.get(np.array([1, 2])), ref)
 
@@ -538,7 +539,7 @@ def test_bad_videos_are_replaced_counted_and_bounded(synth, tmp_path, caplog):
     rows = [good[0], vdata.VideoRecord(str(corrupt), 4, None, "list.txt:2"), good[1],
             vdata.VideoRecord(str(tmp_path / "missing.mp4"), 5, None, "list.txt:4"), good[2]]
     ds = VideoDataset(rows, mode="test", num_frames=4, max_failure_ratio=0.4)  # allows 2 of 5
-    with caplog.at_level(logging.WARNING, logger="mm3d.video.data"):
+    with caplog.at_level(logging.WARNING, logger="mm3d.video.decode"):
         item = ds[1]
     assert item["index"].item() == 2 and item["label"].item() == good[1].label
     assert str(corrupt) in caplog.text and "list.txt:2" in caplog.text

@@ -49,7 +49,8 @@ from mm3d.results import (per_class_markdown, protocol_label, selection_split, w
                           write_results_md)
 from mm3d.task import EvalResult, Task
 from mm3d.video.convert import classifier_init_state, hf_to_ours, load_hf_dir, official_to_ours
-from mm3d.video.data import RawFrameSource, VideoDataset, VideoRecord, open_record, read_annotation_list, read_label_map
+from mm3d.video.data import VideoDataset, VideoRecord, read_annotation_list, read_label_map
+from mm3d.video.decode import RawFrameSource, open_record
 from mm3d.video.transforms import finetune_train_transform, test_transform
 from mm3d.video.models import VideoMAEClassifier, VideoMAEConfig, build_classifier
 from mm3d.video.tokens import adapt_pos_embeds, token_grid

@@ -31,6 +31,7 @@ from mm3d.task import EvalResult, Task
 from mm3d.trainer import build_optimizer, peak_lr
 from mm3d.video import data as D
 from mm3d.video import transforms as TR
+from mm3d.video.decode import VideoDecodeError
 from mm3d.video.convert import ours_to_hf
 from mm3d.video.models import VideoMAEConfig, VideoMAEPretrain, build_pretrain_model
 from mm3d.video.tokens import adapt_pos_embeds, token_grid
@@ -241,7 +242,7 @@ class VideoMAEPretrainTask(Task):
         for path in inputs:
             try:
                 files += write_visualization(model, path, out_dir, seed=seed, sampling_rate=cfg.data.sampling_rate)
-            except (D.VideoDecodeError, OSError) as e:
+            except (VideoDecodeError, OSError) as e:
                 raise UserError(f"--input: {e}") from None
         if dataset_index is not None:
             ds = self.build_datasets(cfg, ["val"] if cfg.data.val_list else ["train"])

@@ -19,7 +19,8 @@ import torch
 from einops import rearrange, repeat
 from PIL import Image, ImageDraw
 
-from mm3d.video.data import open_video, uniform_clips
+from mm3d.video.data import uniform_clips
+from mm3d.video.decode import open_video
 from mm3d.video.models import VideoMAEPretrain
 from mm3d.video.tokens import unpatchify
 from mm3d.video.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, test_transform
