@@ -41,7 +41,7 @@ class ResumableSampler(Sampler[int]):
             idx = list(range(self.n))
         if self.pad and self.world > 1:
             total = math.ceil(self.n / self.world) * self.world
-            idx += idx[: total - self.n]
+            idx = (idx * math.ceil(total / self.n))[:total]  # repeats wrap around (world > n too)
         return idx[self.rank::self.world]
 
     def __iter__(self) -> Iterator[int]:

@@ -236,10 +236,9 @@ def test_sampler_padding_gives_every_rank_the_same_count(n, world):
     assert set(flat) == set(range(n)) and len(flat) - len(set(flat)) == per_rank * world - n
 
 
-@pytest.mark.xfail(strict=True, reason="ResumableSampler pads with idx[:total - n], which holds at most n "
-                   "indices: with 3 samples over 8 ranks the padded list has 6 entries, so ranks 6 and 7 get "
-                   "none (and a DDP step would hang waiting for them)")
 def test_sampler_padding_when_ranks_outnumber_samples():
+    """Padding wraps around as often as needed: with 3 samples over 8 ranks every rank gets one
+    (padding with at most n repeats left ranks 6 and 7 empty, and a DDP step waiting for them)."""
     parts = rank_indices(3, 8, pad=True, shuffle=True, seed=0)
     assert [len(p) for p in parts] == [1] * 8
     assert {i for p in parts for i in p} == {0, 1, 2}
