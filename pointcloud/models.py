@@ -122,7 +122,7 @@ class PointMAEConfig:
 register_variant(
     "pointmae_small", "pointcloud", PointMAEConfig(),
     "Official Point-MAE: width 384, depth 12, 6 heads, decoder 4 blocks x 6 heads, "
-    "64 groups x 32 points (1024 input points), drop path 0.1; ~22.1M parameters with decoder")
+    "64 groups x 32 points (1024 input points), drop path 0.1; encoder 21.8M parameters (29.0M with the decoder, 22.1M as a classifier)")
 register_variant(
     "pointmae_tiny", "pointcloud",
     PointMAEConfig(embed_dim=96, depth=4, num_heads=3, encoder_dims=96, pointnet_dims=(32, 64, 128),
