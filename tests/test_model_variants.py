@@ -75,7 +75,7 @@ def count(module: torch.nn.Module) -> int:
 
 def test_the_official_sizes_are_registered():
     assert set(PUBLISHED_M) <= set(MODELS)
-    assert {MODELS.get(n).modality for n in MODELS} == {"video", "pointcloud"}
+    assert {"video", "pointcloud"} <= {MODELS.get(n).modality for n in MODELS}  # tests may add "core" toys
 
 
 @pytest.mark.parametrize("name", list(MODELS))
