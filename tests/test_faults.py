@@ -303,7 +303,11 @@ def _rank_of(pid: int) -> int | None:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the torchrun workers through /proc")
-def test_sigterm_to_one_ddp_rank_stops_both_at_the_same_step_and_resume_continues_exactly(tmp_path):
+@pytest.mark.parametrize("how", ["sigterm_one_rank", "ctrl_c_torchrun"])
+def test_sigterm_to_one_ddp_rank_stops_both_at_the_same_step_and_resume_continues_exactly(tmp_path, how):
+    """SIGTERM to one rank (a preempted node), or SIGINT to torchrun (Ctrl-C: torchrun forwards it
+    to its workers): both ranks stop at the same step with one checkpoint, and resume=auto continues
+    as if never stopped."""
     common = ["model.dropout=0.0", "optim.lr=0.05", "optim.schedule=constant", "optim.warmup_steps=0",
               "train.eval_every=0", "train.save_every=0", "train.epochs=3", "train.max_steps=14"]
     out = tmp_path / "ddp"
@@ -317,11 +321,17 @@ def test_sigterm_to_one_ddp_rank_stops_both_at_the_same_step_and_resume_continue
 
     proc = _Proc(torchrun("model.step_sleep=0.2"))
     proc.wait_for_step(out, 3)
-    rank1 = [c for c in _children(proc.p.pid) if _rank_of(c) == 1]
-    assert len(rank1) == 1
-    os.kill(rank1[0], signal.SIGTERM)  # as if only that node were preempted
-    proc.finish()  # torchrun itself reports its workers' status 75 as a failure
-    assert "stopped by SIGTERM at step" in proc.err and re.search(r"exitcode\s*:\s*75", proc.err), proc.err[-4000:]
+    if how == "sigterm_one_rank":
+        rank1 = [c for c in _children(proc.p.pid) if _rank_of(c) == 1]
+        assert len(rank1) == 1
+        os.kill(rank1[0], signal.SIGTERM)  # as if only that node were preempted
+        proc.finish()  # torchrun itself reports its workers' status 75 as a failure
+        assert "stopped by SIGTERM at step" in proc.err and re.search(r"exitcode\s*:\s*75", proc.err), \
+            proc.err[-4000:]
+    else:
+        os.kill(proc.p.pid, signal.SIGINT)
+        proc.finish()
+        assert "stopped by SIGINT at step" in proc.err, proc.err[-4000:]
     ck = load_checkpoint(out / "checkpoints" / "last.pt")
     logged = max(r["step"] for r in records(out) if r["split"] == "train")
     assert ck["step"] == logged and 3 <= logged < 14
