@@ -29,19 +29,20 @@ Dataset
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal, Mapping, Sequence
+from typing import Callable, Iterator, Literal, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from mm3d.datacheck import FailureBudget, read_or_replace
 from mm3d.errors import UserError
-from mm3d.video.decode import Backend, VideoDecodeError, open_record
+from mm3d.video.decode import Backend, FrameSource, VideoDecodeError, open_record
 
 log = logging.getLogger(__name__)
 
@@ -441,18 +442,24 @@ class VideoDataset(torch.utils.data.Dataset):
         repeat its last frame). Used by ``mm3d data check`` and to name the reason of a row an
         evaluation did not score.
         """
-        record = self.records[index]
+        with self._opened(self.records[index], strict=True) as src:
+            n = src.num_frames
+            if self.sampling == "dense":
+                views = uniform_clips(n, self.num_frames, self.sampling_rate, self.num_clips)
+            else:
+                views = segment_clips(n, self.num_frames, self.num_clips)
+            src.get(np.unique(np.concatenate([views.reshape(-1), [0, n - 1]])))
+
+    @contextlib.contextmanager
+    def _opened(self, record: VideoRecord, *, strict: bool = False) -> Iterator[FrameSource]:
+        """`record` opened with this dataset's decoder settings and closed after use; any reader
+        failure, opening or reading, becomes a :class:`VideoDecodeError` naming the file."""
         try:
             src = open_record(record, backend=self.backend, num_threads=self.num_threads,
                               rawframe_template=self.rawframe_template,
-                              rawframe_start=self.rawframe_start, strict=True)
+                              rawframe_start=self.rawframe_start, strict=strict)
             try:
-                n = src.num_frames
-                if self.sampling == "dense":
-                    views = uniform_clips(n, self.num_frames, self.sampling_rate, self.num_clips)
-                else:
-                    views = segment_clips(n, self.num_frames, self.num_clips)
-                src.get(np.unique(np.concatenate([views.reshape(-1), [0, n - 1]])))
+                yield src
             finally:
                 src.close()
         except VideoDecodeError:
@@ -480,19 +487,8 @@ class VideoDataset(torch.utils.data.Dataset):
         return segment_clips(num_frames, self.num_frames, self.num_clips)
 
     def _read(self, index: int, rng: np.random.Generator | None) -> np.ndarray:
-        record = self.records[index]
-        try:
-            src = open_record(record, backend=self.backend, num_threads=self.num_threads,
-                              rawframe_template=self.rawframe_template,
-                              rawframe_start=self.rawframe_start)
-            try:
-                return src.get(self.frame_indices(src.num_frames, rng))
-            finally:
-                src.close()
-        except VideoDecodeError:
-            raise
-        except Exception as e:  # noqa: BLE001 - any reader failure is a bad sample
-            raise VideoDecodeError(f"{record.path}: {type(e).__name__}: {e}") from e
+        with self._opened(self.records[index]) as src:
+            return src.get(self.frame_indices(src.num_frames, rng))
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         rng = self._stream() if self.mode == "train" else None
