@@ -159,6 +159,17 @@ def random_subset(points: torch.Tensor, n: int, generator: torch.Generator | Non
     return torch.gather(points, 1, idx.unsqueeze(-1).expand(-1, -1, points.shape[-1]))
 
 
+def _scale_then_shift(points: torch.Tensor, scale_axes: int, scale_low: float, scale_high: float,
+                      translate_range: float, generator: torch.Generator | None) -> torch.Tensor:
+    """``xyz * s + t`` per cloud: `s` drawn for `scale_axes` axes (3: per axis, 1: isotropic) from
+    U(scale_low, scale_high), then `t` per axis from U(-translate_range, translate_range)."""
+    pts, single = _batched(points)
+    b = pts.shape[0]
+    scale = scale_low + (scale_high - scale_low) * _rand((b, 1, scale_axes), generator, pts)
+    shift = translate_range * (2.0 * _rand((b, 1, 3), generator, pts) - 1.0)
+    return _unbatch(_with_xyz(pts, pts[..., :3] * scale + shift), single)
+
+
 def scale_and_translate(points: torch.Tensor, *, scale_low: float = 2.0 / 3.0,
                         scale_high: float = 3.0 / 2.0, translate_range: float = 0.2,
                         generator: torch.Generator | None = None) -> torch.Tensor:
@@ -172,11 +183,7 @@ def scale_and_translate(points: torch.Tensor, *, scale_low: float = 2.0 / 3.0,
     Returns:
         The transformed clouds, same shape as `points`.
     """
-    pts, single = _batched(points)
-    b = pts.shape[0]
-    scale = scale_low + (scale_high - scale_low) * _rand((b, 1, 3), generator, pts)
-    shift = translate_range * (2.0 * _rand((b, 1, 3), generator, pts) - 1.0)
-    return _unbatch(_with_xyz(pts, pts[..., :3] * scale + shift), single)
+    return _scale_then_shift(points, 3, scale_low, scale_high, translate_range, generator)
 
 
 def scale_and_shift(points: torch.Tensor, *, scale_low: float = 0.8, scale_high: float = 1.25,
@@ -192,11 +199,7 @@ def scale_and_shift(points: torch.Tensor, *, scale_low: float = 0.8, scale_high:
     Returns:
         The transformed clouds, same shape as `points`.
     """
-    pts, single = _batched(points)
-    b = pts.shape[0]
-    scale = scale_low + (scale_high - scale_low) * _rand((b, 1, 1), generator, pts)
-    shift = translate_range * (2.0 * _rand((b, 1, 3), generator, pts) - 1.0)
-    return _unbatch(_with_xyz(pts, pts[..., :3] * scale + shift), single)
+    return _scale_then_shift(points, 1, scale_low, scale_high, translate_range, generator)
 
 
 def up_axis_rotation(angles: torch.Tensor, up_axis: Axis = "y") -> torch.Tensor:
