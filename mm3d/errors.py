@@ -11,3 +11,8 @@ from __future__ import annotations
 
 class UserError(Exception):
     """Something the user gave is wrong; the message says what and where, in one line."""
+
+
+class MissingFileError(UserError, FileNotFoundError):
+    """A file the user named (a list, a label map, an input) does not exist; still an OSError for
+    code that handles unreadable files."""

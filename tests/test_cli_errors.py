@@ -152,6 +152,19 @@ def test_malformed_label_in_a_video_list(capsys, tmp_path):
     error_lines(err, "finetune", f"{listing}:2: label 'zero'")
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (["data.label_map=", "data.train_list=nowhere.txt"], "annotation list 'nowhere.txt' not found (nor under data.root="),
+    (["data.train_list=train.txt", "data.label_map=labels.txt"], "label map 'labels.txt' not found"),
+    (["data.label_map=", "data.train_list="], "data.train_list is empty"),
+], ids=["missing-list", "missing-label-map", "empty-list"])
+def test_missing_video_lists_are_one_line(capsys, tmp_path, overrides, message):
+    (tmp_path / "train.txt").write_text("a.mp4 0\n")
+    rc, _, err = run_cli(capsys, "finetune", VIDEO_FINETUNE, "model.variant=videomae_tiny_test",
+                         f"data.root={tmp_path}", *overrides, f"output_dir={tmp_path / 'run'}", "train.device=cpu")
+    assert rc == 2
+    error_lines(err, "finetune", message)
+
+
 @pytest.mark.parametrize("config, ckpt, message", [
     (PC_FINETUNE, "video_pretrain.pt",
      "is a videomae_pretrain checkpoint (video); this run is pointmae_classify (pointcloud)"),

@@ -42,7 +42,7 @@ from torch.utils.data import Dataset
 from mm3d.checkpoint import CheckpointError, extract_state_dict, load_checkpoint, load_model_weights
 from mm3d.config import ConfigError, RunConfig
 from mm3d.datacheck import account_missing, missing_markdown, unscored_samples
-from mm3d.errors import UserError
+from mm3d.errors import MissingFileError, UserError
 from mm3d.metrics import ClassificationMeter, ClassificationResult
 from mm3d.registry import register_task
 from mm3d.results import (per_class_markdown, protocol_label, selection_split, write_classification_split,
@@ -340,7 +340,7 @@ def _resolve_file(path: str, root: str, what: str) -> Path:
         return p
     if root and not p.is_absolute() and (Path(root) / p).is_file():
         return Path(root) / p
-    raise FileNotFoundError(f"{what} {path!r} not found" + (f" (nor under data.root={root!r})" if root else ""))
+    raise MissingFileError(f"{what} {path!r} not found" + (f" (nor under data.root={root!r})" if root else ""))
 
 
 def label_names(cfg: VideoFinetuneConfig, label_map: str | None = None, *, required: bool = False) -> list[str]:
@@ -449,7 +449,7 @@ class VideoMAEFinetuneTask(Task):
         d = cfg.data
         splits = list(splits)
         if "train" in splits and not d.train_list:
-            raise ValueError("data.train_list is empty: give an annotation list 'path label' (data.train_list=FILE, "
+            raise ConfigError("data.train_list is empty: give an annotation list 'path label' (data.train_list=FILE, "
                              "with data.root=DIR for relative paths)")
         out: dict[str, Dataset] = {}
         if "train" in splits:

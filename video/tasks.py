@@ -22,9 +22,9 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from mm3d.checkpoint import extract_state_dict, load_checkpoint, load_model_weights
-from mm3d.config import RunConfig
+from mm3d.config import ConfigError, RunConfig
 from mm3d.engine import OptimizerStep, SplitMeans, autocast, batch_size_of, move_to_device, unwrap
-from mm3d.errors import UserError
+from mm3d.errors import MissingFileError, UserError
 from mm3d.masking import video_mask
 from mm3d.registry import register_task
 from mm3d.task import EvalResult, Task
@@ -111,7 +111,7 @@ def resolve_list(path: str, root: str) -> Path:
     if root and not p.is_absolute() and (Path(root) / p).is_file():
         return Path(root) / p
     where = f" (nor under data.root={root!r})" if root else ""
-    raise FileNotFoundError(f"annotation list {path!r} not found{where}")
+    raise MissingFileError(f"annotation list {path!r} not found{where}")
 
 
 def build_video_dataset(data: VideoDataConfig, list_path: str, *, mode: Literal["train", "test"],
@@ -160,7 +160,7 @@ class VideoMAEPretrainTask(Task):
     def build_datasets(self, cfg: VideoPretrainConfig, splits: Iterable[str]) -> dict[str, Dataset]:
         d = cfg.data
         if not d.train_list and "train" in splits:
-            raise ValueError("data.train_list is empty: give an annotation list (data.train_list=FILE, "
+            raise ConfigError("data.train_list is empty: give an annotation list (data.train_list=FILE, "
                              "with data.root=DIR for relative paths)")
         size, frames = cfg.model.img_size, cfg.model.num_frames
         out: dict[str, Dataset] = {}
