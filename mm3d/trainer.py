@@ -493,7 +493,6 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg, self.lr)
         self.opt_step = OptimizerStep(self.optimizer, device=self.device, precision=cfg.train.precision,
                                       clip_grad=cfg.optim.clip_grad, params=self.model.parameters())
-        self.scaler = self.opt_step.scaler
         self.ema = None
         if cfg.train.ema:
             self.ema = ModelEmaV3(self.model, decay=cfg.train.ema_decay)
@@ -611,7 +610,7 @@ class Trainer:
         return {
             "model": unwrap(self.model).state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(),
+            "scaler": self.opt_step.scaler.state_dict(),
             "ema": self.ema.module.state_dict() if self.ema is not None else None,
             "step": self.state.step,
             "epoch": self.state.epoch,
@@ -668,7 +667,7 @@ class Trainer:
                         _describe_changes(changes))
         unwrap(self.model).load_state_dict(ck["model"])
         self.optimizer.load_state_dict(ck["optimizer"])
-        self.scaler.load_state_dict(ck["scaler"])
+        self.opt_step.scaler.load_state_dict(ck["scaler"])
         if self.ema is not None and ck.get("ema") is not None:
             self.ema.module.load_state_dict(ck["ema"])
         if ck.get("world_size", 1) != self.info.world_size:
