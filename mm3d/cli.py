@@ -99,12 +99,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     trainer = Trainer(cfg, TASKS.get(cfg.task), train=False)
     for note in trainer.task.load_trained(trainer.model, cfg.checkpoint, cfg):
         log.info("%s", note)
-    results: dict[str, Any] = {"checkpoint": cfg.checkpoint,
+    results: dict[str, Any] = {"checkpoint": cfg.checkpoint, "protocol_name": cfg.protocol,
                                "protocol": trainer.task.run_info(cfg, trainer.datasets)}
     evals = {}
     for split in ("val", "test"):
         if split in trainer.datasets:
-            res = trainer.evaluate(split, trainer.model)
+            res = trainer.evaluate(split, trainer.model, final=True)
             results[split] = res.metrics
             evals[split] = res
     info, device = init_distributed(cfg.train.device)

@@ -50,12 +50,52 @@ def selection_split(select_on: str, splits: Sequence[str]) -> str:
     return select_on if select_on == "last" or select_on in splits else "last"
 
 
-def protocol_label(selected_on: str, checkpoint: str = "") -> str:
-    """How the reported weights were chosen, in words, for every results file."""
+def protocol_label(selected_on: str, checkpoint: str = "", protocol: str = "honest", reference: str = "") -> str:
+    """How the reported weights were chosen, in words, for every results file.
+
+    The words start with the protocol: ``paper (<the official scripts>)`` under ``protocol=paper``,
+    ``honest`` for our default, and ``custom`` for a run that selects on test without the paper
+    switch (neither the paper's procedure as a whole nor ours).
+    """
+    how = {"val": "best on val", "test": "best on test", "last": "last checkpoint"}[selected_on]
     if checkpoint:
-        return f"given checkpoint ({Path(checkpoint).name})"
-    return {"val": "selected on val (honest)", "test": "selected on test (papers' protocol)",
-            "last": "last checkpoint"}[selected_on]
+        how = f"given checkpoint ({Path(checkpoint).name})"
+    if protocol == "paper":
+        return f"paper ({reference}): {how}" if reference else f"paper: {how}"
+    if selected_on == "test" and not checkpoint:
+        return f"custom: {how} (protocol=paper runs the paper's procedure as a whole)"
+    return f"honest: {how}"
+
+
+def run_protocol_label(cfg: Any, selected_on: str) -> str:
+    """:func:`protocol_label` of a run config (its ``protocol``, ``checkpoint`` and the task's reference)."""
+    return protocol_label(selected_on, getattr(cfg, "checkpoint", ""), getattr(cfg, "protocol", "honest"),
+                          getattr(type(cfg), "paper_reference", ""))
+
+
+def published_markdown(cfg: Any, results: Mapping[str, Any]) -> str:
+    """A results.md paragraph putting the config's published number (``published.*``) beside this
+    run's value of the same metric (``results[split][metric]``, or the mean ± std over seeds), with
+    the protocols of both; "" when the config names no published number."""
+    pub = getattr(cfg, "published", None)
+    if pub is None or pub.value is None:
+        return ""
+    split, _, metric = pub.metric.partition("/")
+    if "mean" in results:  # a multi-seed summary
+        key = f"{split}/{metric}"
+        ours = (f"{100 * results['mean'][key]:.2f} ± {100 * results['std'][key]:.2f} over {len(results['seeds'])} seeds"
+                if key in results["mean"] else "not measured")
+    else:
+        value = results.get(split, {}).get(metric)
+        ours = f"{100 * value:.2f}" if isinstance(value, (int, float)) else "not measured"
+    protocol = getattr(cfg, "protocol", "honest")
+    pretrain = (f", pretrained by `{pub.pretrain}`" + (f" ({pub.pretrain_epochs} epochs)" if pub.pretrain_epochs else "")
+                if pub.pretrain else "")
+    note = ("" if protocol == "paper" else
+            " The published number follows the paper's protocol; this run's does not (`protocol=paper` runs it).")
+    return (f"## Published\n\n| | {pub.metric} | protocol |\n|---|---|---|\n"
+            f"| published ({pub.source}{pretrain}) | {pub.value:.2f} | paper |\n"
+            f"| this run | {ours} | {protocol} |\n\n" + (note.strip() + "\n" if note else ""))
 
 
 def _cell(value: Any) -> str:

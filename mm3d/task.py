@@ -82,6 +82,13 @@ class Task:
         """Default: the mean loss over the split (sample-weighted, reduced across ranks)."""
         return EvalResult(mean_loss(model, loader, device))
 
+    def final_evaluate(self, model: nn.Module, loader: Iterable[Any], cfg: Any, device: torch.device,
+                       split: str) -> EvalResult:
+        """The reported evaluation of the selected weights (after training, and ``mm3d evaluate``).
+        Default: :meth:`evaluate`; a task may add what is too costly for every epoch (repeated
+        voting runs)."""
+        return self.evaluate(model, loader, cfg, device, split)
+
     def init_weights(self, model: nn.Module, path: str, cfg: Any) -> list[str]:
         """Load `cfg.init` weights into `model`; return human-readable notes for the log."""
         return load_model_weights(model, path, allow_pickle=cfg.allow_pickle)

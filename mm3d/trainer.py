@@ -44,14 +44,14 @@ from tqdm.auto import tqdm
 
 from mm3d.checkpoint import (CheckpointManager, OutputError, capture_rng, load_checkpoint, output_errors,
                              restore_rng)
-from mm3d.config import ConfigError, RunConfig, config_from_dict, save_config, to_dict
+from mm3d.config import ConfigError, RunConfig, config_from_dict, flatten_keys, save_config, to_dict
 from mm3d.data import ResumableSampler, build_loader
 from mm3d.distributed import (StopVote, all_reduce_min, all_reduce_sum, barrier, broadcast_object, gather_objects,
                               get_info, init_distributed)
 from mm3d.engine import OptimizerStep, amp_dtype, autocast, batch_size_of, move_to_device, unwrap
 from mm3d.errors import UserError
 from mm3d.registry import TASKS
-from mm3d.results import jsonable, selection_split
+from mm3d.results import jsonable, published_markdown, selection_split
 from mm3d.task import EvalResult, Task
 
 log = logging.getLogger("mm3d")
@@ -409,16 +409,6 @@ def truncate_log(path: Path, keep: int | None, step: int) -> list[dict[str, Any]
     return kept
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def _neutral_keys(cfg: Any, prefix: str = "") -> set[str]:
     """Dotted keys (or sections) listed in the ``run_neutral_keys`` of `cfg`'s dataclasses."""
     keys = {prefix + k for k in getattr(type(cfg), "run_neutral_keys", ())}
@@ -443,7 +433,7 @@ def config_changes(stored: dict[str, Any] | None, cfg: RunConfig) -> list[tuple[
     except UserError:  # written by another mm3d version: compare the keys both have
         old = stored
     neutral = _neutral_keys(cfg)
-    old_flat, new_flat = _flatten(old), _flatten(to_dict(cfg))
+    old_flat, new_flat = flatten_keys(old), flatten_keys(to_dict(cfg))
     return [(k, old_flat[k], v) for k, v in new_flat.items()
             if k in old_flat and old_flat[k] != v and not any(k == n or k.startswith(n + ".") for n in neutral)]
 
@@ -540,6 +530,9 @@ class Trainer:
         if error is not None:
             raise OutputError(error)
         self.state.history = [r for r in records if r.get("split") == "train"]
+        # the per-epoch evaluations of the selection split (for `eval.report_max`), as far as the log goes
+        select_split = selection_split(cfg.train.select_on, list(self.datasets))
+        self.eval_records = [r for r in records if r.get("split") == select_split and not r.get("final")]
         self.logger = MetricLogger(self.run_dir, self.is_main, cfg.train.tensorboard, records=len(records),
                                    purge_step=self.state.step + 1 if cfg.train.resume else None)
         if changes:
@@ -701,10 +694,13 @@ class Trainer:
                             pin_memory=self.cfg.train.pin_memory and self.device.type == "cuda",
                             seed=self.cfg.seed + self.info.rank)
 
-    def evaluate(self, split: str, model: nn.Module | None = None) -> EvalResult:
+    def evaluate(self, split: str, model: nn.Module | None = None, *, final: bool = False) -> EvalResult:
+        """Score `model` (default: the EMA or the trained model) on `split`; `final`: the reported
+        evaluation (:meth:`Task.final_evaluate`, e.g. repeated voting runs), else a per-epoch one."""
         model = model if model is not None else (self.ema.module if self.ema is not None else unwrap(self.model))
+        score = self.task.final_evaluate if final else self.task.evaluate
         with self._autocast():
-            res = self.task.evaluate(model, self.loader(split), self.cfg, self.device, split)
+            res = score(model, self.loader(split), self.cfg, self.device, split)
         model.train()
         return res
 
@@ -855,8 +851,10 @@ class Trainer:
         if self.train_sampler is None:
             raise RuntimeError("this Trainer was built with train=False (evaluation only)")
         select_split = selection_split(cfg.train.select_on, list(self.datasets))
-        results: dict[str, Any] = {"selected_on": select_split,
+        results: dict[str, Any] = {"selected_on": select_split, "protocol_name": cfg.protocol,
                                    "protocol": self.task.run_info(cfg, self.datasets)}
+        if cfg.published.value is not None:
+            results["published"] = to_dict(cfg.published)
         progress = Progress(self.total_steps, self.state.step, cfg.train.progress, self.is_main, cfg.train.log_every)
         self.signals.install()  # before the first line: once it shows, SIGTERM and Ctrl-C stop cleanly
         try:
@@ -871,17 +869,25 @@ class Trainer:
                 if end_of_epoch:
                     self.state.epoch += 1
                     self.state.batch_in_epoch = 0
-                metric = None
+                metric, improved = None, False
                 do_eval = cfg.train.eval_every and (self.state.epoch % cfg.train.eval_every == 0 or finished)
                 if select_split in ("val", "test") and do_eval:
                     res = self.evaluate(select_split)
-                    self.logger.write({"step": self.state.step, "epoch": epoch, "split": select_split, **res.metrics})
+                    record = {"step": self.state.step, "epoch": epoch, "split": select_split, **res.metrics}
+                    self.logger.write(record)
+                    self.eval_records.append(record)
                     log.info("epoch %d %s: %s", epoch, select_split, _fmt(res.metrics))
                     metric = res.metrics.get(cfg.train.best_metric)
                     if metric is None:
                         raise KeyError(f"train.best_metric={cfg.train.best_metric!r} is not among the "
                                        f"{select_split} metrics {sorted(res.metrics)}")
-                save_now = finished or (cfg.train.save_every and self.state.epoch % cfg.train.save_every == 0)
+                    best = self.state.best_metric
+                    improved = best is None or (metric > best if cfg.train.best_mode == "max" else metric < best)
+                    if improved:
+                        self.state.best_metric = float(metric)
+                # an evaluated epoch that beats every earlier one is saved even between checkpoint epochs,
+                # so the selected checkpoint is the best evaluated epoch, not the best saved one
+                save_now = finished or improved or (cfg.train.save_every and self.state.epoch % cfg.train.save_every == 0)
                 if save_now:
                     self._save(metric)
             stop = self.stop_vote.now(self.signals.signum)  # a signal during the last step or evaluation
@@ -894,11 +900,16 @@ class Trainer:
             self.signals.restore()  # from here on a signal ends the process as usual
             progress.close()
         results.update(self._final_evaluation(select_split))
+        self._report_epoch_max(results, select_split)
         if self.is_main:
             with output_errors("the results", self.run_dir):
                 plot = plot_curves(self.run_dir / "metrics.jsonl", self.run_dir / "plots" / "curves.png")
                 files = self.task.write_report(self.run_dir, unwrap(self.model), cfg,
                                                results.get("eval_results", {}), self.datasets, self.device)
+                published = published_markdown(cfg, results)
+                if published and (self.run_dir / "results.md").is_file():
+                    with (self.run_dir / "results.md").open("a") as f:
+                        f.write("\n" + published)
                 results["files"] = [str(p) for p in ([plot] if plot else []) + list(files)]
                 results.pop("eval_results", None)
                 results["history"] = self.state.history
@@ -908,6 +919,33 @@ class Trainer:
         self.logger.close()
         barrier()
         return results
+
+    def _report_epoch_max(self, results: dict[str, Any], select_split: str) -> None:
+        """``eval.report_max``: each named metric's maximum over the per-epoch evaluations of the
+        selection split, as ``<metric>_epoch_max`` beside that split's final metrics (each maximised
+        on its own: the maxima may come from different epochs), and the epoch of each under
+        ``epoch_max`` in results.json."""
+        names = self.cfg.eval.report_max
+        if not names:
+            return
+        if select_split not in ("val", "test") or not self.eval_records:
+            log.warning("eval.report_max=%s: no per-epoch evaluations to take the maximum of (select_on=%s)",
+                        names, select_split)
+            return
+        where = results.setdefault("epoch_max", {})
+        for name in names:
+            scored = [r for r in self.eval_records if isinstance(r.get(name), (int, float))]
+            if not scored:
+                raise KeyError(f"eval.report_max: {name!r} is not among the {select_split} metrics "
+                               f"{sorted(k for k in self.eval_records[-1] if k not in ('step', 'epoch', 'split'))}")
+            top = max(scored, key=lambda r: r[name])  # the first epoch reaching the maximum
+            where[name] = {"split": select_split, "value": top[name], "epoch": top["epoch"], "step": top["step"]}
+            results.setdefault(select_split, {})[f"{name}_epoch_max"] = top[name]
+            res = results.get("eval_results", {}).get(select_split)
+            if res is not None:
+                res.metrics[f"{name}_epoch_max"] = top[name]
+            log.info("%s %s: max over %d evaluated epochs %.4g (epoch %d)", select_split, name, len(scored),
+                     top[name], top["epoch"])
 
     def _final_evaluation(self, select_split: str) -> dict[str, Any]:
         """Evaluate the selected checkpoint on every split (honest protocol: selected on val)."""
@@ -923,7 +961,7 @@ class Trainer:
             model = self.ema.module
         for split in ("val", "test"):
             if split in self.datasets:
-                res = self.evaluate(split, model)
+                res = self.evaluate(split, model, final=True)
                 out[split] = res.metrics
                 out["eval_results"][split] = res
                 self.logger.write({"step": self.state.step, "epoch": self.state.epoch, "split": split,
@@ -950,7 +988,10 @@ def run_seeds(cfg: RunConfig) -> dict[str, Any]:
         sub = replace(cfg, seed=s, seeds=[], output_dir=str(cfg.run_dir / f"seed_{s}"))
         per_seed[s] = Trainer(sub).fit()
     summary: dict[str, Any] = {"seeds": list(cfg.seeds), "per_seed": {}, "mean": {}, "std": {},
+                               "protocol_name": cfg.protocol,
                                "protocol": next(iter(per_seed.values())).get("protocol", {})}
+    if cfg.published.value is not None:
+        summary["published"] = to_dict(cfg.published)
     for split in ("val", "test"):
         keys = set().union(*(r.get(split, {}).keys() for r in per_seed.values()))
         for k in sorted(keys):
@@ -970,6 +1011,8 @@ def run_seeds(cfg: RunConfig) -> dict[str, Any]:
         for name in summary["mean"]:
             vals = " | ".join(f"{summary['per_seed'][str(s)].get(name, float('nan')):.4f}" for s in cfg.seeds)
             lines.append(f"| {name} | {vals} | {summary['mean'][name]:.4f} ± {summary['std'][name]:.4f} |")
-        (cfg.run_dir / "results.md").write_text(f"# {cfg.name} ({cfg.task}), selected on "
-                                                f"{cfg.train.select_on}\n\n" + "\n".join(lines) + "\n")
+        label = summary["protocol"].get("protocol", f"selected on {cfg.train.select_on}")
+        published = published_markdown(cfg, summary)
+        (cfg.run_dir / "results.md").write_text(f"# {cfg.name} ({cfg.task}), protocol {label}\n\n"
+                                                + "\n".join(lines) + "\n" + ("\n" + published if published else ""))
     return summary
