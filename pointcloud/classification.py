@@ -43,7 +43,7 @@ from mm3d.engine import SplitMeans, move_to_device
 from mm3d.errors import UserError
 from mm3d.metrics import ClassificationMeter
 from mm3d.registry import register_task
-from mm3d.results import (per_class_markdown, protocol_label, selection_split, write_classification_split,
+from mm3d.results import (per_class_markdown, run_protocol_label, selection_split, write_classification_split,
                           write_results_md)
 from mm3d.task import EvalResult, Task
 from mm3d.pointcloud import datasets as D
@@ -83,7 +83,9 @@ class ClsDataConfig:
     up_axis: Literal["x", "y", "z"] = "y"
     votes: int = 10  # voting test: scale-and-translate votes (0: off)
     vote_splits: list[str] = field(default_factory=lambda: ["test"])
-    fewshot_root: str = ""  # folder written by `mm3d data fewshot`
+    fewshot_root: str = ""  # folder of fold files: `mm3d data fewshot` (.json, or .pkl) or the official .pkl
+    # which fold files to read: "auto" takes <fold>.json, else the official <fold>.pkl (needs allow_pickle)
+    fewshot_format: Literal["auto", "json", "pkl"] = "auto"
     way: int = 5
     shot: int = 10
     fold: int = -1  # -1: the run seed is the fold (seeds: [0..9] runs all ten)
@@ -356,7 +358,7 @@ class PointMAEClassifyTask(Task):
         """How the run was done, for every results file: protocol, voting, augmentation."""
         selected = selection_split(cfg.train.select_on, list(datasets))
         info = {"config": cfg.name, "task": cfg.task, "seed": cfg.seed, "selected_on": selected,
-                "protocol": protocol_label(selected, cfg.checkpoint), "dataset": cfg.data.dataset,
+                "protocol": run_protocol_label(cfg, selected), "dataset": cfg.data.dataset,
                 "voting": {"votes": cfg.data.votes, "splits": list(cfg.data.vote_splits),
                            "augmentation": "scale_translate"},
                 "augmentation": cfg.data.augmentation, "npoints": cfg.data.npoints, "fps_points": cfg.data.fps_points,

@@ -27,7 +27,7 @@ from mm3d.datacheck import account_missing, missing_markdown, unscored_samples
 from mm3d.engine import SplitMeans, move_to_device
 from mm3d.errors import UserError
 from mm3d.registry import register_task
-from mm3d.results import protocol_label, selection_split, write_results_md
+from mm3d.results import run_protocol_label, selection_split, write_results_md
 from mm3d.task import EvalResult, Task
 from mm3d.pointcloud.checkpoints import load_encoder_checkpoint
 from mm3d.pointcloud.datasets import SHAPENETPART_CATEGORIES, SHAPENETPART_SEG_CLASSES, ShapeNetPart
@@ -207,7 +207,7 @@ class PointMAEPartSegTask(Task):
     def run_info(self, cfg: PointPartSegConfig, datasets: Mapping[str, Any]) -> dict[str, Any]:
         selected = selection_split(cfg.train.select_on, list(datasets))
         return {"config": cfg.name, "task": cfg.task, "seed": cfg.seed, "selected_on": selected,
-                "protocol": protocol_label(selected, cfg.checkpoint), "voting": "off", "augmentation": cfg.data.augmentation,
+                "protocol": run_protocol_label(cfg, selected), "voting": "off", "augmentation": cfg.data.augmentation,
                 "train_split": self.train_split(cfg), "npoints": cfg.data.npoints, "init": cfg.init or "scratch"}
 
     def write_report(self, run_dir: Path, model: nn.Module, cfg: PointPartSegConfig,

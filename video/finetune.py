@@ -45,7 +45,7 @@ from mm3d.datacheck import account_missing, missing_markdown, unscored_samples
 from mm3d.errors import MissingFileError, UserError
 from mm3d.metrics import ClassificationMeter, ClassificationResult
 from mm3d.registry import register_task
-from mm3d.results import (per_class_markdown, protocol_label, selection_split, write_classification_split,
+from mm3d.results import (per_class_markdown, run_protocol_label, selection_split, write_classification_split,
                           write_results_md)
 from mm3d.task import EvalResult, Task
 from mm3d.video.convert import classifier_init_state, hf_to_ours, load_hf_dir, official_to_ours
@@ -511,7 +511,7 @@ class VideoMAEFinetuneTask(Task):
         selected = selection_split(cfg.train.select_on, list(datasets))
         d = cfg.data
         return {"config": cfg.name, "task": cfg.task, "seed": cfg.seed, "selected_on": selected,
-                "protocol": protocol_label(selected, cfg.checkpoint), "init": cfg.init or "scratch",
+                "protocol": run_protocol_label(cfg, selected), "init": cfg.init or "scratch",
                 "frames": f"{cfg.model.num_frames} x rate {d.sampling_rate}",
                 "test_views": f"{d.test_num_clips} clips x {d.test_num_crops} crops"}
 
