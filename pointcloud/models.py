@@ -451,6 +451,11 @@ class PointMAEPretrain(nn.Module):
             predicted=out.pred + mask_center,
             mask=out.mask, center=out.center, loss=out.loss)
 
+    def forward_tokens(self, points: torch.Tensor) -> torch.Tensor:
+        """points: (B, N, 3) -> normed tokens (B, G, D) of all patches (no masking, no special tokens);
+        the linear-SVM probe pools them its own way (:func:`mm3d.pointcloud.probe.pool_patch_tokens`)."""
+        return self.encoder(*self.group(points))
+
     def forward_features(self, points: torch.Tensor) -> torch.Tensor:
         """points: (B, N, 3) -> (B, 2D) max- and mean-pooled tokens of all patches (no masking)."""
         return self.encoder.pooled_features(*self.group(points))
