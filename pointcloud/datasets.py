@@ -389,7 +389,7 @@ class ScanObjectNN(ListedFiles):
         root: the dataset folder.
         variant: ``OBJ_BG``, ``OBJ_ONLY`` or ``PB_T50_RS``.
         split: ``train`` or ``test``.
-        npoints: points per item; fewer than stored takes a random subset.
+        npoints: points per item; fewer than stored takes a random subset; None: all stored.
         normalize: centre and scale each item to the unit sphere.
         num_classes: labels must lie in [0, num_classes).
         seed: fixed per-item sampling (see the module docstring).
@@ -399,7 +399,7 @@ class ScanObjectNN(ListedFiles):
 
     def __init__(self, root: str | Path,
                  variant: Literal["OBJ_BG", "OBJ_ONLY", "PB_T50_RS"] = "OBJ_BG",
-                 split: Literal["train", "test"] = "train", npoints: int = 2048, *,
+                 split: Literal["train", "test"] = "train", npoints: int | None = 2048, *,
                  normalize: bool = False, num_classes: int = len(SCANOBJECTNN_CLASSES),
                  seed: int | None = None, max_failure_ratio: float = 0.0) -> None:
         import h5py
@@ -431,6 +431,7 @@ class ScanObjectNN(ListedFiles):
         FailureBudget(len(labels), max_failure_ratio, noun="ScanObjectNN clouds", logger=log).leave_out(self.dropped)
         self.rows = np.setdiff1d(np.arange(len(labels)), bad)  # h5 row of each item
         data, labels = data[self.rows], labels[self.rows]
+        npoints = data.shape[1] if npoints is None else npoints
         if npoints > data.shape[1]:
             raise ValueError(f"ScanObjectNN npoints={npoints} exceeds the {data.shape[1]} points "
                              f"stored per cloud in {self.path}")

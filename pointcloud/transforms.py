@@ -332,26 +332,49 @@ def reseed_from_global(generator: torch.Generator) -> torch.Generator:
     return generator.manual_seed(int(torch.randint(0, 2**62, (1,))))
 
 
-def training_batch_transform(kind: str, device: torch.device, *, subset: int | None = None, scale_low: float,
+def shuffle_points(points: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """points: (B, N, C) -> (B, N, C): the points of every cloud in their own random order (batched).
+
+    Point-MAE's training datasets shuffle each item every time it is served, so the first point,
+    where farthest point sampling starts, and with it the patch partition, change every epoch."""
+    b, n = points.shape[:2]
+    device = generator.device if generator is not None else points.device
+    order = torch.rand(b, n, generator=generator, device=device).argsort(dim=1).to(points.device)
+    return torch.gather(points, 1, order.unsqueeze(-1).expand(-1, -1, points.shape[-1]))
+
+
+def training_batch_transform(kind: str, device: torch.device, *, subset: int | None = None,
+                             fps_pool: int | None = None, shuffle: bool = False, scale_low: float,
                              scale_high: float, translate_range: float, up_axis: int = 1
                              ) -> Callable[[dict[str, Any]], dict[str, Any]] | None:
-    """The ``batch_transform`` of the point-cloud training tasks: on ``batch["points"]`` (B, P, C)
-    draw a random `subset` of the points when P exceeds it (the official FPS-pool-then-random
-    draw), then augment with `kind` (:func:`build_point_augmentation`). Every draw comes from a
-    generator on `device`, reseeded before each batch by :func:`reseed_from_global`. None when there
-    is nothing to do."""
+    """The ``batch_transform`` of the point-cloud training tasks, on ``batch["points"]`` (B, P, C):
+
+    1. `shuffle`: every cloud in its own random order (:func:`shuffle_points`);
+    2. `fps_pool`: farthest point sampling of that many points when P exceeds it, starting from the
+       first (after shuffling: a random) point — Point-MAE's ModelNet pool, FPS 1200 of the shuffled
+       8192-point cache;
+    3. `subset`: a random `subset` of the points when there are more (the official
+       pool-then-random draw; its order is random too);
+    4. the augmentation `kind` (:func:`build_point_augmentation`).
+
+    Every draw comes from a generator on `device`, reseeded before each batch by
+    :func:`reseed_from_global`, so the stream is the run seed's and continues exactly on resume.
+    None when there is nothing to do."""
     gen = torch.Generator(device=device)
     aug = build_point_augmentation(kind, scale_low=scale_low, scale_high=scale_high,
                                    translate_range=translate_range, up_axis=up_axis, generator=gen)
-    if aug is None and subset is None:
+    if aug is None and subset is None and fps_pool is None and not shuffle:
         return None
 
     def transform(batch: dict[str, Any]) -> dict[str, Any]:
         reseed_from_global(gen)
         pts = batch["points"]
+        if shuffle:
+            pts = shuffle_points(pts, gen)
+        if fps_pool is not None and pts.shape[1] > fps_pool:
+            pts = sample_points(pts, fps_pool, "fps")
         if subset is not None and pts.shape[1] > subset:
             pts = random_subset(pts, subset, gen)
         return {**batch, "points": aug(pts) if aug is not None else pts}
 
     return transform
-

@@ -190,7 +190,7 @@ def test_partseg_end_to_end(snp_root, tmp_path, capsys):
     assert test["class_miou"] == pytest.approx(np.mean([test[f"iou_{c}"] for c in cats]))
     assert 0.0 <= test["instance_miou"] <= 1.0 and test["num_samples"] == 11
     md = (out / "results.md").read_text()
-    assert "selected on val (honest)" in md and "instance_miou" in md and "| Airplane |" in md
+    assert "honest: best on val" in md and "instance_miou" in md and "| Airplane |" in md
     pngs = sorted((out / "plots").glob("partseg_test_*.png"))
     assert len(pngs) == 2
     from PIL import Image

@@ -109,7 +109,7 @@ def test_write_report_files(tmp_path):
     assert per_class == ["label,class,samples,correct,accuracy", "0,run,1,1,1.0000", "1,walk,2,1,0.5000",
                          "2,jump,0,0,"]
     md = (tmp_path / "results.md").read_text()
-    assert "| val | 0.6667 |" in md and "selected on val (honest)" in md
+    assert "| val | 0.6667 |" in md and "honest: best on val" in md
     import numpy as np
     from PIL import Image
 
