@@ -14,7 +14,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal
+from typing import Any, Callable, ClassVar, Iterable, Literal
 
 import torch
 from safetensors.torch import save_file
@@ -92,6 +92,15 @@ class VideoPretrainConfig(RunConfig):
     task: str = "videomae_pretrain"
     model: VideoMAEConfig = field(default_factory=VideoMAEConfig)
     data: VideoDataConfig = field(default_factory=VideoDataConfig)
+
+    paper_reference: ClassVar[str] = "VideoMAE run_mae_pretraining.py, MODEL_ZOO.md"
+
+    def paper_protocol(self) -> dict[str, Any]:
+        """``train.select_on: last``: ``run_mae_pretraining.py`` evaluates nothing and the
+        fine-tuning scripts load the last epoch's checkpoint. Our benchmark pretraining configs say
+        so already (the preset changes nothing for them); it matters only for a config that gives a
+        ``data.val_list`` and would otherwise report the epoch of least validation loss."""
+        return {"train": {"select_on": "last"}}
 
     def validate(self) -> None:
         super().validate()
