@@ -194,9 +194,9 @@ class VideoFinetuneConfig(RunConfig):
 
         - ``train.select_on: last``: ``run_class_finetuning.py`` ends with ``final_test`` of the
           model of the last epoch (its per-epoch validation max only names ``checkpoint-best.pth``,
-          which nothing reports), and MODEL_ZOO.md publishes that final multi-view test. Its lists
-          make ``test.csv`` the same file as ``val.csv`` (DATASET.md), so a selection on val would
-          be one on test; the official runs select nothing.
+          which nothing reports), and MODEL_ZOO.md publishes that final multi-view test. For
+          Kinetics-400 and SSv2 its ``test.csv`` is ``val.csv`` (DATASET.md), so a selection on
+          val would be one on test; the official runs select nothing.
         - ``eval.allow_missing: true``: in test mode ``VideoClsDataset`` (``kinetics.py``) and
           ``SSVideoClsDataset`` (``ssv2.py``) replace an unreadable view with a random other one,
           and ``merge`` (``engine_for_finetuning.py``) counts each video once, so unreadable test
