@@ -477,8 +477,10 @@ class ShapeNetPart(ListedFiles):
     sample's val list is empty). The files of the split are parsed, validated (seven columns,
     finite, every part label in its category's part set, else an error naming the file and
     line) and normalised once into a cache, like :class:`ModelNet`'s. Each item resamples
-    `npoints` points: at random without replacement when the shape has enough, otherwise with
-    repeats (the official loader always draws with replacement).
+    `npoints` points: by default at random without replacement when the shape has enough,
+    otherwise with repeats; ``sample_replace=True`` draws all `npoints` independently with
+    replacement, as the official loader does for every split (Point-MAE
+    ``segmentation/dataset.py``), so a shape with more points than `npoints` may still repeat some.
 
     Args:
         root: the dataset folder.
@@ -487,6 +489,8 @@ class ShapeNetPart(ListedFiles):
         use_normals: also return ``normals``.
         cache_dir, write_cache: as for :class:`ModelNet`.
         seed: fixed per-item sampling (see the module docstring).
+        sample_replace: draw the `npoints` points with replacement always (the official
+            loader), not only when the shape has fewer.
         max_failure_ratio, drop_nonfinite: as for :class:`ModelNet`.
     """
 
@@ -494,15 +498,15 @@ class ShapeNetPart(ListedFiles):
                  split: Literal["train", "val", "test", "trainval"] = "train",
                  npoints: int = 2048, *, use_normals: bool = False,
                  cache_dir: str | Path | None = None, write_cache: bool = True,
-                 seed: int | None = None, max_failure_ratio: float = 0.0,
-                 drop_nonfinite: bool = True) -> None:
+                 seed: int | None = None, sample_replace: bool = False,
+                 max_failure_ratio: float = 0.0, drop_nonfinite: bool = True) -> None:
         splits = {"train": ["train"], "val": ["val"], "test": ["test"],
                   "trainval": ["train", "val"]}
         if split not in splits:
             raise ValueError(f"ShapeNetPart split must be one of {list(splits)}, got {split!r}")
         self.root = Path(root)
         self.npoints, self.use_normals, self.seed = int(npoints), bool(use_normals), seed
-        self.drop_nonfinite = drop_nonfinite
+        self.sample_replace, self.drop_nonfinite = bool(sample_replace), drop_nonfinite
         cat_file = self.root / "synsetoffset2category.txt"
         self.categories: list[str] = []
         synset_to_cat: dict[str, int] = {}
@@ -611,7 +615,11 @@ class ShapeNetPart(ListedFiles):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         lo, hi = int(self.offsets[i]), int(self.offsets[i + 1])
-        idx = _resample(hi - lo, self.npoints, _item_generator(self.seed, i)).numpy() + lo
+        generator = _item_generator(self.seed, i)
+        if self.sample_replace:  # npoints independent uniform draws, repeats allowed (official)
+            idx = torch.randint(hi - lo, (self.npoints,), generator=generator).numpy() + lo
+        else:
+            idx = _resample(hi - lo, self.npoints, generator).numpy() + lo
         pts = torch.from_numpy(self.points[idx])
         item = {"points": pts[:, :3], "cls_label": self.cls_labels[i],
                 "seg": torch.from_numpy(self.seg[idx].astype(np.int64))}
