@@ -77,15 +77,25 @@ class OptimizerStep:
     otherwise), optional gradient-norm clipping, ``zero_grad(set_to_none=True)``.
 
     `params`: what clipping measures (default: every parameter of the optimizer's groups).
+    `double_step`: Point-MAE's part-segmentation script (``segmentation/main.py``) instead steps
+    with the raw gradient, clips it, and steps again with the clipped gradient (``optim.double_step``;
+    two optimizer updates per batch: AdamW's step count and decoupled weight decay advance twice).
+    It is refused with fp16: that script has no GradScaler, and a scaler steps once per update.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, *, device: torch.device, precision: str,
-                 clip_grad: float | None = None, params: Iterable[torch.Tensor] | None = None) -> None:
+                 clip_grad: float | None = None, params: Iterable[torch.Tensor] | None = None,
+                 double_step: bool = False) -> None:
         self.optimizer = optimizer
         self.clip_grad = clip_grad or None
+        self.double_step = bool(double_step)
         self.params = list(params) if params is not None else \
             [p for g in optimizer.param_groups for p in g["params"]]
-        self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(precision) is torch.float16)
+        fp16 = amp_dtype(precision) is torch.float16
+        if self.double_step and fp16:
+            raise ValueError("optim.double_step=true with train.precision=fp16: the second step of Point-MAE's "
+                             "segmentation script has no fp16 GradScaler counterpart; use fp32 or bf16")
+        self.scaler = torch.amp.GradScaler(device.type, enabled=fp16)
 
     def backward(self, loss: torch.Tensor, scale: float = 1.0) -> None:
         """loss: () tensor; its gradient (times `scale`, e.g. 1 / accumulation steps) is added."""
@@ -94,6 +104,12 @@ class OptimizerStep:
     def step(self) -> torch.Tensor | None:
         """Apply the accumulated gradients. Returns the pre-clip gradient norm as a () device
         tensor when clipping, else None (no host read here)."""
+        if self.double_step:  # the scaler is disabled (no fp16): its step would be a plain step
+            self.optimizer.step()
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip_grad) if self.clip_grad else None
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            return grad_norm
         grad_norm = None
         if self.clip_grad:
             self.scaler.unscale_(self.optimizer)
