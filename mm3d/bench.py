@@ -89,7 +89,8 @@ def run_bench(cfg: RunConfig) -> dict[str, Any]:
     bsz = batch_size_of(batch)
     # the trainer's optimizer step (precision, scaler, clipping) on the trainer's optimizer
     opt_step = OptimizerStep(build_optimizer(model, cfg, peak_lr(cfg, 1)), device=device,
-                             precision=cfg.train.precision, clip_grad=cfg.optim.clip_grad)
+                             precision=cfg.train.precision, clip_grad=cfg.optim.clip_grad,
+                             double_step=cfg.optim.double_step)
 
     def fwd_bwd() -> None:
         with autocast(device, cfg.train.precision):

@@ -482,7 +482,8 @@ class Trainer:
         self.lr = peak_lr(cfg, self.info.world_size)
         self.optimizer = build_optimizer(self.model, cfg, self.lr)
         self.opt_step = OptimizerStep(self.optimizer, device=self.device, precision=cfg.train.precision,
-                                      clip_grad=cfg.optim.clip_grad, params=self.model.parameters())
+                                      clip_grad=cfg.optim.clip_grad, params=self.model.parameters(),
+                                      double_step=cfg.optim.double_step)
         self.ema = None
         if cfg.train.ema:
             self.ema = ModelEmaV3(self.model, decay=cfg.train.ema_decay)

@@ -232,7 +232,6 @@ def test_paper_run_reports_the_maxima_over_its_epochs(paper_run):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="mm3d/trainer.py does not yet pass cfg.optim.double_step to OptimizerStep")
 def test_paper_run_steps_the_optimizer_twice_per_batch(paper_run):
     out, _ = paper_run
     ck = torch.load(out / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
