@@ -126,7 +126,7 @@ class TrainConfig:
     best_metric: str = "loss"  # key of the validation metrics used to rank checkpoints
     best_mode: Literal["min", "max"] = "min"
     # which split picks the reported checkpoint: "val" (honest default; falls back to "last" when
-    # the task has no val split), "test" (the papers' protocol, labelled so in every output), "last"
+    # the task has no val split), "test" (labelled "custom" unless protocol=paper sets it), "last"
     select_on: Literal["val", "test", "last"] = "val"
     resume: str = ""  # "" (fresh) | "auto" (latest in the run dir, if any) | a checkpoint path
     resume_force: bool = False  # resume although the config changed what the run computes (logged)
@@ -193,8 +193,9 @@ class PublishedConfig:
 
     Facts only: ``value`` of ``metric`` (a ``split/metric`` key of results.json, e.g.
     ``test/top1``) under ``protocol=paper``, where it was published (``source``), and for a
-    fine-tuning recipe the pretraining config it pairs with (``pretrain``: a file name under
-    ``configs/``) and how many epochs that pretraining ran (``pretrain_epochs``).
+    fine-tuning recipe the pretraining config it pairs with (``pretrain``: its path under
+    ``configs/``, e.g. ``video/videomae_pretrain_k400_vitb.yaml``) and how many epochs that
+    pretraining ran (``pretrain_epochs``).
     """
 
     value: float | None = None  # in percent, as published

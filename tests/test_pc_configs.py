@@ -26,7 +26,7 @@ FEWSHOT = {
 }
 def published(value: float, metric: str, source: str) -> dict:
     """The `published:` section of a benchmark file (Point-MAE's number, pretrained 300 epochs)."""
-    return {"value": value, "metric": metric, "source": source, "pretrain": "pointmae_pretrain_shapenet55.yaml",
+    return {"value": value, "metric": metric, "source": source, "pretrain": "pointcloud/pointmae_pretrain_shapenet55.yaml",
             "pretrain_epochs": 300}
 
 

@@ -248,3 +248,27 @@ def test_paper_few_shot_run_reports_the_best_epoch_with_a_40_way_head(mn_root, t
     head = torch.load(sorted((out / "checkpoints").glob("step_*.pt"))[-1], weights_only=True)["model"]
     assert next(v for k, v in head.items() if k.startswith("head.") and k.endswith("weight") and v.ndim == 2
                 and v.shape[0] != 32).shape[0] == 40
+
+
+# ----------------------------------------------------------------------------------------------
+# Every shipped config's published number points at a pretraining config that runs as long
+# ----------------------------------------------------------------------------------------------
+
+ALL_CONFIGS = sorted(p for p in (CONFIGS.parent).rglob("*.yaml") if not p.name.startswith("base_"))
+
+
+@pytest.mark.parametrize("path", ALL_CONFIGS, ids=[p.name for p in ALL_CONFIGS])
+def test_published_numbers_name_a_pretraining_config_of_that_length(path):
+    cfg = load_config(path)
+    pub = cfg.published
+    if pub.value is None:
+        return
+    assert 0 < pub.value <= 100 and pub.source
+    split, _, metric = pub.metric.partition("/")
+    assert split in ("val", "test") and metric
+    # the paper's number is measured under the paper's protocol: the config must define one
+    assert load_config(path, ["protocol=paper"]).protocol == "paper"
+    if pub.pretrain:
+        pretrain = load_config(CONFIGS.parent / pub.pretrain)
+        assert pretrain.train.epochs == pub.pretrain_epochs, pub.pretrain
+        assert pretrain.model.variant == cfg.model.variant  # the same encoder size
