@@ -363,3 +363,29 @@ def test_open_fold_split_by_format(mn_root, both_formats, tmp_path):
         assert "mm3d data fewshot" in message and ("0.pkl" in message) == (fmt == "auto")
         assert fewshot.fold_classes(_cfg("", only_pkl, fmt), 0, allow_pickle=True) is None
     assert isinstance(err.value, FileNotFoundError)
+
+
+def test_real_modelnet40_pkl_folds(realdata, tmp_path):
+    """Folds of the real ModelNet40 sample in the official layout: FPS points with normals per shape
+    (256 here, to keep CPU farthest-point sampling short; 8192 by default) and the true ModelNet40
+    labels as keys (airplane 0, chair 8, lamp 19, vase 37)."""
+    root = realdata / "pointcloud" / "modelnet40_sample"
+    kw = dict(ways=[2], shots=[2], folds=2, test_per_class=1, cache_dir=tmp_path / "cache", cache_points=256)
+    fewshot.write_fewshot_folds(root, tmp_path / "fs", **kw)
+    fewshot.write_fewshot_folds(root, tmp_path / "fs", fmt="pkl", **kw)
+    true_label = {"airplane": 0, "chair": 8, "lamp": 19, "vase": 37}
+    for k in (0, 1):
+        folded = fewshot.read_fold(tmp_path / "fs" / "2way_2shot" / f"{k}.json")
+        path = tmp_path / "fs" / "2way_2shot" / f"{k}.pkl"
+        with path.open("rb") as f:  # the official loader's read
+            official = pickle.load(f)
+        for split, n in (("train", 4), ("test", 2)):
+            assert len(official[split]) == n
+            for (points, label, key), (shape, json_label) in zip(official[split], folded[split]):
+                assert points.shape == (256, 6) and points.dtype == np.float32 and label == json_label
+                assert type(key) is np.int32 and key == true_label[shape.rsplit("_", 1)[0]]
+                assert np.linalg.norm(points[:, :3], axis=1).max() == pytest.approx(1.0, abs=1e-5)
+                assert_close(np.linalg.norm(points[:, 3:], axis=1), np.ones(256), atol=1e-3)
+            ds = PickledFewShot(path, split, npoints=128, allow_pickle=True, way=2,
+                                shape_names=root / "modelnet40_shape_names.txt")
+            assert ds.classes == folded["classes"] and ds.labels.tolist() == [lab for _, lab in folded[split]]
