@@ -154,36 +154,42 @@ def class_names(cfg: Any, label_map: str | None = None) -> list[str] | None:
     if d.dataset == "scanobjectnn":
         return list(D.SCANOBJECTNN_CLASSES)
     if d.dataset == "modelnet40_fewshot":
-        path = fewshot.fold_path(d.fewshot_root, d.way, d.shot, d.fold if d.fold >= 0 else cfg.seed)
-        return list(fewshot.read_fold(path)["classes"]) if path.is_file() else None
+        return fewshot.fold_classes(d, d.fold if d.fold >= 0 else cfg.seed, allow_pickle=cfg.allow_pickle)
     names = Path(d.root) / f"modelnet{_modelnet_n(d)}_shape_names.txt"
     return [s.strip() for s in names.read_text().splitlines() if s.strip()] if names.is_file() else None
 
 
 def _base_datasets(cfg: Any, splits: set[str]) -> dict[str, Dataset]:
-    """The raw train/test datasets of a classification config (no carving, no index)."""
+    """The raw train/test datasets of a classification config (no carving, no index).
+
+    Training items carry every stored point (the FPS cache of ModelNet, all points of a
+    ScanObjectNN cloud or a few-shot fold entry): the batch transform shuffles them and draws the
+    pool from them anew each time, as the official loaders do. Evaluation items carry the pool
+    (``data.fps_points``; a prefix of the FPS-ordered cache for ModelNet)."""
     d = cfg.data
-    root = require_root(d.root, "data.root")
     out: dict[str, Dataset] = {}
-    for split in ("train", "test"):
-        if split not in splits:
-            continue
-        # training items carry every stored point: the batch transform shuffles them and draws the
-        # FPS pool from them anew every time (the official loaders); evaluation items carry the pool
+    wanted = [s for s in ("train", "test") if s in splits]
+
+    def modelnet(split: str) -> D.ModelNet:
+        return D.ModelNet(require_root(d.root, "data.root"), split, num_classes=_modelnet_n(d),
+                          npoints=d.cache_points if split == "train" else d.fps_points, cache_points=d.cache_points,
+                          max_failure_ratio=d.max_failure_ratio, drop_nonfinite=d.drop_nonfinite)
+
+    if d.dataset == "modelnet40_fewshot":  # a fold file: ids of a ModelNet40 root (.json) or the points (.pkl)
+        require_root(d.fewshot_root, "data.fewshot_root")
+        fold = d.fold if d.fold >= 0 else cfg.seed
+        for split in wanted:
+            out[split] = fewshot.open_fold_split(d, split, fold, allow_pickle=cfg.allow_pickle, modelnet=modelnet,
+                                                 npoints=d.cache_points if split == "train" else d.fps_points)
+        return out
+    root = require_root(d.root, "data.root")
+    for split in wanted:
         if d.dataset == "scanobjectnn":
             out[split] = D.ScanObjectNN(root, d.scan_variant, split, None if split == "train" else d.fps_points,
                                         seed=None if split == "train" else cfg.seed,
                                         max_failure_ratio=d.max_failure_ratio)
         else:
-            base = D.ModelNet(root, split, num_classes=_modelnet_n(d),
-                              npoints=d.cache_points if split == "train" else d.fps_points,
-                              cache_points=d.cache_points, max_failure_ratio=d.max_failure_ratio,
-                              drop_nonfinite=d.drop_nonfinite)
-            if d.dataset == "modelnet40_fewshot":
-                fold = d.fold if d.fold >= 0 else cfg.seed
-                require_root(d.fewshot_root, "data.fewshot_root")
-                base = fewshot.FewShotModelNet(base, fewshot.fold_path(d.fewshot_root, d.way, d.shot, fold), split)
-            out[split] = base
+            out[split] = modelnet(split)
     return out
 
 
