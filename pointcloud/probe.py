@@ -351,10 +351,10 @@ class PointSVMTask(Task):
         else:
             sel = cfg.train.select_on if len(cs) > 1 else "last"
             svm = "LinearSVC" + (", features standardized" if cfg.probe.standardize else "")
-            protocol = {"val": "C chosen on val carved from train (honest)",
+            protocol = {"val": "honest: C chosen on val carved from train",
                         "test": "custom: C chosen on test (no published Point-MAE SVM protocol; protocol=paper "
                                 "with probe.preset=recon|pointm2ae runs a published one)",
-                        "last": f"fixed C={cs[0]}"}[sel]
+                        "last": f"honest: fixed C={cs[0]}"}[sel]
         if cfg.checkpoint:
             protocol += f"; checkpoint {Path(cfg.checkpoint).name}"
         info = {"config": cfg.name, "task": cfg.task, "seed": cfg.seed, "selected_on": sel, "protocol": protocol,

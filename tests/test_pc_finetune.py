@@ -361,7 +361,7 @@ def test_svm_probe_end_to_end(mn_root, pretrain_ckpt, tmp_path):
     test = res["test"]
     assert test["C"] in (0.1, 1.0) and 0.0 <= test["top1"] <= 1.0 and "select_top1" in test
     assert test["num_samples"] == 20 and test["train_samples"] == 40
-    assert "C chosen on val carved from train (honest)" in (tmp_path / "svm" / "eval" / "results.md").read_text()
+    assert "honest: C chosen on val carved from train" in (tmp_path / "svm" / "eval" / "results.md").read_text()
     svm_rows = (tmp_path / "svm" / "eval" / "test" / "per_class.csv").read_text().splitlines()[1:]
     assert sum(int(r.split(",")[3]) for r in svm_rows) == round(test["top1"] * 20)  # correct counts add up
     assert not (tmp_path / "svm" / "eval" / "test" / "predictions.json").exists()  # hard predictions: no scores

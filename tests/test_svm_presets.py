@@ -179,11 +179,11 @@ def test_paper_protocol_runs_the_presets_procedure(tmp_path):
 
 def test_labels_without_a_preset():
     task = TASKS.get("pointmae_svm")
-    assert task.run_info(svm_cfg(), {})["protocol"] == "C chosen on val carved from train (honest)"
+    assert task.run_info(svm_cfg(), {})["protocol"] == "honest: C chosen on val carved from train"
     on_test = task.run_info(svm_cfg("train.select_on=test"), {})
     assert on_test["protocol"].startswith("custom: C chosen on test") and on_test["preset"] == "none"
     assert on_test["feature"] == "[max, mean] of the patch tokens (64 values)" and on_test["svm"] == "LinearSVC"
-    assert task.run_info(svm_cfg("probe.cs=[0.5]"), {})["protocol"] == "fixed C=0.5"
+    assert task.run_info(svm_cfg("probe.cs=[0.5]"), {})["protocol"] == "honest: fixed C=0.5"
 
 
 # ----------------------------------------------------------------------------------------------
