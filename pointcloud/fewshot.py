@@ -344,8 +344,8 @@ def load_fold_pickle(path: str | Path, *, allow_pickle: bool) -> Any:
     if not allow_pickle:
         raise FoldFileError(
             f"{path} is a pickle; mm3d reads fold pickles only when asked to: check where the file comes "
-            f"from (the official few-shot folds), then set allow_pickle=true (config key, or the override "
-            f"allow_pickle=true on the command line). Only numpy arrays and numpy scalars are unpickled.")
+            f"from (the official few-shot folds), then set the config key allow_pickle=true (also as a "
+            f"command-line override). Only numpy arrays and numpy scalars are unpickled.")
     try:
         with path.open("rb") as f:
             return _NumpyOnlyUnpickler(f, path).load()

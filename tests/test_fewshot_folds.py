@@ -209,6 +209,12 @@ def test_labels_and_keys_must_agree(official):
                                             r"train entry \d+"):
         fewshot.read_pickled_fold(path, allow_pickle=True)
     data["test"][5] = (data["test"][5][0], label, np.int32(key))
+    key0 = next(k for _, lab, k in data["train"] if lab == 0)
+    two = {split: [(p, lab, key0 if lab == 4 else k) for p, lab, k in entries] for split, entries in data.items()}
+    path.write_bytes(pickle.dumps(two))  # labels 0 and 4 share one ModelNet class
+    with pytest.raises(FoldFileError, match=rf"train entry \d+: key {key0} has label (0|4) here but label "
+                                            r"(?!\1)(0|4) at train entry \d+"):
+        fewshot.read_pickled_fold(path, allow_pickle=True)
     data = {split: [e for e in entries if e[1] != 2] for split, entries in data.items()}  # label 2: no entry
     path.write_bytes(pickle.dumps(data))
     with pytest.raises(FoldFileError, match=r"labels \[2\] of the 5-way fold have no entry"):
