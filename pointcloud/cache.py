@@ -70,6 +70,9 @@ def load_or_build_cache(stem: str, key: dict, dirs: Sequence[Path],
         return arrays, None, False
     for d in dirs:
         path = Path(d) / name
+        if _marked_read_only(Path(d)):
+            log.info("not writing the cache in %s: its folder is marked read-only", d)
+            continue
         tmp = path.with_name(f"{path.stem}.tmp{os.getpid()}.npz")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -85,6 +88,20 @@ def load_or_build_cache(stem: str, key: dict, dirs: Sequence[Path],
     log.warning("no writable cache location among %s: keeping %s in memory only",
                 [str(d) for d in dirs], stem)
     return arrays, None, False
+
+
+def _marked_read_only(folder: Path) -> bool:
+    """Whether the nearest existing folder at or above `folder` has no write permission bit at all
+    (``r-xr-xr-x``): a dataset folder its owner made read-only is left untouched even by root, for
+    whom the kernel would allow the write."""
+    for p in (folder, *folder.parents):
+        try:
+            return not p.stat().st_mode & 0o222
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return False
+    return False
 
 
 def cache_dirs(root: Path, cache_dir: str | Path | None) -> list[Path]:

@@ -344,6 +344,17 @@ def test_cache_unwritable_root(modelnet_copy, user_cache, tmp_path, monkeypatch)
     assert mem.cache_path is None and mem[0]["points"].shape == (32, 3)
 
 
+def test_cache_not_written_into_a_folder_marked_read_only(modelnet_copy, user_cache):
+    """A dataset folder made read-only (r-xr-xr-x) is left untouched even by root, for whom the
+    kernel would allow the write (the shared real-data samples are such folders)."""
+    modelnet_copy.chmod(0o555)
+    try:
+        ds = ModelNet(modelnet_copy, "test", npoints=32, cache_points=64, sample="random")
+        assert ds.cache_path.parent == user_cache and not (modelnet_copy / ".mm3d_cache").exists()
+    finally:
+        modelnet_copy.chmod(0o755)
+
+
 # ----------------------------------------------------------------------------------------------
 # bad input: errors name the file and line
 # ----------------------------------------------------------------------------------------------
