@@ -13,6 +13,10 @@ the file that names it; bases may chain). The file's keys merge over its base's,
 key by key, so a benchmark config can state only what differs from a shared recipe. Errors
 name the file and line where the offending key was written, base or not.
 
+``protocol: paper`` sets, over the file, the keys the task config's ``paper_protocol()`` returns
+(the official scripts' selection and statistics); the command line may repeat those keys but not
+contradict them (see :func:`config_from_dict`).
+
 A section dataclass that renamed a key lists it in a ``renamed_keys`` class attribute (old name ->
 new name): the old name is read as the new one, so configs stored in earlier checkpoints still
 load.

@@ -949,7 +949,8 @@ class Trainer:
                      top[name], top["epoch"])
 
     def _final_evaluation(self, select_split: str) -> dict[str, Any]:
-        """Evaluate the selected checkpoint on every split (honest protocol: selected on val)."""
+        """Evaluate the selected checkpoint (best on the selection split, else the last) on every
+        split with the task's reported evaluation (:meth:`Task.final_evaluate`)."""
         out: dict[str, Any] = {"eval_results": {}}
         best = self.ckpt.best() if select_split in ("val", "test") else None
         model = unwrap(self.model)

@@ -6,13 +6,16 @@ the one trainer. ``data.dataset`` picks ModelNet40/10 (1k or 8k points), ScanObj
 (``data.scan_variant`` OBJ_BG, OBJ_ONLY, PB_T50_RS) or a few-shot ModelNet40 fold
 (``modelnet40_fewshot``).
 
-Training follows the official runner: each item carries ``data.fps_points`` farthest-point
-samples (ModelNet: the first points of the FPS cache, i.e. FPS 1200 for the 1k protocol) and
-:meth:`~PointMAEClassifyTask.batch_transform` draws a random ``data.npoints`` of them, then
-augments the batch on the device (``scale_translate`` or ``rotate``). Evaluation takes the FPS
-``npoints`` (the cache prefix; FPS on the device for ScanObjectNN subsets) and, on the splits in
-``data.vote_splits``, also a voting test: ``data.votes`` random subsets of the FPS pool, each
-scaled-and-translated, logits averaged (``vote_top1``...; plain ``top1`` beside it).
+Training follows the official loaders and runner: each training item carries every stored point
+(ModelNet: the 8192-point FPS cache; ScanObjectNN: the 2048 stored points) and
+:meth:`~PointMAEClassifyTask.batch_transform` shuffles every cloud anew (so the FPS start and the
+patch partition change every epoch), takes FPS ``data.fps_points`` of it when it has more (1200
+for ModelNet 1k), a random ``data.npoints`` of those, then augments the batch on the device
+(``scale_translate`` or ``rotate``), all from the run's generator. Evaluation takes the FPS
+``npoints`` (the cache prefix; FPS on the device for ScanObjectNN subsets) and, in the reported
+evaluation on the splits in ``data.vote_splits``, a voting test: ``data.votes`` random subsets of
+the FPS pool, each scaled-and-translated, logits averaged, repeated ``eval.vote_runs`` times
+(``vote_top1`` mean, ``_std``, ``_max``, ``_min``; plain ``top1`` beside it).
 
 Few-shot (``data.dataset: modelnet40_fewshot``): the fold files of :mod:`mm3d.pointcloud.fewshot`
 (``mm3d data fewshot``). The fold is ``data.fold``, or the run seed when it is -1, so
@@ -222,8 +225,8 @@ def build_cls_datasets(cfg: Any, splits: Iterable[str], *, carve_val: bool = Tru
     """Train / val / test datasets of a classification config, each wrapped in :class:`Indexed`.
 
     The validation split is carved from train (stratified, ``data.val_seed``) when it is asked
-    for, ``carve_val`` is set and the run selects on val; the papers' protocol trains on all of
-    train.
+    for, ``carve_val`` is set and the run selects on val; selecting on test (``protocol=paper``)
+    trains on all of train.
     """
     splits = set(splits)
     base = _base_datasets(cfg, splits | ({"train"} if "val" in splits else set()))
