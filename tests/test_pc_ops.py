@@ -143,6 +143,19 @@ def test_fps_matches_reference(batch, num, kind):
             assert all(len(set(row)) == num_samples for row in idx.tolist())
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_fps_in_place_and_fused_loops_agree(kind):
+    """The CPU loop (in place, coordinate by coordinate) and the fused one other devices run pick
+    the same points, ties included."""
+    from mm3d.pointcloud.ops.fps import _fps_torch
+
+    cloud = torch.from_numpy(make_cloud(kind, 3, 300, seed=5)).float()
+    first = torch.tensor([0, 7, 299])
+    a = _fps_torch(cloud, 150, first, in_place=True)
+    assert torch.equal(a, _fps_torch(cloud, 150, first, in_place=False))
+    assert a.tolist() == ref_fps(cloud.numpy(), 150, first=first.tolist()).tolist()
+
+
 def test_fps_float32_picks_distinct_spread_points():
     cloud = torch.randn(2, 256, 3)
     idx = farthest_point_sample(cloud, 32)
