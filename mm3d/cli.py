@@ -23,7 +23,7 @@ from mm3d.datacheck import check_report, write_check_report
 from mm3d.demo import run_demo
 from mm3d.distributed import DistInfo, barrier, cleanup, init_distributed, resolve_device
 from mm3d.errors import UserError
-from mm3d.registry import CONVERTERS, DATA_COMMANDS, MODELS, SYNTH, TASKS, load_modalities
+from mm3d.registry import COMMANDS, CONVERTERS, DATA_COMMANDS, MODELS, SYNTH, TASKS, load_modalities
 from mm3d.results import jsonable
 from mm3d.trainer import Trainer, run, setup_logging
 
@@ -304,6 +304,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(fn=cmd_data_check)
     for name, (help_text, add_args, fn) in DATA_COMMANDS.items():
         sp = dsub.add_parser(name, help=help_text, description=help_text)
+        add_args(sp)
+        sp.set_defaults(fn=fn)
+
+    for name, (help_text, add_args, fn) in COMMANDS.items():  # registered by the modules imported above
+        sp = sub.add_parser(name, help=help_text, description=help_text)
         add_args(sp)
         sp.set_defaults(fn=fn)
 

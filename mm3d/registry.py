@@ -73,6 +73,8 @@ SYNTH: Registry[Callable[..., Any]] = Registry("synthetic dataset kind")
 CONVERTERS: Registry[Callable[..., Any]] = Registry("checkpoint converter")
 # extra `mm3d data NAME` subcommands: name -> (help, add_arguments(parser), run(args) -> int)
 DATA_COMMANDS: Registry[tuple[str, Callable[..., Any], Callable[..., Any]]] = Registry("data command")
+# extra top-level `mm3d NAME` subcommands, same shape (registered by core modules that the CLI imports)
+COMMANDS: Registry[tuple[str, Callable[..., Any], Callable[..., Any]]] = Registry("command")
 
 
 def register_variant(name: str, modality: str, config: Any, description: str = "") -> ModelVariant:
