@@ -190,7 +190,7 @@ def test_evaluate_scores_weights_at_another_frame_count_and_refuses_another_head
     batch = collate_views([val[i] for i in range(len(val))])
     labels = batch["label"]
     with torch.no_grad():
-        feats = model.eval().forward_features(batch["video"])  # (9, 48): one view per video
+        feats = model.eval().forward_head(model.forward_features(batch["video"]), pre_logits=True)  # (9, 48): one view per video
     wrong = torch.arange(9) >= 6
     target = torch.where(wrong, (labels + 1) % 9, labels)
     design = torch.cat([feats.double(), torch.ones(9, 1, dtype=torch.float64)], dim=1)  # (9, 49)

@@ -107,7 +107,9 @@ def test_classifier_shapes_and_gradients(kw):
     out.loss.backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None]
     assert not missing, missing
-    assert model.forward_features(video).shape == (3, cfg.embed_dim)
+    tokens = model.forward_features(video)
+    assert tokens.shape == (3, cfg.num_tokens + cfg.cls_token, cfg.embed_dim)
+    assert model.forward_head(tokens, pre_logits=True).shape == (3, cfg.embed_dim)
     assert model({"video": video}).loss is None
 
 

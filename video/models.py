@@ -435,6 +435,32 @@ class VideoMAEPretrain(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {"mask_token", "encoder.pos_embed", "decoder_pos_embed"}
 
+    # timm's feature interface. The pretraining model has no classifier (num_classes 0, as a timm model
+    # made with num_classes=0): forward_head returns the pooled feature.
+    num_classes = 0
+
+    @property
+    def num_features(self) -> int:
+        """Width D of the pooled feature (:meth:`forward_head`)."""
+        return self.encoder.embed_dim
+
+    def forward_features(self, video: torch.Tensor) -> torch.Tensor:
+        """video: (B, C, T, H, W) normalised clip. Returns the encoder's tokens (B, L, D) over the whole
+        clip, no masking (after the final norm when the model has one)."""
+        return self.encoder(video)
+
+    def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """features: (B, L, D) from :meth:`forward_features`. Returns their mean (B, D) (no head, so
+        `pre_logits` changes nothing)."""
+        return features.mean(dim=1)
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Only 0 (no head) fits a pretraining model; build a classifier for classes
+        (``mm3d.create_model(..., num_classes=N)`` loads these weights into one)."""
+        if num_classes != 0:
+            raise ValueError(f"a VideoMAE pretraining model has no classifier to reset to {num_classes} classes; "
+                             f"build the classifier with mm3d.create_model(..., num_classes={num_classes})")
+
     def forward(self, batch: dict[str, torch.Tensor]) -> VideoMAEPretrainOutput:
         """batch["video"]: (B, C, T, H, W) clip normalised with the ImageNet mean/std.
 
@@ -532,7 +558,7 @@ class VideoMAEClassifier(nn.Module):
                  grad_checkpointing: bool = False) -> None:
         super().__init__()
         self.num_classes, self.use_mean_pooling = num_classes, use_mean_pooling
-        self.label_smoothing = label_smoothing
+        self.label_smoothing, self.head_init_scale = label_smoothing, head_init_scale
         self.pos_embed_kind = pos_embed
         self.encoder = VideoMAEEncoder(
             img_size=img_size, num_frames=num_frames, tubelet_size=tubelet_size, patch_size=patch_size,
@@ -569,18 +595,42 @@ class VideoMAEClassifier(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.head
 
-    def forward_features(self, video: torch.Tensor) -> torch.Tensor:
-        """video: (B, C, T, H, W) normalised clip. Returns (B, D) pooled features (before dropout/head)."""
-        x = self.encoder(video)  # (B, L (+1), D)
-        if self.use_mean_pooling:
-            tokens = x[:, 1:] if self.encoder.cls_token is not None else x
-            return self.fc_norm(tokens.mean(dim=1))
-        return x[:, 0]
+    def reset_classifier(self, num_classes: int) -> None:
+        """A new linear head for `num_classes` classes, initialised as the constructor does
+        (0: no head; :meth:`forward` then returns the pooled features as ``logits``)."""
+        if num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0, got {num_classes}")
+        self.num_classes = num_classes
+        device = self.encoder.patch_embed.proj.weight.device
+        self.head = nn.Linear(self.num_features, num_classes, device=device) if num_classes > 0 else nn.Identity()
+        if isinstance(self.head, nn.Linear):
+            init_trunc_normal(self.head)
+            with torch.no_grad():
+                self.head.weight.mul_(self.head_init_scale)
+                self.head.bias.mul_(self.head_init_scale)
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> VideoClassifierOutput:
-        """batch["video"]: (B, C, T, H, W); optional batch["label"]: (B,) class ids or (B, num_classes)
-        soft targets (mixup). The loss is cross-entropy (soft-target CE for 2-D targets)."""
-        logits = self.head(self.head_drop(self.forward_features(batch["video"])))
+    def forward_features(self, video: torch.Tensor) -> torch.Tensor:
+        """video: (B, C, T, H, W) normalised clip. Returns the encoder's tokens over the whole clip,
+        no masking: (B, L, D), with the class token first (B, 1 + L, D) when the model has one."""
+        return self.encoder(video)
+
+    def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """features: (B, L (+1), D) from :meth:`forward_features`. Returns the pooled (B, D) (mean of
+        the tokens then ``fc_norm``, or the first token) with `pre_logits`, else (B, num_classes) logits."""
+        if self.use_mean_pooling:
+            tokens = features[:, 1:] if self.encoder.cls_token is not None else features
+            pooled = self.fc_norm(tokens.mean(dim=1))
+        else:
+            pooled = features[:, 0]
+        return pooled if pre_logits else self.head(self.head_drop(pooled))
+
+    def forward(self, batch: dict[str, torch.Tensor] | torch.Tensor) -> VideoClassifierOutput:
+        """batch["video"] (or `batch` itself, a tensor): (B, C, T, H, W); optional batch["label"]: (B,)
+        class ids or (B, num_classes) soft targets (mixup). The loss is cross-entropy (soft-target CE
+        for 2-D targets)."""
+        if isinstance(batch, torch.Tensor):
+            batch = {"video": batch}
+        logits = self.forward_head(self.forward_features(batch["video"]))
         label = batch.get("label")
         loss = None
         if label is not None:
