@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 from mm3d.checkpoint import load_model_weights
 from mm3d.datacheck import SplitCheck, check_datasets, tolerant_config
 from mm3d.engine import mean_loss
+from mm3d.extract import EXTRACTORS, ExtractOptions, FeatureExtractor
 
 
 @dataclass
@@ -115,6 +116,14 @@ class Task:
                 label_map: str | None, device: torch.device) -> list[dict[str, Any]]:
         """`mm3d predict`: one dict per input file: ``{"input", "topk": [(name, prob), ...]}``."""
         raise NotImplementedError(f"task {self.name!r} does not predict classes")
+
+    def feature_extractor(self, model: nn.Module, cfg: Any, options: ExtractOptions,
+                          device: torch.device) -> FeatureExtractor:
+        """`mm3d extract`: what the model gives for each input file (see :mod:`mm3d.extract`). Default: the
+        extractor the task's modality registered (:data:`mm3d.extract.EXTRACTORS`)."""
+        if self.modality not in EXTRACTORS:
+            raise NotImplementedError(f"task {self.name!r} does not extract features")
+        return EXTRACTORS.get(self.modality)(model, cfg, options, device)
 
     def bench_peer(self, cfg: Any, model: nn.Module, batch: Any, device: torch.device
                    ) -> tuple[str, Callable[[], Any]] | None:
