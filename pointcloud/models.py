@@ -267,11 +267,6 @@ class PointMAEEncoder(nn.Module):
         """neighborhood: (B, L, K, 3), center: (B, L, 3) of the patches to encode -> (B, L, D)."""
         return self.transform(self.embed(neighborhood), self.pos_embed(center))[0]
 
-    def pooled_features(self, neighborhood: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
-        """All patches encoded, then [max, mean] over patches: (B, 2D) (the linear-probe feature)."""
-        x = self(neighborhood, center)
-        return torch.cat([x.amax(dim=1), x.mean(dim=1)], dim=-1)
-
     def block_features(self, grouped: Grouped, blocks: Sequence[int]) -> BlockFeatures:
         """Outputs of `blocks` (0-based) for all patches, each passed through the final norm."""
         for b in blocks:
@@ -308,9 +303,12 @@ def _take(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, 1, index)
 
 
-def _check_points(batch: dict) -> torch.Tensor:
+def _check_points(batch: dict | torch.Tensor) -> torch.Tensor:
+    """The (B, N, 3) points of a batch dict (``batch["points"]``) or of a points tensor."""
+    if isinstance(batch, torch.Tensor):
+        batch = {"points": batch}
     if not isinstance(batch, dict) or "points" not in batch:
-        raise TypeError("the batch must be a dict with a 'points' (B, N, 3) tensor")
+        raise TypeError("the batch must be a (B, N, 3) points tensor or a dict with a 'points' (B, N, 3) tensor")
     points = batch["points"]
     if not isinstance(points, torch.Tensor) or points.dim() != 3 or points.shape[-1] < 3:
         raise ValueError(f"batch['points'] must be a (B, N, 3) tensor, got "
@@ -456,9 +454,30 @@ class PointMAEPretrain(nn.Module):
         the linear-SVM probe pools them its own way (:func:`mm3d.pointcloud.probe.pool_patch_tokens`)."""
         return self.encoder(*self.group(points))
 
+    # timm's feature interface. The pretraining model has no classifier (num_classes 0, as a timm model
+    # made with num_classes=0): forward_head returns the pooled feature.
+    num_classes = 0
+
+    @property
+    def num_features(self) -> int:
+        """Width 2D of the pooled feature (:meth:`forward_head`)."""
+        return 2 * self.encoder.embed_dim
+
     def forward_features(self, points: torch.Tensor) -> torch.Tensor:
-        """points: (B, N, 3) -> (B, 2D) max- and mean-pooled tokens of all patches (no masking)."""
-        return self.encoder.pooled_features(*self.group(points))
+        """points: (B, N, 3) -> normed tokens (B, G, D) of all patches, no masking (as :meth:`forward_tokens`)."""
+        return self.forward_tokens(points)
+
+    def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """features: (B, G, D) patch tokens -> (B, 2D) [max, mean] over the patches (the SVM probe's
+        default feature); no head, so `pre_logits` changes nothing."""
+        return torch.cat([features.amax(dim=1), features.mean(dim=1)], dim=-1)
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Only 0 (no head) fits a pretraining model; build a classifier for classes
+        (``mm3d.create_model(..., num_classes=N)`` loads these weights into one)."""
+        if num_classes != 0:
+            raise ValueError(f"a Point-MAE pretraining model has no classifier to reset to {num_classes} classes; "
+                             f"build the classifier with mm3d.create_model(..., num_classes={num_classes})")
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.encoder.grad_checkpointing = enable
@@ -497,7 +516,9 @@ def _cls_head(in_dim: int, hidden: Sequence[int], num_classes: int, dropout: flo
 class PointMAEClassifier(nn.Module):
     """Point-MAE encoder + cls token/position + official head on [cls token, max-pooled tokens].
 
-    forward(batch) takes ``batch["points"]``: (B, N, 3) and optionally ``batch["label"]``: (B,).
+    forward(batch) takes ``batch["points"]`` (or `batch` itself, a tensor): (B, N, 3) and optionally
+    ``batch["label"]``: (B,). With ``num_classes=0`` there is no head (``logits`` is then the pooled
+    (B, 2D) feature).
     """
 
     def __init__(self, *, num_classes: int, embed_dim: int = 384, depth: int = 12, num_heads: int = 6,
@@ -507,10 +528,11 @@ class PointMAEClassifier(nn.Module):
                  cls_head_dims: Sequence[int] = (256, 256), cls_dropout: float = 0.5,
                  label_smoothing: float = 0.0) -> None:
         super().__init__()
-        if num_classes <= 0:
-            raise ValueError(f"num_classes must be positive, got {num_classes}")
+        if num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0 (0: no head), got {num_classes}")
         self.num_classes = num_classes
         self.label_smoothing = label_smoothing
+        self.cls_head_dims, self.cls_dropout = tuple(cls_head_dims), cls_dropout
         self.group = Group(num_group, group_size)
         self.encoder = PointMAEEncoder(
             embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
@@ -518,8 +540,9 @@ class PointMAEClassifier(nn.Module):
             pointnet_dims=pointnet_dims, pos_hidden=pos_hidden)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.cls_pos = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.head = _cls_head(2 * embed_dim, cls_head_dims, num_classes, cls_dropout)
-        self.head.apply(init_trunc_normal)
+        self.num_features = 2 * embed_dim  # width of the pooled feature the head reads
+        self.head: nn.Module = nn.Identity()
+        self.reset_classifier(num_classes)
         trunc_normal_(self.cls_token, std=0.02)
         trunc_normal_(self.cls_pos, std=0.02)
 
@@ -531,14 +554,40 @@ class PointMAEClassifier(nn.Module):
         pos = torch.cat([repeat(self.cls_pos, "1 1 d -> b 1 d", b=b), self.encoder.pos_embed(center)], dim=1)
         return self.encoder.transform(x, pos)[0]
 
+    def forward_features(self, points: torch.Tensor) -> torch.Tensor:
+        """points: (B, N, 3) -> the normed tokens (B, 1 + G, D) the head reads, cls token first, no masking
+        (as :meth:`forward_tokens`)."""
+        return self.forward_tokens(points)
+
+    def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """features: (B, 1 + G, D) from :meth:`forward_features` -> (B, 2D) [cls token, max over the patch
+        tokens] with `pre_logits`, else (B, num_classes) logits."""
+        pooled = torch.cat([features[:, 0], features[:, 1:].amax(dim=1)], dim=-1)
+        return pooled if pre_logits else self.head(pooled)
+
     def forward_head_input(self, points: torch.Tensor) -> torch.Tensor:
         """points: (B, N, 3) -> (B, 2D) = [cls token, max over patch tokens] (the head's input)."""
-        x = self.forward_tokens(points)
-        return torch.cat([x[:, 0], x[:, 1:].amax(dim=1)], dim=-1)
+        return self.forward_head(self.forward_features(points), pre_logits=True)
 
-    def forward(self, batch: dict) -> PointClassifierOutput:
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """A new official head (``cls_head_dims``, ``cls_dropout``) for `num_classes` classes, initialised
+        as the constructor does; 0: no head (:meth:`forward` then returns the pooled feature as ``logits``)."""
+        if num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0, got {num_classes}")
+        self.num_classes = num_classes
+        if num_classes == 0:
+            self.head = nn.Identity()
+            return
+        self.head = _cls_head(self.num_features, self.cls_head_dims, num_classes, self.cls_dropout)
+        self.head.apply(init_trunc_normal)
+        self.head.to(self.cls_token.device)
+
+    def forward(self, batch: dict | torch.Tensor) -> PointClassifierOutput:
         points = _check_points(batch)
-        logits = self.head(self.forward_head_input(points))
+        logits = self.forward_head(self.forward_features(points))
         loss = None
         if batch.get("label") is not None:
             label = batch["label"].reshape(-1).long()
@@ -546,14 +595,6 @@ class PointMAEClassifier(nn.Module):
                 raise ValueError(f"batch['label'] has {label.shape[0]} entries for {logits.shape[0]} clouds")
             loss = F.cross_entropy(logits, label, label_smoothing=self.label_smoothing)
         return PointClassifierOutput(loss=loss, logits=logits)
-
-    def forward_features(self, points: torch.Tensor) -> torch.Tensor:
-        """points: (B, N, 3) -> (B, 2D) max- and mean-pooled patch tokens, without the cls token.
-
-        The same feature as :meth:`PointMAEPretrain.forward_features`, so the linear-probe
-        feature of a classifier initialised from a pretraining checkpoint equals the pretrained one.
-        """
-        return self.encoder.pooled_features(*self.group(points))
 
     def forward_block_features(self, points: torch.Tensor,
                                blocks: Sequence[int] = (3, 7, 11)) -> BlockFeatures:

@@ -91,7 +91,9 @@ def test_classifier_shapes_no_nan_and_every_parameter_gets_a_gradient():
     model.eval()
     with torch.no_grad():
         assert model({"points": clouds(b)}).loss is None
-        assert model.forward_features(clouds(b)).shape == (b, 2 * cfg.embed_dim)
+        tokens = model.forward_features(clouds(b))
+        assert tokens.shape == (b, 1 + cfg.num_group, cfg.embed_dim)
+        assert model.forward_head(tokens, pre_logits=True).shape == (b, 2 * cfg.embed_dim)
         feats = model.forward_block_features(clouds(b), blocks=(0, 1))
     assert len(feats.features) == 2 and all(f.shape == (b, cfg.num_group, cfg.embed_dim) for f in feats.features)
     assert feats.center.shape == (b, cfg.num_group, 3)
@@ -249,7 +251,7 @@ def test_pretrained_encoder_initialises_a_classifier():
     assert all(k.startswith(("mask_token", "decoder", "recon_head")) for k in res.unexpected_keys)
     pts = clouds(2)
     with torch.no_grad():
-        assert_close(cls.forward_features(pts), pre.forward_features(pts), atol=1e-6)
+        assert_close(cls.encoder(*cls.group(pts)), pre.forward_features(pts), atol=1e-6)
 
 
 def test_layer_decay_groups_and_grad_checkpointing():
@@ -303,9 +305,9 @@ def test_constructors_reject_bad_arguments():
     with pytest.raises(ValueError, match="loss"):
         PointMAEPretrain(loss="emd")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="num_classes"):
-        PointMAEClassifier(num_classes=0)
+        PointMAEClassifier(num_classes=-1)  # 0 is allowed: no head, as timm's num_classes=0
     with pytest.raises(TypeError, match="points"):
-        build_pretrain_model(tiny_cfg())(clouds(1))  # not a dict
+        build_pretrain_model(tiny_cfg())(clouds(1).tolist())  # neither a tensor nor a dict
 
 
 def test_patch_embedding_width_may_differ_from_the_transformer_width():

@@ -66,15 +66,16 @@ def test_each_preset_extracts_its_feature_layout(preset, expected):
     assert torch.equal(feats, expected) and labels.tolist() == [4, 7]
 
 
-def test_default_pooling_is_the_pretrain_models_forward_features():
-    """Without a preset the feature stays what it was: forward_features' [max, mean] of all patches."""
+def test_default_pooling_is_the_pretrain_models_forward_head():
+    """Without a preset the feature stays what it was: forward_head's [max, mean] of all patch tokens."""
     torch.manual_seed(0)
     model = build_pretrain_model(variant_config("pointmae_tiny_test")).eval()
     pts = torch.randn(3, 64, 3)
     with torch.no_grad():
         tokens = model.forward_tokens(pts)
         assert tokens.shape == (3, model.num_group, model.encoder.embed_dim)
-        assert torch.equal(pool_patch_tokens(tokens, "max_mean_cat"), model.forward_features(pts))
+        assert torch.equal(model.forward_features(pts), tokens)
+        assert torch.equal(pool_patch_tokens(tokens, "max_mean_cat"), model.forward_head(tokens))
 
 
 @pytest.mark.parametrize("preset, data, estimator, c", [
@@ -245,7 +246,7 @@ def test_pointm2ae_preset_end_to_end_matches_sklearn(mn_root, pretrain_ckpt, tmp
         pts = torch.stack([ds[i]["points"] for i in range(len(ds))])
         labels = np.array([int(ds[i]["label"]) for i in range(len(ds))])
         with torch.no_grad():  # batches of train.batch_size, as the run
-            f = torch.cat([model.forward_features(eval_points(p, cfg.data)) for p in pts.split(8)])
+            f = torch.cat([model.forward_head(model.forward_features(eval_points(p, cfg.data))) for p in pts.split(8)])
         d = f.shape[1] // 2
         return f.numpy(), (f[:, :d] + f[:, d:]).numpy(), labels
 
