@@ -68,6 +68,7 @@ __all__ = [
     "VideoMAELinearProbeTask",
     "collate_views",
     "classifier_init_from",
+    "read_views",
     "label_names",
 ]
 
@@ -432,6 +433,24 @@ def _input_record(path: str, cfg: VideoFinetuneConfig, position: int):
     return VideoRecord(path, 0, None, f"input {position}")
 
 
+def read_views(path: str, cfg: VideoFinetuneConfig, *, num_clips: int, num_crops: int,
+               position: int = 0) -> torch.Tensor:
+    """The evaluation views of one video file (or rawframe folder): (V, C, T, H, W) float, V = num_clips x
+    num_crops clip-major, sampled, cropped and normalised as the evaluation dataset does (without its
+    replacement of unreadable files: they raise, naming the file). `position` names the input in messages.
+    Used by :meth:`VideoMAEFinetuneTask.predict` and :func:`mm3d.video.load_clip`."""
+    d = cfg.data
+    record = _input_record(path, cfg, position)
+    ds = _dataset(cfg, [record], "test", num_clips=num_clips, num_crops=num_crops)
+    src = open_record(record, backend=d.backend, num_threads=d.num_threads, rawframe_template=d.rawframe_template,
+                      rawframe_start=d.rawframe_start)
+    try:
+        clips = torch.from_numpy(src.get(ds.frame_indices(src.num_frames, None)))  # (num_clips, T, H, W, 3)
+    finally:
+        src.close()
+    return torch.cat([ds.transform(c, None) for c in clips])
+
+
 # --------------------------------------------------------------------------------------------
 # Tasks
 # --------------------------------------------------------------------------------------------
@@ -585,20 +604,12 @@ class VideoMAEFinetuneTask(Task):
         k = max(1, min(topk, cfg.model.num_classes))
         rows: list[dict[str, Any]] = []
         for i, path in enumerate(inputs):
-            try:
-                record = _input_record(path, cfg, i)
-                # the evaluation dataset's sampling and views, without its replacement of bad files
-                ds = _dataset(cfg, [record], "test", num_clips=d.test_num_clips, num_crops=d.test_num_crops)
-                src = open_record(record, backend=d.backend, num_threads=d.num_threads,
-                                  rawframe_template=d.rawframe_template, rawframe_start=d.rawframe_start)
-                try:
-                    clips = torch.from_numpy(src.get(ds.frame_indices(src.num_frames, None)))  # (N, T, H, W, 3)
-                finally:
-                    src.close()
+            try:  # the evaluation dataset's sampling and views, without its replacement of bad files
+                views = read_views(path, cfg, num_clips=d.test_num_clips, num_crops=d.test_num_crops,
+                                   position=i)  # (clips * crops, C, T, H, W)
             except (RuntimeError, OSError, ValueError) as e:
                 rows.append({"input": path, "error": str(e), "topk": []})
                 continue
-            views = torch.cat([ds.transform(c, None) for c in clips])  # (N * crops, C, T, H, W)
             logits = _view_logits(model, views.to(device), cfg.train.batch_size * d.num_sample)
             probs = logits.float().softmax(dim=1).mean(dim=0)
             top = probs.topk(k)
