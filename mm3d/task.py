@@ -117,6 +117,16 @@ class Task:
         """`mm3d predict`: one dict per input file: ``{"input", "topk": [(name, prob), ...]}``."""
         raise NotImplementedError(f"task {self.name!r} does not predict classes")
 
+    def preprocessing(self, cfg: Any) -> dict[str, Any]:
+        """The model card's input recipe (:mod:`mm3d.modelcard`), as plain data: what a file goes through
+        before the model. ``input`` (the tensor's name) and ``shape`` (one sample's shape, without the
+        batch axis) let ``mm3d export`` trace the model; the other keys are for people. {}: not stated."""
+        return {}
+
+    def class_names(self, cfg: Any) -> list[str] | None:
+        """The model card's class names, in label order (None: unknown, or not a classifier)."""
+        return None
+
     def feature_extractor(self, model: nn.Module, cfg: Any, options: ExtractOptions,
                           device: torch.device) -> FeatureExtractor:
         """`mm3d extract`: what the model gives for each input file (see :mod:`mm3d.extract`). Default: the
