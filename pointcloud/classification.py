@@ -326,6 +326,23 @@ class VoteRuns:
                 "vote_mean_class_acc": float(mca.mean()), "vote_mean_class_acc_max": float(mca.max())}
 
 
+def read_eval_cloud(path: str | Path, data: Any, *, seed: int = 0) -> torch.Tensor:
+    """A point-cloud file (.txt/.xyz/.ply/.pcd/.npy/.bin) as the test protocol feeds it: (npoints, 3) float.
+
+    The farthest-point sample of ``data.npoints`` of its points (from its first point; a random draw with
+    repeats, seeded by `seed`, when the file has fewer), centred and scaled into the unit sphere. `data`:
+    a classification or pretraining ``data`` section (``npoints``, ``bin_columns``, ``drop_nonfinite``).
+    Unreadable files raise OSError or ValueError naming the file. Used by
+    :meth:`PointMAEClassifyTask.predict` and :func:`mm3d.pointcloud.load_cloud`.
+    """
+    xyz = torch.from_numpy(np.ascontiguousarray(read_points(
+        path, bin_columns=data.bin_columns, drop_nonfinite=data.drop_nonfinite)[:, :3]))
+    n = data.npoints
+    idx = sample_indices(xyz, n, "fps") if xyz.shape[0] >= n else \
+        sample_indices(xyz, n, "random", generator=torch.Generator().manual_seed(seed))
+    return normalize_unit_sphere(xyz[idx])
+
+
 def _cls_train_defaults() -> TrainConfig:
     return TrainConfig(best_metric="top1", best_mode="max")
 
@@ -535,15 +552,10 @@ class PointMAEClassifyTask(Task):
         clouds, read = [], []
         for path in inputs:
             try:
-                xyz = torch.from_numpy(np.ascontiguousarray(read_points(
-                    path, bin_columns=cfg.data.bin_columns, drop_nonfinite=cfg.data.drop_nonfinite)[:, :3]))
+                clouds.append(read_eval_cloud(path, cfg.data, seed=cfg.seed))
             except (OSError, ValueError) as e:
                 rows.append({"input": str(path), "error": str(e), "topk": []})
                 continue
-            n = cfg.data.npoints
-            idx = sample_indices(xyz, n, "fps") if xyz.shape[0] >= n else \
-                sample_indices(xyz, n, "random", generator=torch.Generator().manual_seed(cfg.seed))
-            clouds.append(normalize_unit_sphere(xyz[idx]))
             read.append(len(rows))
             rows.append({"input": str(path), "topk": []})
         if clouds:
