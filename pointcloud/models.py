@@ -637,10 +637,11 @@ def build_pretrain_model(cfg: PointMAEConfig) -> PointMAEPretrain:
 
 
 def build_classifier(cfg: PointMAEConfig, num_classes: int | None = None) -> PointMAEClassifier:
-    """The classifier of a ``model`` config section; `num_classes` overrides ``cfg.num_classes``."""
+    """The classifier of a ``model`` config section; `num_classes` overrides ``cfg.num_classes`` (0 given
+    here: no head, as :meth:`PointMAEClassifier.reset_classifier`; 0 in the config means "from the data")."""
     cfg.validate()
     n = num_classes if num_classes is not None else cfg.num_classes
-    if not n or n <= 0:
+    if n < 0 or (num_classes is None and n == 0):
         raise ValueError(f"the classifier needs num_classes > 0 (config or dataset), got {n}")
     if cfg.num_classes and num_classes is not None and cfg.num_classes != num_classes:
         raise ValueError(f"model.num_classes={cfg.num_classes} disagrees with the dataset's "
