@@ -589,7 +589,7 @@ class PointMAEClassifier(nn.Module):
         points = _check_points(batch)
         logits = self.forward_head(self.forward_features(points))
         loss = None
-        if batch.get("label") is not None:
+        if isinstance(batch, dict) and batch.get("label") is not None:
             label = batch["label"].reshape(-1).long()
             if label.shape[0] != logits.shape[0]:
                 raise ValueError(f"batch['label'] has {label.shape[0]} entries for {logits.shape[0]} clouds")
