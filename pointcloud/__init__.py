@@ -14,8 +14,14 @@ module                        registers
 ``synth``                     synthetic-data kinds (``mm3d data synth KIND``)
 ``fewshot``                   data command ``mm3d data fewshot``
 ``convert``                   checkpoint converter ``pointmae-official``
+``api``                       the Point-MAE model family of :func:`mm3d.create_model`
 ============================  ================================================================
+
+:func:`load_cloud` reads a point-cloud file as the test protocol does.
 """
 
-from mm3d.pointcloud import (classification, convert, fewshot, models, partseg, probe,  # noqa: F401
+from mm3d.pointcloud import (api, classification, convert, fewshot, models, partseg, probe,  # noqa: F401
                              synth, tasks)
+from mm3d.pointcloud.api import load_cloud
+
+__all__ = ["load_cloud"]
