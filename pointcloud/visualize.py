@@ -1,7 +1,11 @@
-"""Pictures of Point-MAE reconstructions, rendered headless with Open3D.
+"""Pictures of point clouds (reconstructions, part segmentations, feature colours), rendered
+headless with Open3D.
 
-:func:`write_reconstruction_figure` writes one PNG with three panels, all from the same fixed
-camera looking at the unit sphere on a white background:
+Every picture frames the unit sphere on a white background from a camera aimed by
+:func:`principal_view`: down the cloud's smallest principal axis, so that a flat object (a guitar, a
+plane's wings) shows its two largest extents instead of an edge; a cloud that is not flat keeps
+the fixed oblique view :data:`DEFAULT_VIEW`. :func:`write_reconstruction_figure` writes one PNG
+with three panels, all seen from the view of the input cloud:
 
 1. the input cloud;
 2. the visible patches (the masked ones removed);
@@ -17,7 +21,7 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -34,17 +38,63 @@ PREDICTED_COLOR: Color = (0.90, 0.33, 0.10)
 CAPTION_HEIGHT = 28  # pixels of the title strip above the panels
 PANEL_TITLES = ("input", "visible patches", "reconstruction (predicted in orange)")
 
-# a fixed view of the unit sphere: from the front-right, slightly above, y up (ShapeNet's up axis)
-_VIEW_DIR = np.array([1.0, 0.6, 1.6])
-_UP = [0.0, 1.0, 0.0]
 _FOV_DEG = 30.0
+_UP = np.array([0.0, 1.0, 0.0])  # ShapeNet's up axis: up in the picture whenever the view allows
+#: a cloud is flat when its smallest principal variance is below this share of the middle one
+FLAT_RATIO = 0.5
+
+
+class View(NamedTuple):
+    """A camera around the origin. direction: (3,) unit vector from the origin towards the eye;
+    up: (3,) unit vector perpendicular to it, drawn upwards."""
+
+    direction: np.ndarray
+    up: np.ndarray
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    return np.asarray(v, dtype=np.float64) / np.linalg.norm(v)
+
+
+def _view(direction: np.ndarray, up_hint: np.ndarray) -> View:
+    d = _unit(direction)
+    return View(d, _unit(up_hint - (up_hint @ d) * d))
+
+
+#: the fixed oblique view: from the front-right, slightly above, y up
+DEFAULT_VIEW = _view(np.array([1.0, 0.6, 1.6]), _UP)
+
+
+def principal_view(points: np.ndarray | torch.Tensor, *, flat_ratio: float = FLAT_RATIO) -> View:
+    """The view of a cloud: down its smallest principal axis when it is flat, so that its two largest
+    extents face the camera; otherwise :data:`DEFAULT_VIEW`.
+
+    points: (N, 3). With principal variances l1 >= l2 >= l3 (eigenvalues of the covariance), the
+    cloud is flat when ``l3 < flat_ratio * l2``; a cloud that is not has no axis worth looking down
+    (the smallest one is decided by sampling noise) and keeps the fixed view, so that pictures of
+    bulky shapes stay comparable. The axis is signed towards the default view (the eye stays in
+    front, right and above when it can); up is the y axis as seen by the camera, or the largest
+    principal axis when the camera looks along y (a flat shape lying in the x-z plane).
+    """
+    pts = _np(points).astype(np.float64).reshape(-1, 3)
+    if len(pts) < 3:
+        return DEFAULT_VIEW
+    centred = pts - pts.mean(axis=0)
+    variances, axes = np.linalg.eigh(centred.T @ centred / len(pts))  # ascending
+    if not variances[0] < flat_ratio * variances[1]:
+        return DEFAULT_VIEW
+    normal = axes[:, 0] if axes[:, 0] @ DEFAULT_VIEW.direction >= 0 else -axes[:, 0]
+    if abs(normal @ _UP) < 0.9:
+        return _view(normal, _UP)
+    longest = axes[:, 2] if axes[np.argmax(np.abs(axes[:, 2])), 2] > 0 else -axes[:, 2]
+    return _view(normal, longest)
 
 
 class CloudRenderer:
     """One Open3D ``OffscreenRenderer`` (creating one costs ~0.5 s): render many clouds with it.
 
     width, height: image size in pixels; point_size: point diameter in pixels; radius: the
-    camera frames a sphere of this radius at the origin.
+    camera frames a sphere of this radius at the origin, from any :class:`View`.
     """
 
     def __init__(self, width: int = 480, height: int = 480, *, point_size: float = 5.0,
@@ -63,19 +113,22 @@ class CloudRenderer:
         scene.view.set_post_processing(False)  # exact colours, pure white background
         half = math.radians(_FOV_DEG) / 2  # vertical half-angle; the horizontal one may be narrower
         half = min(half, math.atan(math.tan(half) * width / height))
-        distance = 1.05 * radius / math.sin(half)
-        eye = _VIEW_DIR / np.linalg.norm(_VIEW_DIR) * distance
+        self.distance = 1.05 * radius / math.sin(half)
         # explicit projection: setup_camera() would derive near/far from the (still empty) scene
-        camera = scene.camera
-        camera.set_projection(_FOV_DEG, width / height, 0.05 * distance, distance + 4.0 * radius,
-                              rendering.Camera.FovType.Vertical)
-        camera.look_at([0.0, 0.0, 0.0], eye.tolist(), _UP)
+        scene.camera.set_projection(_FOV_DEG, width / height, 0.05 * self.distance, self.distance + 4.0 * radius,
+                                    rendering.Camera.FovType.Vertical)
 
-    def render(self, clouds: Sequence[np.ndarray], colors: Sequence[Any]) -> np.ndarray:
+    def render(self, clouds: Sequence[np.ndarray], colors: Sequence[Any], *, view: View | None = None) -> np.ndarray:
         """clouds: list of (N_i, 3) arrays; colors: per cloud an RGB triple in [0, 1] or an
-        (N_i, 3) array. Returns the (H, W, 3) uint8 image."""
+        (N_i, 3) array; view: the camera (None: :func:`principal_view` of all the clouds together).
+        Returns the (H, W, 3) uint8 image."""
         if len(clouds) != len(colors):
             raise ValueError(f"{len(clouds)} clouds but {len(colors)} colours")
+        if view is None:
+            view = principal_view(np.concatenate([_np(c).reshape(-1, 3) for c in clouds]) if clouds
+                                  else np.zeros((0, 3)))
+        eye = view.direction * self.distance
+        self._renderer.scene.camera.look_at([0.0, 0.0, 0.0], eye.tolist(), view.up.tolist())
         scene = self._renderer.scene
         scene.clear_geometry()
         for i, (pts, col) in enumerate(zip(clouds, colors)):
@@ -98,9 +151,9 @@ def to_open3d(points: np.ndarray | torch.Tensor, color: Any):
 
 
 def render_clouds(clouds: Sequence[np.ndarray], colors: Sequence[Any], width: int = 480, height: int = 480,
-                  *, point_size: float = 5.0, radius: float = 1.0) -> np.ndarray:
+                  *, point_size: float = 5.0, radius: float = 1.0, view: View | None = None) -> np.ndarray:
     """Render clouds together in one (H, W, 3) uint8 image (creates a renderer; see :class:`CloudRenderer`)."""
-    return CloudRenderer(width, height, point_size=point_size, radius=radius).render(clouds, colors)
+    return CloudRenderer(width, height, point_size=point_size, radius=radius).render(clouds, colors, view=view)
 
 
 def _np(x: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -159,7 +212,8 @@ def write_reconstruction_figure(model: torch.nn.Module, points: np.ndarray | tor
     renderer = renderer or CloudRenderer(width, height, point_size=point_size)
     if (renderer.width, renderer.height) != (width, height):
         raise ValueError(f"renderer is {renderer.width}x{renderer.height}, figure panels {width}x{height}")
-    images = [renderer.render(clouds, colors) for clouds, colors in panels]
+    view = principal_view(inp)  # every panel from the input's view
+    images = [renderer.render(clouds, colors, view=view) for clouds, colors in panels]
     figure = np.concatenate([_caption(3 * width, PANEL_TITLES, width), np.concatenate(images, axis=1)], axis=0)
     png = out_dir / f"{name}.png"
     Image.fromarray(figure).save(png)

@@ -18,8 +18,8 @@ from mm3d.errors import UserError  # noqa: E402
 from mm3d.pointcloud.io import read_points  # noqa: E402
 from mm3d.pointcloud.models import build_pretrain_model  # noqa: E402
 from mm3d.pointcloud.visualize import (  # noqa: E402
-    CAPTION_HEIGHT, INPUT_COLOR, PREDICTED_COLOR, VISIBLE_COLOR, CloudRenderer, render_clouds,
-    show_interactive, write_reconstruction_figure)
+    CAPTION_HEIGHT, DEFAULT_VIEW, INPUT_COLOR, PREDICTED_COLOR, VISIBLE_COLOR, CloudRenderer, View, principal_view,
+    render_clouds, show_interactive, write_reconstruction_figure)
 from mm3d.registry import SYNTH, TASKS, variant_config  # noqa: E402
 
 W, H = 160, 120
@@ -53,15 +53,17 @@ def test_render_clouds_size_and_content():
         r.render([sphere_cloud()], [])
 
 
-def camera_pixel(point, width: int, height: int) -> tuple[float, float]:
-    """(column, row) where the renderer's documented fixed view puts a 3-D point: a pinhole camera
-    looking at the origin from the direction (1, 0.6, 1.6), y up, a 30 degree vertical field of view,
-    at the distance where a sphere of radius 1.05 fills the narrower half-angle."""
+def camera_pixel(point, width: int, height: int, direction=(1.0, 0.6, 1.6), up=(0.0, 1.0, 0.0)
+                 ) -> tuple[float, float]:
+    """(column, row) where the renderer puts a 3-D point seen from `direction` with `up` (by default
+    the documented fixed view): a pinhole camera looking at the origin from that direction, a 30
+    degree vertical field of view, at the distance where a sphere of radius 1.05 fills the narrower
+    half-angle."""
     half = np.radians(15.0)
     narrow = min(half, np.arctan(np.tan(half) * width / height))
-    eye = np.array([1.0, 0.6, 1.6]) / np.linalg.norm([1.0, 0.6, 1.6]) * 1.05 / np.sin(narrow)
+    eye = np.asarray(direction) / np.linalg.norm(direction) * 1.05 / np.sin(narrow)
     forward = -eye / np.linalg.norm(eye)
-    right = np.cross(forward, [0.0, 1.0, 0.0])
+    right = np.cross(forward, up)
     right /= np.linalg.norm(right)
     up = np.cross(right, forward)
     v = np.asarray(point, dtype=np.float64) - eye
@@ -78,26 +80,94 @@ def tinted(img: np.ndarray, rgb) -> np.ndarray:
     return np.where(mask, 1 - rest[..., 0] / 255, 0.0)
 
 
-@pytest.mark.parametrize("size", [(W, H), (100, 160)])
-def test_render_puts_points_where_the_camera_projects_them(size):
+@pytest.mark.parametrize("size, view", [((W, H), "default"), ((100, 160), "default"), ((W, H), "tilted")])
+def test_render_puts_points_where_the_camera_projects_them(size, view):
     """Four tight clusters in four colours: each is drawn in its colour, as a point-sized blob centred
     where the camera projects it (left/right, up/down and the framing all checked); nothing else is
-    drawn."""
+    drawn. Seen from the fixed view, and from a view given to the renderer."""
     width, height = size
     centres = {(1, 0, 0): (0.6, 0, 0), (0, 1, 0): (0, 0.6, 0), (0, 0, 1): (0, 0, -0.6), (1, 0, 1): (-0.5, -0.4, 0.3)}
     rng = np.random.default_rng(0)
     clouds = [np.asarray(c, np.float32) + 0.005 * rng.normal(size=(20, 3)).astype(np.float32) for c in centres.values()]
-    img = render_clouds(clouds, list(centres), width, height)
+    camera = DEFAULT_VIEW if view == "default" else View(np.array([-0.6, 0.0, 0.8]), np.array([0.0, 1.0, 0.0]))
+    img = render_clouds(clouds, list(centres), width, height, view=camera)
     drawn = np.zeros(img.shape[:2], dtype=bool)
     for rgb, centre in centres.items():
         cover = tinted(img, rgb)
         assert 15 <= (cover == 1).sum() <= 60, rgb  # 20 points of 5 px within ~1 px of each other
         rows, cols = np.indices(cover.shape)
         row, col = (rows * cover).sum() / cover.sum(), (cols * cover).sum() / cover.sum()
-        want_col, want_row = camera_pixel(centre, width, height)
+        want_col, want_row = camera_pixel(centre, width, height, *((camera.direction, camera.up)
+                                                                    if view == "tilted" else ()))
         assert abs(col - want_col) < 1.0 and abs(row - want_row) < 1.0, (rgb, col, row, want_col, want_row)
         drawn |= cover > 0
     assert (img[~drawn] == 255).all()  # white everywhere else
+
+
+def flat_square(normal_to_view: np.ndarray, n: int = 3000, half: float = 0.7, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A square of side 2 * `half` whose plane contains the direction `normal_to_view` (so that a camera
+    looking along it sees an edge), with slight noise off the plane; returns (points (n, 3), normal)."""
+    along = normal_to_view / np.linalg.norm(normal_to_view)
+    across = np.array([0.0, 1.0, 0.0]) - along[1] * along  # upright: the normal is horizontal
+    across /= np.linalg.norm(across)
+    normal = np.cross(along, across)
+    rng = np.random.default_rng(seed)
+    a, b = rng.uniform(-half, half, size=(2, n, 1))
+    pts = a * along + b * across + 0.005 * rng.normal(size=(n, 1)) * normal
+    return pts.astype(np.float32), normal
+
+
+def coverage(img: np.ndarray) -> float:
+    """Share of the picture that is not white background."""
+    return float((img != 255).any(axis=-1).mean())
+
+
+def test_principal_view_looks_down_the_normal_of_a_flat_cloud():
+    pts, normal = flat_square(DEFAULT_VIEW.direction)
+    view = principal_view(pts)
+    assert abs(view.direction @ normal) > 0.9999  # down the smallest axis: the plane's normal
+    assert view.direction @ DEFAULT_VIEW.direction >= 0  # signed towards the default side
+    assert abs(view.up @ view.direction) < 1e-9 and np.linalg.norm(view.up) == pytest.approx(1.0)
+    # the up vector is the y axis as the camera sees it
+    y_seen = np.array([0.0, 1.0, 0.0]) - view.direction[1] * view.direction
+    assert view.up @ (y_seen / np.linalg.norm(y_seen)) == pytest.approx(1.0)
+    # a flat shape lying in the x-z plane is seen from above, its longest side up in the picture
+    rng = np.random.default_rng(1)
+    lying = np.stack([rng.uniform(-0.9, 0.9, 2000), 0.01 * rng.normal(size=2000), rng.uniform(-0.3, 0.3, 2000)], 1)
+    top = principal_view(lying)
+    assert abs(top.direction[1]) > 0.999 and abs(top.up[0]) > 0.999
+    # a cloud that is not flat (a ball; a box of sides 1 : 0.8 : 0.6) keeps the fixed view
+    ball = sphere_cloud(2000)
+    box = rng.uniform(-1, 1, size=(4000, 3)) * [0.5, 0.4, 0.3]
+    for bulky in (ball, box):
+        assert principal_view(bulky) is DEFAULT_VIEW
+    assert principal_view(box * [1, 1, 0.4]).direction @ [0, 0, 1] > 0.999  # 1 : 0.8 : 0.24 is flat
+
+
+def test_a_flat_cloud_faces_the_camera_in_every_picture(tmp_path):
+    """A square whose plane contains the old fixed view direction: that view draws an edge; the
+    renderer's own view, the reconstruction figure and the segmentation picture show its face."""
+    from mm3d.pointcloud.partseg import render_segmentation
+
+    pts, _ = flat_square(DEFAULT_VIEW.direction)
+    renderer = CloudRenderer(W, W)
+    edge = coverage(renderer.render([pts], [INPUT_COLOR], view=DEFAULT_VIEW))
+    face = coverage(renderer.render([pts], [INPUT_COLOR]))
+    assert edge < 0.06 and face > 0.3, (edge, face)  # (1.4 / 2.1)^2 = 0.44 of the frame, minus perspective
+
+    torch.manual_seed(0)
+    model = build_pretrain_model(variant_config("pointmae_tiny_test"))
+    # one renderer for all (Open3D aborts when two renderers that have drawn are alive together)
+    png = write_reconstruction_figure(model, pts[:256], tmp_path, size=(W, W), name="flat", renderer=renderer)[0]
+    img = np.asarray(Image.open(png).convert("RGB"))[CAPTION_HEIGHT:]
+    edge = coverage(renderer.render([pts[:256]], [INPUT_COLOR], view=DEFAULT_VIEW))
+    assert coverage(img[:, :W]) > 0.15 > 3 * edge, (coverage(img[:, :W]), edge)  # input panel: 256 points of 5 px
+
+    parts = np.where(pts[:, 0] > 0, 12, 13)  # two parts of the Lamp category (ids 12..15)
+    seg = np.asarray(Image.open(render_segmentation(pts, parts, parts, [12, 13, 14, 15], tmp_path / "seg.png",
+                                                    renderer=renderer)).convert("RGB"))[28:]
+    for half in (seg[:, :W], seg[:, W:]):
+        assert coverage(half) > 0.3
 
 
 def test_reconstruction_figure_panels_and_ply_files(tmp_path):
@@ -130,10 +200,11 @@ def test_reconstruction_figure_panels_and_ply_files(tmp_path):
     inp, vis = read_points(files[1]), read_points(files[2])
     n_vis = (g - m) * k
     renderer = CloudRenderer(W, H)
+    view = principal_view(inp[:, :3])  # every panel from the input's view
     assert np.array_equal(panels[0], renderer.render([inp[:, :3]], [INPUT_COLOR]))
-    assert np.array_equal(panels[1], renderer.render([vis[:, :3]], [VISIBLE_COLOR]))
+    assert np.array_equal(panels[1], renderer.render([vis[:, :3]], [VISIBLE_COLOR], view=view))
     assert np.array_equal(panels[2], renderer.render([recon[:n_vis, :3], recon[n_vis:, :3]],
-                                                     [VISIBLE_COLOR, PREDICTED_COLOR]))
+                                                     [VISIBLE_COLOR, PREDICTED_COLOR], view=view))
     assert np.allclose(recon[:n_vis], vis) and np.allclose(vis[:, 3:], VISIBLE_COLOR, atol=1 / 255)
     # the visible patches are input points (masked ones removed): drawn only where the input is drawn,
     # and on less of the picture
