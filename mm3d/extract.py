@@ -350,7 +350,8 @@ def extract(extractor: FeatureExtractor, inputs: Sequence[ExtractInput], out: Pa
     try:
         for result in extractor.run(todo):
             if result.error is not None:
-                log.error("%s: %s", result.input.path, result.error)
+                path, msg = result.input.path, result.error
+                log.error("%s", msg if path in msg else f"{path}: {msg}")
                 failed.append((result.input.path, result.error))
             else:
                 paths = output_paths(out, result.input, extractor.suffixes)

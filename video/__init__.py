@@ -4,4 +4,4 @@ Importing this package registers its model variants, tasks, synthetic-data kinds
 converters in the core registries (see :mod:`mm3d.registry`).
 """
 
-from mm3d.video import convert, finetune, models, synth, tasks  # noqa: F401  (registration)
+from mm3d.video import convert, extract, finetune, models, synth, tasks  # noqa: F401  (registration)
