@@ -31,7 +31,7 @@ on the ``mm3d.api`` logger, as the trainer logs ``init=`` notes.
 (its stored config; a Hugging Face ``config.json``; the shapes of official weights, as
 ``mm3d convert`` infers them). With `name` the named preset is built and the weights must fit it;
 what weights cannot show is still taken from the checkpoint's config (the family's
-``source_fields``: e.g. VideoMAE's pooling and final norm). `overrides` set fields of the model
+``source_fields``: e.g. a VideoMAE classifier's pooling, a pretraining encoder's final norm). `overrides` set fields of the model
 config (``drop_path=0.0``, ``num_frames=8``) over either.
 
 The core imports no modality: :func:`create_model` imports both through
@@ -87,7 +87,8 @@ class ModelFamily:
     build(config, num_classes): the pretraining model (num_classes None) or a classifier.
     load(model, path, allow_pickle): load the checkpoint's weights into `model` as ``init=`` does;
       returns the notes.
-    source_fields: model-config fields that a checkpoint's config decides even when a name is given.
+    source_fields: per source kind, the model-config fields that a checkpoint's config decides even when a
+      name is given (what its weights cannot show, e.g. a classifier's pooling).
     """
 
     modality: str
@@ -95,7 +96,7 @@ class ModelFamily:
     read: Callable[[Path, Mapping[str, Any] | None, Any | None, bool], SourceInfo | None]
     build: Callable[[Any, int | None], nn.Module]
     load: Callable[[nn.Module, Path, bool], list[str]]
-    source_fields: tuple[str, ...] = ()
+    source_fields: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 FAMILIES: Registry[ModelFamily] = Registry("model family")
@@ -161,7 +162,7 @@ def create_model(name: str | None = None, *, checkpoint: str | Path | None = Non
     if variant is not None:
         cfg = like
         if source is not None and source.config is not None:
-            taken = {k: getattr(source.config, k) for k in family.source_fields
+            taken = {k: getattr(source.config, k) for k in family.source_fields.get(source.kind, ())
                      if k not in overrides and getattr(source.config, k) != getattr(cfg, k)}
             if taken:
                 log.info("%s: from its config (not shown by the weights): %s", path,

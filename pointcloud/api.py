@@ -41,7 +41,7 @@ from mm3d.pointcloud.models import PointMAEConfig, build_classifier, build_pretr
 __all__ = ["load_cloud", "eval_config"]
 
 # what weights cannot show and a preset cannot know: taken from a checkpoint's config even with a name
-SOURCE_FIELDS = ("cls_head_dims",)
+SOURCE_FIELDS = {"classifier": ("cls_head_dims",)}
 
 
 # --------------------------------------------------------------------------------------------

@@ -41,7 +41,8 @@ from mm3d.video.tokens import adapt_pos_embeds
 __all__ = ["load_clip", "eval_config"]
 
 # what weights cannot show and a preset cannot know: taken from a checkpoint's config even with a name
-SOURCE_FIELDS = ("use_mean_pooling", "cls_token", "encoder_norm", "norm_eps", "head_norm_eps")
+SOURCE_FIELDS = {"pretrain": ("encoder_norm", "norm_eps", "head_norm_eps"),
+                 "classifier": ("use_mean_pooling", "cls_token", "norm_eps", "head_norm_eps")}
 
 
 # --------------------------------------------------------------------------------------------
