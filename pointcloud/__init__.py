@@ -15,13 +15,14 @@ module                        registers
 ``fewshot``                   data command ``mm3d data fewshot``
 ``convert``                   checkpoint converter ``pointmae-official``
 ``api``                       the Point-MAE model family of :func:`mm3d.create_model`
+``extract``                   the point-cloud feature extractor of ``mm3d extract``
 ============================  ================================================================
 
 :func:`load_cloud` reads a point-cloud file as the test protocol does.
 """
 
-from mm3d.pointcloud import (api, classification, convert, fewshot, models, partseg, probe,  # noqa: F401
-                             synth, tasks)
+from mm3d.pointcloud import (api, classification, convert, extract, fewshot, models, partseg,  # noqa: F401
+                             probe, synth, tasks)
 from mm3d.pointcloud.api import load_cloud
 
 __all__ = ["load_cloud"]
