@@ -53,6 +53,8 @@ def farthest_point_sample(points: torch.Tensor, num_samples: int, *, start: Star
     else:
         first = torch.zeros(batch, dtype=torch.long, device=points.device)
 
+    if torch.compiler.is_exporting():  # torch.export / ONNX: a graph of static-shape ops
+        return _fps_traced(points, num_samples, first)
     if resolved == "pytorch3d":
         return _fps_pytorch3d(points, num_samples, first)
     return _fps_torch(points, num_samples, first)
@@ -92,6 +94,30 @@ def _fps_torch(points: torch.Tensor, num_samples: int, first: torch.Tensor,
         current = nearest.max(dim=-1).indices                             # the first maximum wins ties
         chosen[:, i] = current
     return chosen
+
+
+def _fps_traced(points: torch.Tensor, num_samples: int, first: torch.Tensor) -> torch.Tensor:
+    """Greedy FPS written for tracing (``torch.export``, then ONNX): G - 1 repetitions of
+    static-shape tensor ops, with no buffer written in place and no value read back to Python,
+    so a traced graph holds the loop unrolled, one copy per sample (the count comes from the
+    model's config). The distances are summed in :func:`_fps_torch`'s order,
+    ``(dx^2 + dy^2) + dz^2``, and ``argmax`` takes the first maximum as ``max`` does there, so
+    the picks are the same.
+
+    points: (B, N, C); first: (B,) start indices. Returns (B, G) int64 indices.
+    """
+    planes = rearrange(points, "b n c -> c b n")                        # one (B, N) plane per coordinate
+    nearest = torch.full_like(planes[0], float("inf"))
+    current, chosen = first, [first]
+    for _ in range(1, num_samples):
+        centre = gather_points(points, current[:, None])[:, 0]           # (B, C)
+        dist = (planes[0] - centre[:, :1]).square()
+        for c in range(1, points.shape[-1]):
+            dist = dist + (planes[c] - centre[:, c:c + 1]).square()
+        nearest = torch.minimum(nearest, dist)
+        current = nearest.argmax(dim=-1)                                 # the first maximum wins ties
+        chosen.append(current)
+    return torch.stack(chosen, dim=1)
 
 
 def _fps_pytorch3d(points: torch.Tensor, num_samples: int, first: torch.Tensor) -> torch.Tensor:

@@ -7,8 +7,8 @@ from typing import NamedTuple
 import torch
 
 from mm3d.pointcloud.ops._backend import (Backend, check_cloud, check_pair, check_positive_int,
-                                          compute_dtype, pairwise_distance_key, resolve_backend,
-                                          rows_per_chunk, squared_norm)
+                                          compute_dtype, pairwise_distance_key, pairwise_sqdist,
+                                          resolve_backend, rows_per_chunk, squared_norm)
 from mm3d.pointcloud.ops.gather import gather_points
 
 
@@ -48,6 +48,8 @@ def knn(query: torch.Tensor, points: torch.Tensor, k: int, *, backend: Backend =
         raise ValueError(f"k={k} exceeds the {points.shape[1]} points per cloud")
     dtype = compute_dtype(query, points)
     query, points = query.to(dtype), points.to(dtype)
+    if torch.compiler.is_exporting():  # torch.export / ONNX: a graph of static-shape ops
+        return _knn_traced(query, points, k)
 
     with torch.no_grad():
         if resolve_backend(backend) == "pytorch3d":
@@ -70,6 +72,15 @@ def _search_torch(query: torch.Tensor, points: torch.Tensor, k: int,
         parts.append(dist.topk(k, dim=-1, largest=False, sorted=False).indices)
         del dist  # free before the next chunk is computed
     return torch.cat(parts, dim=1)
+
+
+def _knn_traced(query: torch.Tensor, points: torch.Tensor, k: int) -> KNNResult:
+    """KNN written for tracing (``torch.export``, then ONNX): one top-k over all (B, M, N) squared
+    distances. No chunks (their count would depend on the batch size, which an export may leave
+    open) and no stable sort (ONNX has none): rows are ascending, tied distances in an unspecified
+    order. The neighbour sets are those of :func:`knn` up to ties at the k-th distance."""
+    dist2, idx = pairwise_sqdist(query, points).topk(k, dim=-1, largest=False, sorted=True)
+    return KNNResult(dist2, idx)
 
 
 def _exact_sorted(query: torch.Tensor, points: torch.Tensor, idx: torch.Tensor) -> KNNResult:
