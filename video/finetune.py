@@ -53,6 +53,7 @@ from mm3d.video.data import VideoDataset, VideoRecord, read_annotation_list, rea
 from mm3d.video.decode import RawFrameSource, open_record
 from mm3d.video.transforms import finetune_train_transform, test_transform
 from mm3d.video.models import VideoMAEClassifier, VideoMAEConfig, build_classifier
+from mm3d.video.tasks import clip_preprocessing
 from mm3d.video.tokens import adapt_pos_embeds, token_grid
 
 log = logging.getLogger(__name__)
@@ -476,6 +477,17 @@ class VideoMAEFinetuneTask(Task):
     def build_model(self, cfg: VideoFinetuneConfig) -> nn.Module:
         return build_classifier(replace(cfg.model, label_smoothing=0.0 if cfg.mixup.active
                                         else cfg.mixup.label_smoothing))
+
+    def preprocessing(self, cfg: VideoFinetuneConfig) -> dict[str, Any]:
+        """The test views: ``data.test_num_clips x data.test_num_crops``, short side ``data.short_side``."""
+        d = cfg.data
+        return clip_preprocessing(cfg.model, sampling=d.sampling, sampling_rate=d.sampling_rate,
+                                  short_side=d.short_side or cfg.model.img_size, clips=d.test_num_clips,
+                                  crops=d.test_num_crops)
+
+    def class_names(self, cfg: VideoFinetuneConfig) -> list[str] | None:
+        """The names of ``data.label_map`` (None without one)."""
+        return label_names(cfg, required=True) if cfg.data.label_map else None
 
     def init_weights(self, model: nn.Module, path: str, cfg: VideoFinetuneConfig) -> list[str]:
         return classifier_init_from(model, path, allow_pickle=cfg.allow_pickle)

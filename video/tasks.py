@@ -40,7 +40,7 @@ from mm3d.video.visualize import write_visualization
 log = logging.getLogger(__name__)
 
 __all__ = ["VideoDataConfig", "VideoPretrainConfig", "VideoMAEPretrainTask", "build_video_dataset",
-           "resolve_list"]
+           "clip_preprocessing", "resolve_list"]
 
 
 @dataclass
@@ -154,6 +154,19 @@ def _flatten_views(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Te
     return out
 
 
+def clip_preprocessing(model: VideoMAEConfig, *, sampling: str, sampling_rate: int, short_side: int, clips: int,
+                       crops: int) -> dict[str, Any]:
+    """The model card's input recipe of a VideoMAE model (:meth:`mm3d.task.Task.preprocessing`): the
+    evaluation views of the test transform, as ``mm3d predict`` builds them."""
+    return {"input": "video", "shape": [model.in_chans, model.num_frames, model.img_size, model.img_size],
+            "layout": "C T H W", "dtype": "float32", "color": "RGB", "frames": model.num_frames,
+            "sampling": sampling, "sampling_rate": sampling_rate, "short_side": short_side, "size": model.img_size,
+            "views": {"clips": clips, "crops": crops, "clip_placement": "evenly spread over the video",
+                      "crop_placement": "centre" if crops == 1 else f"{crops} crops along the long side",
+                      "combine": "mean of the views' softmax"},
+            "scale": "pixel / 255", "mean": list(TR.IMAGENET_DEFAULT_MEAN), "std": list(TR.IMAGENET_DEFAULT_STD)}
+
+
 class VideoMAEPretrainTask(Task):
     """VideoMAE pretraining: tube-masked pixel reconstruction of video clips."""
 
@@ -165,6 +178,11 @@ class VideoMAEPretrainTask(Task):
 
     def build_model(self, cfg: VideoPretrainConfig) -> nn.Module:
         return build_pretrain_model(cfg.model)
+
+    def preprocessing(self, cfg: VideoPretrainConfig) -> dict[str, Any]:
+        """One centre view (the evaluation split's), ``model.num_frames`` frames at ``data.sampling_rate``."""
+        return clip_preprocessing(cfg.model, sampling=cfg.data.sampling, sampling_rate=cfg.data.sampling_rate,
+                                  short_side=cfg.model.img_size, clips=1, crops=1)
 
     def build_datasets(self, cfg: VideoPretrainConfig, splits: Iterable[str]) -> dict[str, Dataset]:
         d = cfg.data
