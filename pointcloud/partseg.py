@@ -44,6 +44,7 @@ from mm3d.pointcloud.seg_metrics import (SegmentationMeter, category_part_mask, 
                                          restrict_to_category)
 from mm3d.pointcloud.segmentation import SegHeadConfig, build_segmentation_model
 from mm3d.pointcloud.splits import Indexed, require_root
+from mm3d.pointcloud.tasks import cloud_preprocessing
 from mm3d.pointcloud.transforms import PointAugmentation, training_batch_transform
 from mm3d.pointcloud.visualize import CloudRenderer, show_interactive
 
@@ -168,6 +169,15 @@ class PointMAEPartSegTask(Task):
 
     def build_model(self, cfg: PointPartSegConfig) -> nn.Module:
         return build_segmentation_model(cfg.model, cfg.head)
+
+    def preprocessing(self, cfg: PointPartSegConfig) -> dict[str, Any]:
+        """``data.npoints`` points per shape (normalised once) and the shape's category as a second input."""
+        draw = "with replacement" if cfg.data.sample_replace else "without repeats unless the shape has fewer points"
+        return {**cloud_preprocessing(cfg.model, cfg.data.npoints, sampling=f"random, {draw}",
+                                      normalisation="before sampling: each shape centred and scaled into the unit sphere"),
+                "extra_inputs": {"cls_label": {"shape": [], "dtype": "int64",
+                                               "meaning": "the shape's category, an index into categories",
+                                               "categories": list(SHAPENETPART_CATEGORIES)}}}
 
     def train_split(self, cfg: PointPartSegConfig) -> str:
         if cfg.data.train_split != "auto":

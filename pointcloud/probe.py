@@ -45,11 +45,12 @@ from mm3d.registry import register_task
 from mm3d.results import write_classification_split, write_results_md
 from mm3d.task import EvalResult, Task
 from mm3d.pointcloud.checkpoints import load_encoder_checkpoint
-from mm3d.pointcloud.classification import (ClsDataConfig, build_cls_datasets, eval_points, majority_accuracy,
-                                            resolve_num_classes)
+from mm3d.pointcloud.classification import (ClsDataConfig, build_cls_datasets, class_names, eval_points,
+                                            majority_accuracy, resolve_num_classes)
 from mm3d.pointcloud.models import PointMAEConfig, build_pretrain_model
 from mm3d.pointcloud.protocol import TABLE_INFO, table_info
 from mm3d.pointcloud.splits import stratified_split
+from mm3d.pointcloud.tasks import cloud_preprocessing
 
 log = logging.getLogger(__name__)
 
@@ -300,6 +301,13 @@ class PointSVMTask(Task):
 
     def build_model(self, cfg: PointSVMConfig) -> nn.Module:
         return build_pretrain_model(cfg.model)
+
+    def preprocessing(self, cfg: PointSVMConfig) -> dict[str, Any]:
+        """The evaluation clouds: ``data.npoints`` farthest points."""
+        return cloud_preprocessing(cfg.model, cfg.data.npoints, sampling="farthest point sampling from point 0")
+
+    def class_names(self, cfg: PointSVMConfig) -> list[str] | None:
+        return class_names(cfg)
 
     def build_datasets(self, cfg: PointSVMConfig, splits: Iterable[str]) -> dict[str, Dataset]:
         splits = set(splits) - {"val"}  # C is chosen inside evaluate, on features

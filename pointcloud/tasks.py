@@ -145,6 +145,18 @@ def prepare_points(points: torch.Tensor, npoints: int, *, seed: int = 0) -> torc
     return normalize_unit_sphere(xyz[idx])
 
 
+def cloud_preprocessing(model: PointMAEConfig, npoints: int, *, sampling: str,
+                        normalisation: str = "after sampling: centred on the centroid, scaled so that the "
+                                              "farthest point is at distance 1") -> dict[str, Any]:
+    """The model card's input recipe of a Point-MAE model (:meth:`mm3d.task.Task.preprocessing`):
+    `npoints` points chosen by `sampling`, normalised by `normalisation`; the grouping is the model's."""
+    return {"input": "points", "shape": [npoints, 3], "layout": "N xyz", "dtype": "float32", "npoints": npoints,
+            "columns": "x y z (further columns dropped)", "sampling": sampling, "normalisation": normalisation,
+            "grouping": {"groups": model.num_group, "group_size": model.group_size,
+                         "centres": "farthest point sampling from point 0", "neighbours": "k nearest",
+                         "where": "inside the model (and its exports)"}}
+
+
 class PointMAEPretrainTask(Task):
     """Point-MAE pretraining: masked patch reconstruction with a Chamfer loss."""
 
@@ -156,6 +168,11 @@ class PointMAEPretrainTask(Task):
 
     def build_model(self, cfg: PointPretrainConfig) -> nn.Module:
         return build_pretrain_model(cfg.model)
+
+    def preprocessing(self, cfg: PointPretrainConfig) -> dict[str, Any]:
+        """``data.npoints`` random points of a file (repeats when it has fewer), as the datasets draw them."""
+        return cloud_preprocessing(cfg.model, cfg.data.npoints,
+                                   sampling="random, without repeats unless the file has fewer points")
 
     def build_datasets(self, cfg: PointPretrainConfig, splits: Iterable[str]) -> dict[str, Dataset]:
         return build_pretrain_datasets(cfg.data, splits, seed=cfg.seed)
