@@ -335,8 +335,10 @@ def read_eval_cloud(path: str | Path, data: Any, *, seed: int = 0) -> torch.Tens
     Unreadable files raise OSError or ValueError naming the file. Used by
     :meth:`PointMAEClassifyTask.predict` and :func:`mm3d.pointcloud.load_cloud`.
     """
-    xyz = torch.from_numpy(np.ascontiguousarray(read_points(
-        path, bin_columns=data.bin_columns, drop_nonfinite=data.drop_nonfinite)[:, :3]))
+    points = read_points(path, bin_columns=data.bin_columns, drop_nonfinite=data.drop_nonfinite)
+    if points.ndim != 2 or points.shape[1] < 3 or points.shape[0] == 0:
+        raise ValueError(f"{path}: expected points with x, y, z first, read an array of shape {points.shape}")
+    xyz = torch.from_numpy(np.ascontiguousarray(points[:, :3]))
     n = data.npoints
     idx = sample_indices(xyz, n, "fps") if xyz.shape[0] >= n else \
         sample_indices(xyz, n, "random", generator=torch.Generator().manual_seed(seed))
