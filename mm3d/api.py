@@ -212,6 +212,10 @@ def _read(path: Path, families: list[ModelFamily], like: Any | None,
         source = family.read(path, ckpt, like, allow_pickle)
         if source is not None:
             return family, source
+    for other in (f for _, f in FAMILIES.items() if f not in families):
+        if other.read(path, ckpt, None, allow_pickle) is not None:
+            raise CheckpointError(f"{path} holds a {other.modality} model, not a {families[0].modality} one: "
+                                  f"give a {families[0].modality} variant name, or none")
     what = "a folder" if ckpt is None else "a checkpoint"
     of = f" of {families[0].modality} models" if len(families) == 1 else ""
     raise CheckpointError(f"{path} is {what} that no mm3d model family{of} recognises: expected one of our "
