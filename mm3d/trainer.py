@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -50,6 +51,7 @@ from mm3d.distributed import (StopVote, all_reduce_min, all_reduce_sum, barrier,
                               get_info, init_distributed)
 from mm3d.engine import OptimizerStep, amp_dtype, autocast, batch_size_of, move_to_device, unwrap
 from mm3d.errors import UserError
+from mm3d.modelcard import build_card, checkpoint_card, write_run_card
 from mm3d.registry import TASKS
 from mm3d.results import jsonable, published_markdown, selection_split
 from mm3d.task import EvalResult, Task
@@ -615,7 +617,20 @@ class Trainer:
             "config": to_dict(self.cfg),
             "world_size": self.info.world_size,
             "mm3d_version": __import__("mm3d").__version__,
+            "model_card": self.model_card(),
         }
+
+    @functools.cached_property
+    def _card(self) -> dict[str, Any]:
+        return build_card(self.task, self.cfg, model=unwrap(self.model),
+                          protocol=self.task.run_info(self.cfg, self.datasets))
+
+    def model_card(self) -> dict[str, Any]:
+        """The card stored in each checkpoint (:mod:`mm3d.modelcard`), with the selection split's
+        evaluation when one was made at this step; the final metrics go to ``model_card.json``."""
+        last = self.eval_records[-1] if self.eval_records else None
+        return checkpoint_card(self._card, step=self.state.step, epoch=self.state.epoch,
+                               evaluation=last if last is not None and last["step"] == self.state.step else None)
 
     def _save(self, metric: float | None = None) -> None:
         """Rank 0 writes the checkpoint; every rank learns whether it could (a full or read-only
@@ -915,6 +930,8 @@ class Trainer:
                 results.pop("eval_results", None)
                 results["history"] = self.state.history
                 (self.run_dir / "results.json").write_text(json.dumps(jsonable(results), indent=1))
+                scored = Path(results["checkpoint"]) if results.get("checkpoint") else self.ckpt.latest()
+                write_run_card(self.run_dir, scored, results, weights="ema" if self.ema is not None else "model")
         else:
             results.pop("eval_results", None)
         self.logger.close()
