@@ -57,6 +57,7 @@ from mm3d.pointcloud.io import read_points
 from mm3d.pointcloud.models import PointMAEConfig, build_classifier
 from mm3d.pointcloud.protocol import TABLE_INFO, table_info
 from mm3d.pointcloud.splits import Indexed, require_root, stratified_split
+from mm3d.pointcloud.tasks import cloud_preprocessing
 from mm3d.pointcloud.transforms import (ShapeAugmentation, build_point_augmentation, normalize_unit_sphere,
                                         random_subset, sample_indices, sample_points, training_batch_transform)
 
@@ -400,6 +401,14 @@ class PointMAEClassifyTask(Task):
 
     def build_model(self, cfg: PointClassifyConfig) -> nn.Module:
         return build_classifier(cfg.model, resolve_num_classes(cfg))
+
+    def preprocessing(self, cfg: PointClassifyConfig) -> dict[str, Any]:
+        """What ``mm3d predict`` does to a file (:func:`read_eval_cloud`)."""
+        return cloud_preprocessing(cfg.model, cfg.data.npoints, sampling="farthest point sampling from point 0 "
+                                   "(random, with repeats, when the file has fewer points)")
+
+    def class_names(self, cfg: PointClassifyConfig) -> list[str] | None:
+        return class_names(cfg)
 
     def build_datasets(self, cfg: PointClassifyConfig, splits: Iterable[str]) -> dict[str, Dataset]:
         return build_cls_datasets(cfg, splits)
