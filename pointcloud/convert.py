@@ -26,6 +26,7 @@ import torch
 
 from mm3d.checkpoint import load_checkpoint
 from mm3d.config import to_dict
+from mm3d.modelcard import converted_card
 from mm3d.registry import register_converter
 from mm3d.pointcloud.models import PointMAEConfig, build_classifier, build_pretrain_model
 from mm3d.pointcloud.tasks import PointPretrainConfig
@@ -265,7 +266,9 @@ def convert_pointmae_official(src: str, dst: str, *, allow_pickle: bool = False)
         "official": {k: _plain(v) for k, v in extra.items() if k in ("epoch", "metrics", "best_metrics")},
     }
     Path(dst).parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": ours, "config": config, "meta": meta}, dst)
+    card = converted_card(config, {"converter": "pointmae-official", "file": str(src), "weights": report.kind,
+                                   "notes": list(report.notes)}, modality="pointcloud")
+    torch.save({"model": ours, "config": config, "meta": meta, "model_card": card}, dst)
     ignored = sorted(k for k in extra if k not in ("epoch", "metrics", "best_metrics"))
     lines = report.lines()
     if ignored:

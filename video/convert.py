@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from mm3d.checkpoint import extract_state_dict, load_checkpoint
 from mm3d.config import config_from_dict, to_dict
+from mm3d.modelcard import converted_card
 from mm3d.registry import register_converter
 from mm3d.video.models import VideoMAEClassifier, VideoMAEConfig
 from mm3d.video.tokens import adapt_pos_embeds, build_pos_embed
@@ -483,9 +484,11 @@ def classifier_init_state(state_dict: Mapping[str, torch.Tensor], model: VideoMA
 
 
 def _save_ours(conv: ConvertedWeights, dst: str, source: str, src: str) -> list[str]:
-    out = {"model": conv.state_dict,
-           "config": {"task": TASK_OF_KIND[conv.kind], "model": to_dict(conv.config)},
-           "meta": {"converted_from": source, "source": str(src), "kind": conv.kind}}
+    config = {"task": TASK_OF_KIND[conv.kind], "model": to_dict(conv.config)}
+    out = {"model": conv.state_dict, "config": config,
+           "meta": {"converted_from": source, "source": str(src), "kind": conv.kind},
+           "model_card": converted_card(config, {"converter": source, "file": str(src), "weights": conv.kind,
+                                                 "notes": list(conv.notes)}, modality="video")}
     Path(dst).parent.mkdir(parents=True, exist_ok=True)
     torch.save(out, dst)
     cfg = conv.config
