@@ -68,8 +68,8 @@ class ExtractOptions:
         and its picture.
     batch_size: windows (video) or files (point clouds) per forward pass.
     num_workers: processes that read and prepare inputs while the model runs (0: in this process).
-    fps: frame rate of frame folders (and to override a video's own); seconds are left empty when a
-        frame folder has none.
+    fps: frame rate of frame folders (and of videos whose container states none); their seconds are
+        left empty without it.
     """
 
     window: int | None = None
@@ -423,7 +423,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--window", type=int, help="video: frames per feature (default: the checkpoint's "
                    "model.num_frames x data.sampling_rate)")
     p.add_argument("--stride", type=int, help="video: frames between window starts (default: --window)")
-    p.add_argument("--fps", type=float, help="video: frame rate of frame folders (and to override a video's own)")
+    p.add_argument("--fps", type=float, help="video: frame rate of frame folders (videos use their own)")
     p.add_argument("--pool", choices=POOLS, help="mean (video default), max+mean (point-cloud default), "
                    "cls (class token of a classifier) or none (keep the tokens)")
     p.add_argument("--per-point", action="store_true",

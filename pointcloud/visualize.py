@@ -103,7 +103,7 @@ class CloudRenderer:
             raise ValueError(f"image size must be positive, got {width}x{height}")
         from open3d.visualization import rendering
 
-        self.width, self.height, self.radius = width, height, radius
+        self.width, self.height, self.radius, self.point_size = width, height, radius, point_size
         self._renderer = rendering.OffscreenRenderer(width, height)
         self._material = rendering.MaterialRecord()
         self._material.shader = "defaultUnlit"
@@ -118,10 +118,11 @@ class CloudRenderer:
         scene.camera.set_projection(_FOV_DEG, width / height, 0.05 * self.distance, self.distance + 4.0 * radius,
                                     rendering.Camera.FovType.Vertical)
 
-    def render(self, clouds: Sequence[np.ndarray], colors: Sequence[Any], *, view: View | None = None) -> np.ndarray:
+    def render(self, clouds: Sequence[np.ndarray], colors: Sequence[Any], *, view: View | None = None,
+               point_size: float | None = None) -> np.ndarray:
         """clouds: list of (N_i, 3) arrays; colors: per cloud an RGB triple in [0, 1] or an
-        (N_i, 3) array; view: the camera (None: :func:`principal_view` of all the clouds together).
-        Returns the (H, W, 3) uint8 image."""
+        (N_i, 3) array; view: the camera (None: :func:`principal_view` of all the clouds together);
+        point_size: in pixels, for this picture (None: the renderer's). Returns the (H, W, 3) uint8 image."""
         if len(clouds) != len(colors):
             raise ValueError(f"{len(clouds)} clouds but {len(colors)} colours")
         if view is None:
@@ -131,6 +132,7 @@ class CloudRenderer:
         self._renderer.scene.camera.look_at([0.0, 0.0, 0.0], eye.tolist(), view.up.tolist())
         scene = self._renderer.scene
         scene.clear_geometry()
+        self._material.point_size = float(self.point_size if point_size is None else point_size)
         for i, (pts, col) in enumerate(zip(clouds, colors)):
             pcd = to_open3d(pts, col)
             if len(pcd.points):

@@ -11,8 +11,8 @@ checkpoint's clip: ``window = num_frames x data.sampling_rate`` frames, ``stride
 Outputs per video: ``NAME.npy``, (num_windows, D) pooled features (``--pool none``: (num_windows,
 L, D) tokens), and ``NAME.csv``, one row per window: ``video`` (NAME), ``path``, ``window``,
 ``start_frame``, ``end_frame`` (one past the last frame the window covers), ``start_sec`` and
-``end_sec`` (frame / fps) and ``fps`` (the container's frame rate; ``--fps`` for frame folders,
-whose seconds are otherwise left empty).
+``end_sec`` (frame / fps) and ``fps`` (the container's frame rate; ``--fps`` for frame folders and
+videos that state none, whose seconds are otherwise left empty).
 
 This is the layout of VideoMAEv2's temporal-action-detection features (``extract_tad_feature.py``:
 one ``<video>.npy`` of (num_windows, D) per video, 16-frame windows every 4 frames for THUMOS14,
@@ -174,7 +174,7 @@ class _ChunkStream(torch.utils.data.IterableDataset):
             return
         try:
             win = sliding_windows(src.num_frames, self.window, self.stride, self.clip_len)
-            fps = self.fps or (None if os.path.isdir(path) else video_fps(path))
+            fps = (None if os.path.isdir(path) else video_fps(path)) or self.fps
             blocks = _blocks(src, np.unique(win.indices), FRAME_BLOCK, self.data.num_threads)
             views: dict[int, torch.Tensor] = {}  # prepared frames (C, S, S) still needed
             loaded = -1
