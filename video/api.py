@@ -29,7 +29,7 @@ from torch import nn
 
 from mm3d.api import ModelFamily, SourceInfo, register_family
 from mm3d.checkpoint import CheckpointError, extract_state_dict, load_checkpoint, load_model_weights
-from mm3d.config import RunConfig, config_from_dict, load_config, to_dict
+from mm3d.config import RunConfig, config_from_dict, load_config
 from mm3d.errors import UserError
 from mm3d.registry import TASKS
 from mm3d.video.convert import hf_config_to_ours, hf_to_ours, load_hf_dir, official_to_ours
