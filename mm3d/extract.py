@@ -367,7 +367,8 @@ def extract(extractor: FeatureExtractor, inputs: Sequence[ExtractInput], out: Pa
         bar.close()
     parts = gather_objects((done, skipped, failed))
     done, skipped = sum(p[0] for p in parts), sum(p[1] for p in parts)
-    failed = [f for p in parts for f in p[2]]
+    order = {item.path: i for i, item in enumerate(inputs)}
+    failed = sorted((f for p in parts for f in p[2]), key=lambda f: order.get(f[0], -1))  # input order
     barrier()
     if info.is_main:
         _write_index(out, inputs, extractor.suffixes)

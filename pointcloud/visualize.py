@@ -94,7 +94,8 @@ class CloudRenderer:
     """One Open3D ``OffscreenRenderer`` (creating one costs ~0.5 s): render many clouds with it.
 
     width, height: image size in pixels; point_size: point diameter in pixels; radius: the
-    camera frames a sphere of this radius at the origin, from any :class:`View`.
+    camera frames a sphere of this radius at the origin, from any :class:`View`. Keep one alive at a
+    time: Open3D aborts the process when two renderers that have drawn exist together.
     """
 
     def __init__(self, width: int = 480, height: int = 480, *, point_size: float = 5.0,

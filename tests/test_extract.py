@@ -112,7 +112,8 @@ def test_video_windows_and_timestamps_of_real_clips(realdata, ckpts, tmp_path, c
                                  "--window", 16, "--stride", 4, "--batch-size", 16)
     assert rc == 0 and summary == {"out": str(out), "inputs": 4, "done": 4, "skipped": 0, "failed": 0}
     expected = {"demo": (280, 28.0), "test": (164, 25.0), "ApplyEyeMakeup_clip": (10, None), "anim": (40, 10.0)}
-    windows = {"demo": 1 + (280 - 16) // 4, "test": 1 + (164 - 16) // 4, "ApplyEyeMakeup_clip": 1, "anim": 1 + (40 - 16) // 4}
+    windows = {"demo": 1 + (280 - 16) // 4, "test": 1 + (164 - 16) // 4, "ApplyEyeMakeup_clip": 1,
+               "anim": 1 + (40 - 16) // 4}
     assert windows == {"demo": 67, "test": 38, "ApplyEyeMakeup_clip": 1, "anim": 7}
     rows = read_index(out / "index.csv")
     assert [r["video"] for r in rows] == [n for n in expected for _ in range(windows[n])]  # input order
@@ -129,7 +130,8 @@ def test_video_windows_and_timestamps_of_real_clips(realdata, ckpts, tmp_path, c
                 assert r["start_sec"] == r["end_sec"] == r["fps"] == ""
             else:
                 assert float(r["fps"]) == fps
-                assert float(r["start_sec"]) == pytest.approx(start / fps) and float(r["end_sec"]) == pytest.approx(end / fps)
+                assert float(r["start_sec"]) == pytest.approx(start / fps)
+                assert float(r["end_sec"]) == pytest.approx(end / fps)
     assert float(rows[66]["start_sec"]) == pytest.approx(264 / 28)  # the mp4's last window starts at 9.43 s
     # distinct windows see distinct frames
     assert not np.allclose(np.load(out / "demo.npy")[0], np.load(out / "demo.npy")[-1])
@@ -184,7 +186,8 @@ def test_video_features_equal_the_models_own(realdata, ckpts, tmp_path, capsys):
     rc, _, _ = run_extract(capsys, avi, "--checkpoint", ckpts["video_pre"], "--out", tmp_path / "pre", "--stride", 4)
     with torch.no_grad():
         assert_close(np.load(tmp_path / "pre" / "test.npy")[18], pre.forward_features(clip[None])[0].mean(0), atol=1e-5)
-    rc, _, err = run_extract(capsys, avi, "--checkpoint", ckpts["video_pre"], "--out", tmp_path / "cls", "--pool", "cls")
+    rc, _, err = run_extract(capsys, avi, "--checkpoint", ckpts["video_pre"], "--out", tmp_path / "cls",
+                             "--pool", "cls")
     assert rc == 2 and "mm3d extract: error: --pool cls: this model has no class token" in err
 
 
@@ -208,6 +211,11 @@ def test_bad_inputs_go_to_failed_txt_and_the_rest_go_on(ckpts, tmp_path, capsys,
     assert "does not exist" in failed[1] and "no frames" in failed[2]
     assert np.load(out / "good.npy").shape == (1, D) and {r["video"] for r in read_index(out / "index.csv")} == {"good"}
     assert sorted(p.name for p in out.iterdir()) == ["failed.txt", "good.csv", "good.npy", "index.csv"]
+    # read by two worker processes: the same files
+    good = (out / "good.npy").read_bytes()
+    rc, summary, _ = run_extract(capsys, corrupt, gif, missing, empty, *args, "--num-workers", 2, "--overwrite")
+    assert rc == 1 and (out / "good.npy").read_bytes() == good
+    assert (out / "failed.txt").read_text().splitlines() == failed
     # again: the good one is skipped, the bad ones fail again; without them, failed.txt goes
     rc, summary, _ = run_extract(capsys, corrupt, gif, missing, empty, *args)
     assert rc == 1 and (summary["skipped"], summary["failed"]) == (1, 3)
@@ -224,7 +232,8 @@ def test_pca_colors_follow_the_principal_components():
     rng = np.random.default_rng(0)
     t, s = rng.normal(size=(2, 500))
     u, v = np.linalg.qr(rng.normal(size=(8, 2)))[0].T  # orthonormal directions in 8-D
-    feats = torch.tensor(3 * t[:, None] * u + 1 * s[:, None] * v + 0.01 * rng.normal(size=(500, 8)), dtype=torch.float32)
+    feats = torch.tensor(3 * t[:, None] * u + 1 * s[:, None] * v + 0.01 * rng.normal(size=(500, 8)),
+                         dtype=torch.float32)
     rgb = pca_colors(feats).numpy()
     assert rgb.shape == (500, 3) and rgb.min() >= 0 and rgb.max() <= 1
     rank = lambda x: np.argsort(np.argsort(x))  # noqa: E731
@@ -291,7 +300,8 @@ def test_point_features_equal_the_models_own_and_per_point_files(clouds, ckpts, 
 
     # a classifier: its class token, and its tokens (class token first) with the patch centres
     cls_model = mm3d.create_model(checkpoint=ckpts["pc_cls"])
-    rc, _, _ = run_extract(capsys, clouds[0], "--checkpoint", ckpts["pc_cls"], "--out", tmp_path / "cls", "--pool", "cls")
+    rc, _, _ = run_extract(capsys, clouds[0], "--checkpoint", ckpts["pc_cls"], "--out", tmp_path / "cls",
+                           "--pool", "cls")
     rc2, _, _ = run_extract(capsys, clouds[0], "--checkpoint", ckpts["pc_cls"], "--out", tmp_path / "none",
                             "--pool", "none")
     sample = mm3d.pointcloud.load_cloud(clouds[0], checkpoint=ckpts["pc_cls"])
@@ -357,7 +367,8 @@ def test_list_root_and_output_names(ckpts, tmp_path, capsys):
     listing = tmp_path / "list.txt"
     listing.write_text("# an annotation list: path label\na/x.npy 3\n\nb/x.npy,4\n")
     out = tmp_path / "out"
-    rc, summary, _ = run_extract(capsys, "--list", listing, "--root", root, "--checkpoint", ckpts["pc_pre"], "--out", out)
+    rc, summary, _ = run_extract(capsys, "--list", listing, "--root", root, "--checkpoint", ckpts["pc_pre"],
+                                 "--out", out)
     assert rc == 0 and summary["inputs"] == 2
     assert (out / "a" / "x.npy").is_file() and (out / "b" / "x.npy").is_file()
     assert [r["name"] for r in read_index(out / "index.csv")] == ["a/x", "b/x"]
@@ -392,8 +403,9 @@ def test_torchrun_shards_the_inputs(clouds, ckpts, tmp_path):
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 1 and json.loads(lines[0])["done"] == 3  # one summary of all ranks, from rank 0
     single = tmp_path / "single"
-    subprocess.run([sys.executable, "-m", "mm3d.cli", "extract", *map(str, clouds), "--checkpoint", str(ckpts["pc_pre"]),
-                    "--out", str(single), "--device", "cpu", "--no-progress"], check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "mm3d.cli", "extract", *map(str, clouds), "--checkpoint",
+                    str(ckpts["pc_pre"]), "--out", str(single), "--device", "cpu", "--no-progress"],
+                   check=True, capture_output=True)
     for name in ("bunny.npy", "chair_0391.npy", "small.npy", "index.csv"):
         assert np.array_equal(np.load(out / name), np.load(single / name)) if name.endswith(".npy") else \
             (out / name).read_text() == (single / name).read_text()

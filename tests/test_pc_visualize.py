@@ -104,7 +104,8 @@ def test_render_puts_points_where_the_camera_projects_them(size, view):
     assert (img[~drawn] == 255).all()  # white everywhere else
 
 
-def flat_square(normal_to_view: np.ndarray, n: int = 3000, half: float = 0.7, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def flat_square(normal_to_view: np.ndarray, n: int = 3000, half: float = 0.7,
+                seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """A square of side 2 * `half` whose plane contains the direction `normal_to_view` (so that a camera
     looking along it sees an edge), with slight noise off the plane; returns (points (n, 3), normal)."""
     along = normal_to_view / np.linalg.norm(normal_to_view)
