@@ -24,12 +24,13 @@ and the command fails when it exceeds ``--tolerance``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -120,6 +121,20 @@ def trace(model: nn.Module, example: torch.Tensor, input_name: str, *, dynamic_b
                            f"shape {tuple(example.shape)}: {e}") from e
 
 
+@contextlib.contextmanager
+def _quiet_onnx_logs() -> Iterator[None]:
+    """The ONNX exporter's passes log every rewrite at INFO; keep them at WARNING while it runs."""
+    loggers = [logging.getLogger(name) for name in ("onnx_ir", "onnxscript", "torch.onnx")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 def _save_onnx(program: torch.export.ExportedProgram, example: torch.Tensor, path: Path, input_name: str,
                names: Sequence[str], card: Mapping[str, Any], *, dynamic_batch: bool) -> None:
     for module in ("onnx", "onnxscript"):
@@ -127,8 +142,9 @@ def _save_onnx(program: torch.export.ExportedProgram, example: torch.Tensor, pat
             raise UserError(f"--format onnx needs the {module} package: pip install 'mm3d[export]' "
                             f"(onnx, onnxscript, onnxruntime)")
     shapes = {"x": {0: torch.export.Dim("batch", min=1)}} if dynamic_batch else None
-    onnx_program = torch.onnx.export(program, (example,), dynamo=True, input_names=[input_name],
-                                     output_names=list(names), dynamic_shapes=shapes, verbose=False)
+    with _quiet_onnx_logs():
+        onnx_program = torch.onnx.export(program, (example,), dynamo=True, input_names=[input_name],
+                                         output_names=list(names), dynamic_shapes=shapes, verbose=False)
     onnx_program.model.metadata_props[ONNX_KEY] = json.dumps(jsonable(card))
     size = sum(t.numel() * t.element_size() for t in program.state_dict.values())
     onnx_program.save(str(path), external_data=size > ONNX_INLINE_BYTES)
@@ -145,18 +161,30 @@ def _set_onnx_card(path: Path, card: Mapping[str, Any]) -> None:
     onnx.save(proto, str(path))
 
 
-def run_exported(path: str | Path, x: torch.Tensor) -> list[np.ndarray]:
-    """Run an exported file on `x` from disk: an ``.onnx`` with onnxruntime (CPU), a ``.pt2`` with
-    :func:`torch.export.load`. Returns the outputs in order, as float arrays."""
+def load_exported(path: str | Path) -> Callable[[torch.Tensor], list[np.ndarray]]:
+    """An exported file, loaded once from disk, as a function of one input batch: an ``.onnx`` runs in
+    onnxruntime (CPU), a ``.pt2`` through :func:`torch.export.load`. It returns the outputs in order,
+    as float arrays."""
     path = Path(path)
     if path.suffix == ".onnx":
         import onnxruntime as ort
 
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        return list(session.run(None, {session.get_inputs()[0].name: x.numpy()}))
-    with torch.no_grad():
-        out = torch.export.load(str(path)).module()(x)
-    return [t.numpy() for t in (out if isinstance(out, (tuple, list)) else (out,))]
+        name = session.get_inputs()[0].name
+        return lambda x: list(session.run(None, {name: x.numpy()}))
+    module = torch.export.load(str(path)).module()
+
+    def run(x: torch.Tensor) -> list[np.ndarray]:
+        with torch.no_grad():
+            out = module(x)
+        return [t.numpy() for t in (out if isinstance(out, (tuple, list)) else (out,))]
+
+    return run
+
+
+def run_exported(path: str | Path, x: torch.Tensor) -> list[np.ndarray]:
+    """Run an exported file on `x` (:func:`load_exported`)."""
+    return load_exported(path)(x)
 
 
 def _verify(path: Path, module: ExportModule, preprocessing: Mapping[str, Any], batches: Sequence[int]
@@ -164,12 +192,13 @@ def _verify(path: Path, module: ExportModule, preprocessing: Mapping[str, Any], 
     """The largest difference between the file and `module` over random inputs of `batches`, and
     the output shapes of the first."""
     worst, shapes = 0.0, {}
+    exported = load_exported(path)
     for b in batches:
         x = example_input(preprocessing, b, seed=b)
         with torch.no_grad():
             ref = module(x)
         ref = ref if isinstance(ref, tuple) else (ref,)
-        got = run_exported(path, x)
+        got = exported(x)
         if len(got) != len(ref):
             raise RuntimeError(f"{path} gave {len(got)} outputs, the model {len(ref)}")
         for g, r in zip(got, ref):
