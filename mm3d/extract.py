@@ -13,7 +13,9 @@ is done once, here:
 - ``torchrun`` shards the inputs over the ranks (input i goes to rank ``i % world_size``);
 - an input whose outputs all exist is skipped, so a re-run resumes (``--overwrite`` redoes it);
   every file is written to a temporary name beside it and renamed (:func:`write_atomic`), so a
-  killed run leaves no half file, and its temporary files are deleted by the next run;
+  killed run leaves no half file, and its temporary files are deleted by the next run. The
+  settings that decide the features (checkpoint, ``--set``, window, stride, pool, per-point, fps)
+  are kept in ``OUT/extract.json``; a re-run with other settings is refused unless ``--overwrite``;
 - an input that cannot be read is logged, listed in ``OUT/failed.txt`` (``path<TAB>reason``) and
   the others go on; the exit status is then 1 (``failed.txt`` is removed by a run with no failure);
 - a progress bar with the rate and ETA (tqdm, rank 0);
@@ -54,6 +56,7 @@ POOLS: tuple[str, ...] = ("mean", "max+mean", "cls", "none")
 
 INDEX_FILE = "index.csv"
 FAILED_FILE = "failed.txt"
+SETTINGS_FILE = "extract.json"
 ROW_SUFFIX = ".csv"  # each input's own index rows, written last: the input is done when it exists
 
 
@@ -327,16 +330,39 @@ class ExtractSummary:
     failed: list[tuple[str, str]]
 
 
+def check_settings(out: Path, settings: dict[str, Any], overwrite: bool) -> None:
+    """Refuse to add to `out` features made with other `settings` (those in ``extract.json``) unless
+    `overwrite`; raises UserError naming each changed setting."""
+    path = out / SETTINGS_FILE
+    if overwrite or not path.is_file():
+        return
+    try:
+        before = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return  # unreadable: written again after the run starts
+    changed = [f"{k}: {before.get(k)!r} -> {settings.get(k)!r}" for k in sorted(set(before) | set(settings))
+               if before.get(k) != settings.get(k)]
+    if changed:
+        raise UserError(f"{out} holds features made with other settings ({'; '.join(changed)}): give another "
+                        f"--out, or --overwrite to redo every input")
+
+
 def extract(extractor: FeatureExtractor, inputs: Sequence[ExtractInput], out: Path, *,
-            overwrite: bool = False, progress: bool = True) -> ExtractSummary:
+            overwrite: bool = False, progress: bool = True, settings: dict[str, Any] | None = None) -> ExtractSummary:
     """Run `extractor` over this rank's share of `inputs` into `out` (see the module docstring);
-    rank 0 then writes ``index.csv`` and ``failed.txt``. Every rank must call it."""
+    rank 0 then writes ``index.csv`` and ``failed.txt``. `settings`: what decides the features (JSON
+    values), kept in ``extract.json`` and checked by :func:`check_settings`. Every rank must call it."""
     info = get_info()
     out.mkdir(parents=True, exist_ok=True)
+    if settings is not None:
+        check_settings(out, settings, overwrite)
+    barrier()
     if info.is_main:
         removed = remove_temporary_files(out)
         if removed:
             log.info("removed %d temporary files of an interrupted run from %s", removed, out)
+        if settings is not None:
+            write_atomic(out / SETTINGS_FILE, lambda tmp: tmp.write_text(json.dumps(settings, indent=1) + "\n"))
     barrier()
     mine = list(inputs[info.rank::info.world_size])
     todo = [it for it in mine if overwrite or not all(p.is_file() for p in output_paths(out, it, extractor.suffixes))]
@@ -358,6 +384,7 @@ def extract(extractor: FeatureExtractor, inputs: Sequence[ExtractInput], out: Pa
                 missing = set(extractor.suffixes) - set(result.files)
                 if missing:
                     raise AssertionError(f"the extractor wrote no {sorted(missing)} for {result.input.path}")
+                paths[-1].unlink(missing_ok=True)  # an input being redone is not done until its rows are written
                 for suffix, p in zip(extractor.suffixes, paths):
                     write_atomic(p, result.files[suffix])
                 write_atomic(paths[-1], lambda tmp, rows=result.rows: write_rows_csv(tmp, rows))
@@ -448,7 +475,11 @@ def run(args: argparse.Namespace) -> int:
     info, device = init_distributed(args.device)
     task, cfg, model = model_from_checkpoint(args.checkpoint, args.allow_pickle, args.overrides)
     extractor = task.feature_extractor(model.to(device), cfg, options, device)
-    summary = extract(extractor, inputs, Path(args.out), overwrite=args.overwrite, progress=args.progress)
+    settings = {"checkpoint": str(Path(args.checkpoint).resolve()), "set": list(args.overrides),
+                "window": options.window, "stride": options.stride, "pool": options.pool,
+                "per_point": options.per_point, "fps": options.fps}
+    summary = extract(extractor, inputs, Path(args.out), overwrite=args.overwrite, progress=args.progress,
+                      settings=settings)
     if info.is_main:
         print(json.dumps({"out": args.out, "inputs": summary.inputs, "done": summary.done,
                           "skipped": summary.skipped, "failed": len(summary.failed)}))

@@ -210,7 +210,7 @@ def test_bad_inputs_go_to_failed_txt_and_the_rest_go_on(ckpts, tmp_path, capsys,
         assert reason in caplog.messages  # logged as met
     assert "does not exist" in failed[1] and "no frames" in failed[2]
     assert np.load(out / "good.npy").shape == (1, D) and {r["video"] for r in read_index(out / "index.csv")} == {"good"}
-    assert sorted(p.name for p in out.iterdir()) == ["failed.txt", "good.csv", "good.npy", "index.csv"]
+    assert sorted(p.name for p in out.iterdir()) == ["extract.json", "failed.txt", "good.csv", "good.npy", "index.csv"]
     # read by two worker processes: the same files
     good = (out / "good.npy").read_bytes()
     rc, summary, _ = run_extract(capsys, corrupt, gif, missing, empty, *args, "--num-workers", 2, "--overwrite")
@@ -315,7 +315,7 @@ def test_point_features_equal_the_models_own_and_per_point_files(clouds, ckpts, 
 
 
 def test_a_half_finished_extraction_resumes_to_the_same_outputs(clouds, ckpts, tmp_path, capsys, caplog, monkeypatch):
-    """A run stopped in the middle of writing (the 5th rename never happens) leaves only whole files; the
+    """A run stopped in the middle of writing (the 6th rename never happens) leaves only whole files; the
     next run deletes the temporary files a killed run leaves, skips the finished inputs and ends with the
     outputs of an uninterrupted run."""
     args = ["--checkpoint", ckpts["pc_pre"], "--pool", "none", "--batch-size", 2]
@@ -324,22 +324,28 @@ def test_a_half_finished_extraction_resumes_to_the_same_outputs(clouds, ckpts, t
     out = tmp_path / "out"
     renames, real_replace = [], os.replace
 
-    def stop_at_fifth(src, dst):
+    def stop_at_sixth(src, dst):
         renames.append(dst)
-        if len(renames) == 5:
+        if len(renames) == 6:
             raise KeyboardInterrupt
         real_replace(src, dst)
 
-    monkeypatch.setattr(extract_core.os, "replace", stop_at_fifth)
+    monkeypatch.setattr(extract_core.os, "replace", stop_at_sixth)
     with pytest.raises(KeyboardInterrupt):
         main(["extract", *map(str, clouds), "--out", str(out), "--device", "cpu", "--no-progress", *map(str, args)])
     monkeypatch.undo()
     capsys.readouterr()
-    # 3 files per input (tokens, centres, index rows): the first input is complete, the second has its
-    # tokens only; no temporary file is left, no file is half written
-    assert sorted(p.name for p in out.iterdir()) == ["bunny.csv", "bunny.npy", "bunny_centers.npy", "chair_0391.npy"]
+    # the settings, then 3 files per input (tokens, centres, index rows): the first input is complete, the
+    # second has its tokens only; no temporary file is left, no file is half written
+    assert sorted(p.name for p in out.iterdir()) == ["bunny.csv", "bunny.npy", "bunny_centers.npy", "chair_0391.npy",
+                                                     "extract.json"]
     (out / ".chair_0391_centers.tmp-99999.npy").write_bytes(b"\x93NUMPY half")  # as a kill -9 would leave it
     done_before = (out / "bunny.npy").stat().st_mtime_ns
+    # other settings would mix two kinds of features in one folder: refused, nothing written
+    rc, _, err = run_extract(capsys, *clouds, "--out", out, "--checkpoint", ckpts["pc_pre"], "--pool", "mean")
+    assert rc == 2 and f"mm3d extract: error: {out} holds features made with other settings (pool: 'none' -> " \
+        "'mean'): give another --out, or --overwrite to redo every input" in err
+    assert not (out / "chair_0391.csv").exists()
 
     rc, summary, _ = run_extract(capsys, *clouds, "--out", out, *args)
     assert rc == 0 and (summary["done"], summary["skipped"]) == (2, 1)
