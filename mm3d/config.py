@@ -65,6 +65,12 @@ class OptimConfig:
     warmup_epochs: float = 0.0
     warmup_steps: int | None = None  # overrides warmup_epochs when set
     schedule: Literal["cosine", "constant"] = "cosine"
+    # "step": the warm-up + cosine is computed at every optimizer step (after warm-up the cosine runs
+    # from the end of warm-up to the last step). "epoch": Point-MAE's schedule, timm's
+    # CosineLRScheduler(t_in_epochs=True) stepped after each epoch: one rate per epoch, the cosine over
+    # all train.epochs including the warm-up, and epoch e trains at the rate of e - 1 (the first two at
+    # warmup_lr). Its warm-up must be given in epochs.
+    schedule_unit: Literal["step", "epoch"] = "step"
     layer_decay: float | None = None  # layer-wise LR decay (models expose timm's group_matcher)
     clip_grad: float | None = None  # max global grad norm
     # Point-MAE's part-segmentation script steps the optimizer twice per batch: once with the raw
@@ -86,6 +92,9 @@ class OptimConfig:
             raise ValueError(f"layer_decay={self.layer_decay} must lie in (0, 1] (or null for none)")
         if self.clip_grad is not None and not (math.isfinite(self.clip_grad) and self.clip_grad > 0):
             raise ValueError(f"clip_grad={self.clip_grad} must be a finite number > 0 (or null for no clipping)")
+        if self.schedule_unit == "epoch" and self.warmup_steps is not None:
+            raise ValueError("warmup_steps is set, but schedule_unit=epoch sets the rate once per epoch: give "
+                             "warmup_epochs instead")
 
 
 FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max

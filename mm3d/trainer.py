@@ -129,6 +129,22 @@ def cosine_schedule(step: int, total: int, warmup: int, start: float, peak: floa
     return end + (peak - end) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def epoch_schedule(epoch: int, epochs: int, warmup: float, start: float, peak: float, end: float,
+                   kind: str = "cosine") -> float:
+    """The rate of `epoch` under timm's ``CosineLRScheduler(t_in_epochs=True)`` as Point-MAE steps it
+    (``scheduler.step(epoch)`` after each epoch, so epoch e trains at the scheduler's value for
+    e - 1): linear warm-up from `start` over `warmup` epochs, then a cosine from `peak` to `end` over
+    all `epochs` counted from 0 (timm's ``warmup_prefix=False``), `end` from epoch `epochs` on."""
+    t = max(epoch - 1, 0)
+    if t < warmup:
+        return start + (peak - start) * t / warmup
+    if kind == "constant":
+        return peak
+    if t >= epochs:
+        return end
+    return end + 0.5 * (peak - end) * (1.0 + math.cos(math.pi * t / epochs))
+
+
 def build_optimizer(model: nn.Module, cfg: RunConfig, lr: float) -> torch.optim.Optimizer:
     """timm's optimizer factory: no weight decay on norms, biases and `no_weight_decay()` names;
     layer-wise LR decay through the model's `group_matcher` when ``optim.layer_decay`` is set."""
@@ -590,7 +606,12 @@ class Trainer:
 
     def _apply_schedule(self, step: int) -> float:
         o = self.cfg.optim
-        lr = cosine_schedule(step, self.total_steps, self.warmup_steps, o.warmup_lr, self.lr, o.min_lr, o.schedule)
+        if o.schedule_unit == "epoch":
+            lr = epoch_schedule(step // self.steps_per_epoch, self.cfg.train.epochs, o.warmup_epochs, o.warmup_lr,
+                                self.lr, o.min_lr, o.schedule)
+        else:
+            lr = cosine_schedule(step, self.total_steps, self.warmup_steps, o.warmup_lr, self.lr, o.min_lr,
+                                 o.schedule)
         wd_scale = 1.0
         if o.weight_decay_end is not None and o.weight_decay > 0:
             wd = cosine_schedule(step, self.total_steps, 0, o.weight_decay, o.weight_decay, o.weight_decay_end)

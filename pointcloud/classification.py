@@ -368,10 +368,13 @@ class PointClassifyConfig(RunConfig):
           ``range(1, 300)`` loop of 10-vote tests on the best checkpoint; we run 300);
         - ScanObjectNN: no voting (``validate_vote`` has no 2048-point branch);
         - few-shot: evaluated every epoch, the maximum reported, a 40-output head
-          (``cfgs/fewshot.yaml``: ``cls_dim: 40``) whatever the way, no voting.
+          (``cfgs/fewshot.yaml``: ``cls_dim: 40``) whatever the way, no voting;
+        - the rate is set once per epoch (timm ``CosineLRScheduler``, ``scheduler.step(epoch)``
+          after each epoch: ``optim.schedule_unit=epoch``).
         """
         d = self.data
-        preset: dict[str, Any] = {"train": {"select_on": "test", "best_metric": "top1", "best_mode": "max"}}
+        preset: dict[str, Any] = {"train": {"select_on": "test", "best_metric": "top1", "best_mode": "max"},
+                                  "optim": {"schedule_unit": "epoch"}}
         if d.dataset == "modelnet40_fewshot":
             preset["train"]["eval_every"] = 1
             preset["model"] = {"num_classes": 40}

@@ -112,11 +112,12 @@ class PointPartSegConfig(RunConfig):
         """Point-MAE ``segmentation/main.py``: trains on trainval, evaluates test after every epoch,
         saves the model best on test by instance mIoU, prints the best accuracy, class mIoU and
         instance mIoU each maximised over epochs on its own, samples every split's points with
-        replacement (``segmentation/dataset.py``) and steps the optimizer twice per batch."""
+        replacement (``segmentation/dataset.py``), steps the optimizer twice per batch and sets the
+        rate once per epoch (timm ``CosineLRScheduler``, ``scheduler.step(epoch)`` after each)."""
         return {"train": {"select_on": "test", "eval_every": 1, "best_metric": "instance_miou", "best_mode": "max"},
                 "data": {"train_split": "trainval", "sample_replace": True},
                 "eval": {"report_max": list(PAPER_REPORT_MAX)},
-                "optim": {"double_step": True}}
+                "optim": {"double_step": True, "schedule_unit": "epoch"}}
 
     def validate(self) -> None:
         super().validate()

@@ -4,6 +4,7 @@ repeated voting runs, and `protocol=paper` (selection, voting statistic, few-sho
 Tiny model variant and synthetic ModelNet data (the real on-disk layout), CPU only."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -272,3 +273,44 @@ def test_published_numbers_name_a_pretraining_config_of_that_length(path):
         pretrain = load_config(CONFIGS.parent / pub.pretrain)
         assert pretrain.train.epochs == pub.pretrain_epochs, pub.pretrain
         assert pretrain.model.variant == cfg.model.variant  # the same encoder size
+
+
+# ----------------------------------------------------------------------------------------------
+# Point-MAE's per-epoch learning rate
+# ----------------------------------------------------------------------------------------------
+
+
+def test_epoch_schedule_is_timms_cosine_stepped_after_each_epoch():
+    """optim.schedule_unit=epoch gives, epoch by epoch, the rate Point-MAE's loop trains with:
+    timm's CosineLRScheduler(t_in_epochs=True) built as tools/builder.py builds it, initialised, and
+    stepped with scheduler.step(epoch) at the end of every epoch."""
+    from timm.scheduler import CosineLRScheduler
+
+    from mm3d.trainer import epoch_schedule
+
+    epochs, warmup, base, low = 30, 4, 5e-4, 1e-6
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=base)
+    sched = CosineLRScheduler(opt, t_initial=epochs, lr_min=low, warmup_lr_init=low, warmup_t=warmup,
+                              cycle_limit=1, t_in_epochs=True)
+    official = []
+    for epoch in range(epochs + 1):  # Point-MAE runs max_epoch + 1 epochs
+        official.append(opt.param_groups[0]["lr"])
+        sched.step(epoch)
+    ours = [epoch_schedule(e, epochs, warmup, low, base, low) for e in range(epochs + 1)]
+    assert ours == pytest.approx(official, rel=1e-12, abs=0)
+    assert ours[0] == ours[1] == low and ours[-1] < ours[warmup + 1]
+
+
+def test_paper_runs_set_the_rate_once_per_epoch(mn_root, tmp_path):
+    cfg = cfg_of(mn_root, tmp_path, "data.npoints=64", "data.fps_points=80", "data.cache_points=128",
+                 "train.epochs=3", "protocol=paper", "optim.warmup_epochs=1",
+                 "optim.warmup_lr=1e-5", "train.log_every=1", path=None)
+    assert cfg.optim.schedule_unit == "epoch"
+    trainer = Trainer(cfg)
+    per_step = [trainer._apply_schedule(s) for s in range(3 * trainer.steps_per_epoch)]
+    by_epoch = [per_step[e * trainer.steps_per_epoch:(e + 1) * trainer.steps_per_epoch] for e in range(3)]
+    assert all(len(set(rates)) == 1 for rates in by_epoch)  # one rate per epoch
+    assert by_epoch[0][0] == by_epoch[1][0] == pytest.approx(1e-5)  # epochs 0 and 1 at the warm-up start
+    assert by_epoch[2][0] == pytest.approx(1e-6 + 0.5 * (1e-3 - 1e-6) * (1 + math.cos(math.pi / 3)))
+    with pytest.raises(ConfigError, match="warmup_epochs"):
+        cfg_of(mn_root, tmp_path, "optim.schedule_unit=epoch", "optim.warmup_steps=5")
