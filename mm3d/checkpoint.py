@@ -20,13 +20,15 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
+from mm3d.config import config_from_dict, deep_merge, parse_overrides
 from mm3d.errors import UserError
+from mm3d.registry import TASKS
 
 log = logging.getLogger(__name__)
 
@@ -460,3 +462,24 @@ class CheckpointManager:
                 else:
                     self._link(name, target)
         return moved
+
+
+def model_from_checkpoint(path: str, allow_pickle: bool = False, overrides: Sequence[str] = ()
+                          ) -> tuple[Any, Any, nn.Module]:
+    """The task, config and model (weights loaded, eval mode) stored in one of our checkpoints;
+    `overrides` (``key=value``) change keys of its stored config (``mm3d predict``, ``visualize``,
+    ``extract`` and ``export`` rebuild their model with it)."""
+    ck = load_checkpoint(path, allow_pickle=allow_pickle)
+    if not isinstance(ck.get("config"), dict) or not ck["config"]:
+        raise CheckpointError(f"{path} holds no config (converted weights?): pass a config with "
+                              f"init={path} to `mm3d finetune`/`mm3d evaluate` instead")
+    data = deep_merge(ck["config"], parse_overrides(list(overrides)))
+    data["seeds"] = []
+    if data.get("task") not in TASKS:
+        raise CheckpointError(f"{path}: its stored config names the task {data.get('task')!r}, which this mm3d "
+                              f"does not know; `mm3d tasks` lists the known ones")
+    task = TASKS.get(data["task"])
+    cfg = config_from_dict(task.config_class, data, file=f"{path} (stored config)")
+    model = task.build_model(cfg)
+    load_model_weights(model, ck)
+    return task, cfg, model.eval()

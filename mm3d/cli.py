@@ -19,8 +19,8 @@ import mm3d.export  # noqa: F401  (registers `mm3d export`; mm3d.modelcard, `mm3
 import mm3d.extract  # noqa: F401  (registers `mm3d extract`)
 import mm3d.toy  # noqa: F401  (the core's own toy task)
 from mm3d.bench import run_bench
-from mm3d.checkpoint import CheckpointError, load_checkpoint, load_model_weights
-from mm3d.config import config_from_dict, deep_merge, load_config, parse_overrides
+from mm3d.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from mm3d.config import load_config
 from mm3d.datacheck import check_report, write_check_report
 from mm3d.demo import run_demo
 from mm3d.distributed import DistInfo, barrier, cleanup, init_distributed, resolve_device
@@ -74,24 +74,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _model_from_checkpoint(path: str, allow_pickle: bool, overrides: Sequence[str] = ()):
-    """Rebuild the task, config and model stored in one of our checkpoints."""
-    ck = load_checkpoint(path, allow_pickle=allow_pickle)
-    if not isinstance(ck.get("config"), dict) or not ck["config"]:
-        raise CheckpointError(f"{path} holds no config (converted weights?): pass a config with "
-                              f"init={path} to `mm3d finetune`/`mm3d evaluate` instead")
-    data = deep_merge(ck["config"], parse_overrides(list(overrides)))
-    data["seeds"] = []
-    if data.get("task") not in TASKS:
-        raise CheckpointError(f"{path}: its stored config names the task {data.get('task')!r}, which this mm3d "
-                              f"does not know; `mm3d tasks` lists the known ones")
-    task = TASKS.get(data["task"])
-    cfg = config_from_dict(task.config_class, data, file=f"{path} (stored config)")
-    model = task.build_model(cfg)
-    load_model_weights(model, ck)
-    return task, cfg, model.eval()
-
-
 def cmd_evaluate(args: argparse.Namespace) -> int:
     cfg = _load(args)
     if not cfg.checkpoint:
@@ -130,7 +112,7 @@ def cmd_visualize(args: argparse.Namespace) -> int:
     if args.dataset_index is not None and args.dataset_index < 0:
         raise UserError(f"--dataset-index must be >= 0, got {args.dataset_index}")
     device = resolve_device(args.device, DistInfo())
-    task, cfg, model = _model_from_checkpoint(args.checkpoint, args.allow_pickle, _stored_overrides(args))
+    task, cfg, model = model_from_checkpoint(args.checkpoint, args.allow_pickle, _stored_overrides(args))
     torch.manual_seed(args.seed)
     files = task.visualize(model.to(device), cfg, inputs=args.input or [], dataset_index=args.dataset_index,
                            out_dir=Path(args.out), interactive=args.interactive, seed=args.seed, device=device)
@@ -145,7 +127,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.topk < 1:
         raise UserError(f"--topk must be >= 1, got {args.topk}")
     device = resolve_device(args.device, DistInfo())
-    task, cfg, model = _model_from_checkpoint(args.checkpoint, args.allow_pickle, _stored_overrides(args))
+    task, cfg, model = model_from_checkpoint(args.checkpoint, args.allow_pickle, _stored_overrides(args))
     rows = task.predict(model.to(device), cfg, args.inputs, topk=args.topk, label_map=args.label_map, device=device)
     failed = 0
     for row in rows:

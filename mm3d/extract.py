@@ -37,14 +37,12 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Sequence
 
 import numpy as np
-from torch import nn
 from tqdm.auto import tqdm
 
-from mm3d.checkpoint import CheckpointError, OutputError, describe_os_error, load_checkpoint, load_model_weights
-from mm3d.config import config_from_dict, deep_merge, parse_overrides
+from mm3d.checkpoint import OutputError, describe_os_error, model_from_checkpoint
 from mm3d.distributed import barrier, gather_objects, get_info, init_distributed
 from mm3d.errors import UserError
-from mm3d.registry import COMMANDS, TASKS, Registry
+from mm3d.registry import COMMANDS, Registry
 
 log = logging.getLogger(__name__)
 
@@ -293,26 +291,6 @@ def resolve_inputs(files: Sequence[str], list_file: str | None, root: str | None
 # --------------------------------------------------------------------------------------------
 # The model
 # --------------------------------------------------------------------------------------------
-
-
-def model_from_checkpoint(path: str, allow_pickle: bool = False, overrides: Sequence[str] = ()
-                          ) -> tuple[Any, Any, nn.Module]:
-    """The task, config and model (weights loaded, eval mode) stored in one of our checkpoints;
-    `overrides` (``key=value``) change keys of its stored config."""
-    ck = load_checkpoint(path, allow_pickle=allow_pickle)
-    if not isinstance(ck.get("config"), dict) or not ck["config"]:
-        raise CheckpointError(f"{path} holds no config (converted weights?): pass a config with "
-                              f"init={path} to `mm3d finetune`/`mm3d evaluate` instead")
-    data = deep_merge(ck["config"], parse_overrides(list(overrides)))
-    data["seeds"] = []
-    if data.get("task") not in TASKS:
-        raise CheckpointError(f"{path}: its stored config names the task {data.get('task')!r}, which this mm3d "
-                              f"does not know; `mm3d tasks` lists the known ones")
-    task = TASKS.get(data["task"])
-    cfg = config_from_dict(task.config_class, data, file=f"{path} (stored config)")
-    model = task.build_model(cfg)
-    load_model_weights(model, ck)
-    return task, cfg, model.eval()
 
 
 # --------------------------------------------------------------------------------------------

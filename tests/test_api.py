@@ -160,13 +160,13 @@ def test_three_lines_pointcloud(realdata, point_pretrain_ckpt, relpath):
 
 
 def test_video_classifier_on_load_clip_gives_predicts_scores(realdata, video_classifier_ckpt):
-    from mm3d.cli import _model_from_checkpoint
+    from mm3d.checkpoint import model_from_checkpoint
     path = str(realdata / "video/ucf101/ApplyEyeMakeup/test.avi")
     model = mm3d.create_model(checkpoint=video_classifier_ckpt)
     assert isinstance(model, VideoMAEClassifier) and model.num_classes == 5
     with torch.no_grad():
         probs = model(mm3d.video.load_clip(path, checkpoint=video_classifier_ckpt)[None]).logits.softmax(-1)[0]
-    task, cfg, cli_model = _model_from_checkpoint(str(video_classifier_ckpt), False)
+    task, cfg, cli_model = model_from_checkpoint(str(video_classifier_ckpt), False)
     row = task.predict(cli_model, cfg, [path], topk=5, label_map=None, device=torch.device("cpu"))[0]
     assert row["views"] == 1
     for name, p in row["topk"]:
@@ -175,7 +175,7 @@ def test_video_classifier_on_load_clip_gives_predicts_scores(realdata, video_cla
 
 
 def test_point_classifier_on_load_cloud_gives_predicts_scores(realdata, point_classifier_ckpt):
-    from mm3d.cli import _model_from_checkpoint
+    from mm3d.checkpoint import model_from_checkpoint
     path = str(sorted((realdata / "pointcloud/modelnet40_sample/lamp").glob("*.txt"))[0])
     model = mm3d.create_model(checkpoint=point_classifier_ckpt)
     assert isinstance(model, PointMAEClassifier) and model.num_classes == 4
@@ -183,7 +183,7 @@ def test_point_classifier_on_load_cloud_gives_predicts_scores(realdata, point_cl
     with torch.no_grad():
         probs = model(cloud[None]).logits.softmax(-1)[0]
         assert_close(model({"points": cloud[None]}).logits.softmax(-1)[0], probs, atol=0)  # the batch dict too
-    task, cfg, cli_model = _model_from_checkpoint(str(point_classifier_ckpt), False)
+    task, cfg, cli_model = model_from_checkpoint(str(point_classifier_ckpt), False)
     row = task.predict(cli_model, cfg, [path], topk=4, label_map=None, device=torch.device("cpu"))[0]
     names = ["airplane", "chair", "lamp", "vase"]
     for name, p in row["topk"]:
