@@ -154,7 +154,9 @@ class Group(nn.Module):
     """FPS centres + KNN patches, batched (no parameters).
 
     The first centre is point 0 of every cloud, as in the official CUDA FPS; datasets shuffle or
-    resample the points, so this is not a bias.
+    resample the points, so this is not a bias. Under ``torch.export`` the two ops trace as
+    static-shape graphs (FPS unrolled over the G centres, with the same picks; KNN as one top-k), so
+    an exported model (``mm3d export``) groups the raw points it is given.
     """
 
     def __init__(self, num_group: int, group_size: int) -> None:
