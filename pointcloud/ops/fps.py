@@ -24,7 +24,9 @@ def farthest_point_sample(points: torch.Tensor, num_samples: int, *, start: Star
     sample is the point whose squared distance to its nearest chosen point is largest, ties going
     to the lowest index. The kernel's quirk of never choosing points within 0.032 of the origin
     (``|p|^2 <= 1e-3``) is not reproduced. Once every point lies on a chosen one (a cloud with
-    fewer distinct points than ``num_samples``), index 0 is repeated.
+    fewer distinct points than ``num_samples``), index 0 is repeated. Under ``torch.export`` the
+    samples are traced as a static-shape graph (:func:`_fps_traced`, the same picks) and `backend`
+    is not used.
 
     Args:
         points: (B, N, 3) point clouds (any coordinate count works).

@@ -28,7 +28,8 @@ def knn(query: torch.Tensor, points: torch.Tensor, k: int, *, backend: Backend =
     distances are then recomputed exactly from the chosen pairs as ``sum((q - p)^2)``, so they
     are never negative, are exactly 0 for duplicates, and carry gradients to both clouds.
     Rows are sorted by distance, equal distances by index. Which of several tied candidates
-    fills the last slots is unspecified.
+    fills the last slots is unspecified. Under ``torch.export`` the search is traced as one top-k
+    (:func:`_knn_traced`; tied distances then in no particular order) and `backend` is not used.
 
     Args:
         query: (B, M, 3) query points.
