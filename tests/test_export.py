@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +24,10 @@ from mm3d.pointcloud.ops import farthest_point_sample, knn
 from mm3d.pointcloud.ops.fps import _fps_torch, _fps_traced
 from mm3d.pointcloud.ops.knn import _knn_traced
 from mm3d.registry import TASKS
-from mm3d.testing import assert_close, realdata_dir
+from mm3d.testing import PROJECT_ROOT, assert_close, realdata_dir
 
 TOL = 1e-4
+README = PROJECT_ROOT / "README.md"
 needs_ort = pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None or
                                importlib.util.find_spec("onnxscript") is None,
                                reason="onnx export needs onnxscript and onnxruntime (pip install 'mm3d[export]')")
@@ -258,6 +261,48 @@ def test_videomae_encoder_features_onnx(tmp_path, video_clips):
     got_feature, got_tokens = run_exported(tmp_path / "enc.onnx", video_clips)
     assert_close(torch.from_numpy(got_tokens), tokens, atol=TOL, rtol=0)
     assert_close(torch.from_numpy(got_feature), tokens.mean(dim=1), atol=TOL, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# The README's commands
+# ----------------------------------------------------------------------------------------------
+
+
+def readme_export_section() -> tuple[list[str], list[str]]:
+    """The README's "Export" section: its `mm3d` command lines (continuations joined) and its python blocks."""
+    text = README.read_text()
+    section = re.search(r"^## Export\b.*?\n(.*?)(?=^## |\Z)", text, flags=re.S | re.M)
+    assert section, "README.md has no '## Export' section"
+    bash = " ".join(re.findall(r"```bash\n(.*?)```", section.group(1), flags=re.S)).replace("\\\n", " ")
+    commands = [ln.split("#")[0].strip() for ln in bash.splitlines() if ln.strip().startswith("mm3d ")]
+    return commands, re.findall(r"```python\n(.*?)```", section.group(1), flags=re.S)
+
+
+@needs_ort
+def test_readme_export_commands_run(tmp_path, monkeypatch, capsys, pc_ckpt, video_ckpt, pc_clouds):
+    """Every `mm3d export` / `mm3d info` line and the python block of the README's "Export" section run
+    (the demo checkpoints replaced by tiny ones); the python block gives the eager logits."""
+    commands, python = readme_export_section()
+    assert any(c.startswith("mm3d export") for c in commands) and any(c.startswith("mm3d info") for c in commands)
+    real = _real()
+    stand_ins = {"runs/pointmae_finetune_demo/checkpoints/best.pt": str(pc_ckpt),
+                 "runs/videomae_finetune_demo/checkpoints/best.pt": str(video_ckpt),
+                 "runs/videomae_pretrain_demo/checkpoints/last.pt": str(
+                     _checkpoint(tmp_path / "pre.pt", "videomae_pretrain", ["model.variant=videomae_tiny_test"]))}
+    monkeypatch.chdir(tmp_path)
+    for command in commands:
+        words = [stand_ins.get(w, w).replace("../shared/realdata", str(real)) for w in shlex.split(command)]
+        assert main(words[1:]) == 0, (command, capsys.readouterr().err[-2000:])
+    capsys.readouterr()
+    assert python, "the Export section has no python block"
+    for block in python:
+        for old, new in stand_ins.items():
+            block = block.replace(old, new)
+        namespace: dict = {}
+        exec(block.replace("../shared/realdata", str(real)), namespace)
+    with torch.no_grad():
+        expected = _eager(pc_ckpt)(pc_clouds[1:2]).logits  # chair_0391, as in the README block
+    assert_close(torch.from_numpy(namespace["logits"]), expected, atol=TOL, rtol=0)
 
 
 # ----------------------------------------------------------------------------------------------
