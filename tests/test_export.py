@@ -350,15 +350,19 @@ class _Grouping(torch.nn.Module):
         return centres, knn(query, points, 5).idx
 
 
-def test_fps_and_knn_under_torch_export_follow_the_input(tmp_path):
-    """FPS and KNN traced with an open batch axis: the saved program picks what the eager ops pick,
-    for clouds it was not traced with (ties included)."""
-    program = torch.export.export(_Grouping(), (_cloud("random", 2, 100, 0),),
-                                  dynamic_shapes={"points": {0: torch.export.Dim("batch", min=1)}})
-    torch.export.save(program, tmp_path / "g.pt2")
-    loaded = torch.export.load(tmp_path / "g.pt2").module()
+@pytest.mark.parametrize("fmt", ["pt2", pytest.param("onnx", marks=ONNX)])
+def test_fps_and_knn_under_torch_export_follow_the_input(tmp_path, fmt):
+    """FPS and KNN traced with an open batch axis: the saved file (run by torch.export.load, or by
+    onnxruntime) picks what the eager ops pick, for clouds it was not traced with (ties included)."""
+    shapes = {"points": {0: torch.export.Dim("batch", min=1)}}
+    program = torch.export.export(_Grouping(), (_cloud("random", 2, 100, 0),), dynamic_shapes=shapes)
+    path = tmp_path / f"g.{fmt}"
+    if fmt == "pt2":
+        torch.export.save(program, path)
+    else:
+        torch.onnx.export(program, dynamo=True, input_names=["points"], dynamic_shapes=shapes).save(str(path))
     for points in (_cloud("random", 1, 100, 5), _cloud("grid", 3, 100, 6)):
-        centres, neighbours = loaded(points)
+        centres, neighbours = (torch.from_numpy(a) for a in run_exported(path, points))
         assert torch.equal(centres, farthest_point_sample(points, 12, backend="torch"))
         query = torch.gather(points, 1, centres[..., None].expand(-1, -1, 3))
         eager = knn(query, points, 5, backend="torch")
