@@ -39,7 +39,7 @@ from torch import nn
 from mm3d.checkpoint import OutputError, describe_os_error
 from mm3d.errors import UserError
 from mm3d.extract import model_from_checkpoint
-from mm3d.modelcard import ONNX_KEY, PT2_FILE, read_card
+from mm3d.modelcard import ONNX_KEY, PT2_FILE, card_classes, read_card
 from mm3d.registry import COMMANDS
 from mm3d.results import jsonable
 
@@ -276,11 +276,8 @@ def export_checkpoint(checkpoint: str, out: str | Path, *, fmt: Format | None = 
     task, cfg, model = model_from_checkpoint(checkpoint, allow_pickle, overrides)
     card = dict(read_card(checkpoint, allow_pickle=allow_pickle).card or {})
     card["preprocessing"] = task.preprocessing(cfg)  # as overridden (e.g. data.npoints)
-    if card.get("classes") is None:
-        try:
-            card["classes"] = task.class_names(cfg)
-        except (OSError, ValueError):
-            pass  # the label map or dataset is not on this machine
+    if card.get("classes") is None:  # a card written where the label map or dataset was not
+        card["classes"] = card_classes(task, cfg)
     if output is None:
         output = "logits" if getattr(model, "num_classes", 0) else "features"
     return export_model(model, task.name, card, out, fmt=fmt, output=output, dynamic_batch=dynamic_batch,

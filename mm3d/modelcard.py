@@ -87,17 +87,17 @@ def build_card(task: Any, cfg: Any, *, model: nn.Module | None = None, protocol:
                     "protocol": dict(protocol or {})}
     card = {"format": CARD_FORMAT, "mm3d_version": __import__("mm3d").__version__, "task": task.name,
             "modality": task.modality, "model": facts, "preprocessing": task.preprocessing(cfg),
-            "classes": _class_names(task, cfg), "training": training, "source": dict(source),
+            "classes": card_classes(task, cfg), "training": training, "source": dict(source),
             "checkpoint": {}, "metrics": {}}
     return jsonable(card)
 
 
-def _class_names(task: Any, cfg: Any) -> list[str] | None:
+def card_classes(task: Any, cfg: Any) -> list[str] | None:
     """The task's class names; None when they cannot be read now (a label map or dataset folder that
     is not on this machine: the card of a checkpoint written where they were has them)."""
     try:
         names = task.class_names(cfg)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, UserError) as e:
         log.debug("model card: no class names (%s)", e)
         return None
     return list(names) if names is not None else None
