@@ -187,11 +187,9 @@ def run_exported(path: str | Path, x: torch.Tensor) -> list[np.ndarray]:
     return load_exported(path)(x)
 
 
-def _verify(path: Path, module: ExportModule, preprocessing: Mapping[str, Any], batches: Sequence[int]
-            ) -> tuple[float, dict[str, list[int]]]:
-    """The largest difference between the file and `module` over random inputs of `batches`, and
-    the output shapes of the first."""
-    worst, shapes = 0.0, {}
+def _verify(path: Path, module: ExportModule, preprocessing: Mapping[str, Any], batches: Sequence[int]) -> float:
+    """The largest difference between the file and `module` over random inputs of `batches`."""
+    worst = 0.0
     exported = load_exported(path)
     for b in batches:
         x = example_input(preprocessing, b, seed=b)
@@ -205,9 +203,7 @@ def _verify(path: Path, module: ExportModule, preprocessing: Mapping[str, Any], 
             if tuple(g.shape) != tuple(r.shape):
                 raise RuntimeError(f"{path}: an output of shape {tuple(g.shape)} for batch {b}, eager {tuple(r.shape)}")
             worst = max(worst, float(np.abs(g.astype(np.float64) - r.numpy().astype(np.float64)).max()))
-        if not shapes:
-            shapes = {n: list(r.shape) for n, r in zip(output_names(module.output), ref)}
-    return worst, shapes
+    return worst
 
 
 def export_model(model: nn.Module, task_name: str, card: Mapping[str, Any], out: str | Path, *, fmt: Format,
@@ -225,11 +221,16 @@ def export_model(model: nn.Module, task_name: str, card: Mapping[str, Any], out:
     example = example_input(preprocessing, 2 if dynamic_batch else 1)
     log.info("tracing %s (%s input %s, %s)", type(model).__name__, input_name, tuple(example.shape), output)
     program = trace(model, example, input_name, dynamic_batch=dynamic_batch, output=output)
+    module = ExportModule(model, output).eval()
+    with torch.no_grad():
+        ref = module(example)
     batch: int | str = "batch" if dynamic_batch else 1
     card = dict(card)
     card["export"] = {"format": fmt, "file": out.name, "checkpoint": checkpoint, "output": output,
-                      "inputs": {input_name: [batch, *preprocessing["shape"]]}, "dynamic_batch": dynamic_batch,
-                      "torch": torch.__version__, "max_abs_diff": None, "checked_with": None}
+                      "inputs": {input_name: [batch, *preprocessing["shape"]]},
+                      "outputs": {n: [batch, *r.shape[1:]] for n, r in zip(names, ref if isinstance(ref, tuple) else (ref,))},
+                      "dynamic_batch": dynamic_batch, "torch": torch.__version__, "max_abs_diff": None,
+                      "checked_with": None}
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         if fmt == "onnx":
@@ -238,16 +239,13 @@ def export_model(model: nn.Module, task_name: str, card: Mapping[str, Any], out:
             torch.export.save(program, str(out), extra_files={PT2_FILE: json.dumps(jsonable(card))})
     except OSError as e:
         raise OutputError(describe_os_error(e, out)) from None
-    module = ExportModule(model, output).eval()
     diff: float | None = None
-    checker = "torch.export.load" if fmt == "pt2" else "onnxruntime (CPU)"
     if fmt == "onnx" and importlib.util.find_spec("onnxruntime") is None:
         log.warning("onnxruntime is not installed: %s was not checked against the model (pip install onnxruntime)", out)
-        shapes = {n: [] for n in names}
     else:
-        diff, shapes = _verify(out, module, preprocessing, (1, 3) if dynamic_batch else (1,))
-        card["export"].update(max_abs_diff=diff, checked_with=checker)
-    card["export"]["outputs"] = {n: [batch, *s[1:]] for n, s in shapes.items()} if diff is not None else {}
+        diff = _verify(out, module, preprocessing, (1, 3) if dynamic_batch else (1,))
+        card["export"].update(max_abs_diff=diff,
+                              checked_with="torch.export.load" if fmt == "pt2" else "onnxruntime (CPU)")
     if fmt == "onnx":
         _set_onnx_card(out, card)
     else:
