@@ -103,8 +103,8 @@ def _check_exportable(model: nn.Module, task_name: str, preprocessing: Mapping[s
     if not preprocessing.get("input") or not preprocessing.get("shape"):
         raise NotImplementedError(f"task {task_name!r} does not state its input (Task.preprocessing)")
     if preprocessing.get("extra_inputs"):
-        raise NotImplementedError(f"task {task_name!r} takes further inputs ({', '.join(preprocessing['extra_inputs'])}); "
-                                  f"mm3d export writes one-input models")
+        extra = ", ".join(preprocessing["extra_inputs"])
+        raise NotImplementedError(f"task {task_name!r} takes further inputs ({extra}); mm3d export writes one-input models")
     if output == "logits" and not getattr(model, "num_classes", 0):
         raise UserError(f"this {type(model).__name__} has no classifier head: export --features")
 
@@ -224,11 +224,12 @@ def export_model(model: nn.Module, task_name: str, card: Mapping[str, Any], out:
     module = ExportModule(model, output).eval()
     with torch.no_grad():
         ref = module(example)
+    ref = ref if isinstance(ref, tuple) else (ref,)
     batch: int | str = "batch" if dynamic_batch else 1
     card = dict(card)
     card["export"] = {"format": fmt, "file": out.name, "checkpoint": checkpoint, "output": output,
                       "inputs": {input_name: [batch, *preprocessing["shape"]]},
-                      "outputs": {n: [batch, *r.shape[1:]] for n, r in zip(names, ref if isinstance(ref, tuple) else (ref,))},
+                      "outputs": {n: [batch, *r.shape[1:]] for n, r in zip(names, ref)},
                       "dynamic_batch": dynamic_batch, "torch": torch.__version__, "max_abs_diff": None,
                       "checked_with": None}
     try:

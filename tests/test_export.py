@@ -97,8 +97,8 @@ def pc_ckpt(tmp_path_factory) -> Path:
 def pc_clouds(pc_ckpt) -> torch.Tensor:
     """(3, 256, 3) real ModelNet40 shapes as `mm3d predict` prepares them."""
     root = _real() / "pointcloud" / "modelnet40_sample"
-    files = [root / "airplane" / "airplane_0126.txt", root / "chair" / "chair_0391.txt", root / "lamp" / "lamp_0043.txt"]
-    return torch.stack([mm3d.pointcloud.load_cloud(f, checkpoint=pc_ckpt) for f in files])
+    names = ["airplane/airplane_0126.txt", "chair/chair_0391.txt", "lamp/lamp_0043.txt"]
+    return torch.stack([mm3d.pointcloud.load_cloud(root / n, checkpoint=pc_ckpt) for n in names])
 
 
 @pytest.fixture(scope="module")
@@ -226,7 +226,8 @@ def test_mm3d_info_reads_exports(exported, name, capsys):
 
 def test_features_of_pretraining_models_export(tmp_path, pc_clouds):
     """A pretraining checkpoint (no head) exports its pooled feature and its tokens; --logits is refused."""
-    ckpt = _checkpoint(tmp_path / "pre.pt", "pointmae_pretrain", ["model.variant=pointmae_tiny_test", "data.npoints=256"])
+    ckpt = _checkpoint(tmp_path / "pre.pt", "pointmae_pretrain",
+                       ["model.variant=pointmae_tiny_test", "data.npoints=256"])
     report = _export(ckpt, tmp_path / "pre.pt2")
     assert report["outputs"] == {"features": [1, 64], "tokens": [1, 16, 32]}
     model = _eager(ckpt)

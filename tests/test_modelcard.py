@@ -68,12 +68,14 @@ def test_every_checkpoint_carries_the_card_known_when_it_was_written(finetuned, 
         assert card["classes"] == names and len(names) == 10
         assert card["training"]["config"] == "cls_demo" and card["training"]["protocol_name"] == "honest"
         assert card["training"]["protocol"] == results["protocol"]
-        assert card["source"] == {"kind": "trained", "init": {"file": str(pretrain_ckpt), "task": "pointmae_pretrain",
-                                                              "step": 5, "source": {"kind": "trained", "init": "scratch"}}}
+        init = {"file": str(pretrain_ckpt), "task": "pointmae_pretrain", "step": 5,
+                "source": {"kind": "trained", "init": "scratch"}}
+        assert card["source"] == {"kind": "trained", "init": init}
         assert card["checkpoint"]["step"] == entry["step"] == ck["step"]
         # the selection split's evaluation of the same step: the metric the checkpoint was ranked by
         evals = [r for r in records if r.get("split") == "val" and r["step"] == entry["step"] and not r.get("final")]
-        assert card["metrics"]["split"] == "val" and card["metrics"]["values"]["loss"] == evals[-1]["loss"] == entry["metric"]
+        assert card["metrics"]["split"] == "val"
+        assert card["metrics"]["values"]["loss"] == evals[-1]["loss"] == entry["metric"]
 
 
 def test_run_card_holds_the_final_results_of_the_scored_checkpoint(finetuned, capsys):
