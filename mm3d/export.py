@@ -36,9 +36,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from mm3d.checkpoint import OutputError, describe_os_error
+from mm3d.checkpoint import OutputError, describe_os_error, model_from_checkpoint
 from mm3d.errors import UserError
-from mm3d.extract import model_from_checkpoint
 from mm3d.modelcard import ONNX_KEY, PT2_FILE, card_classes, read_card
 from mm3d.registry import COMMANDS
 from mm3d.results import jsonable

@@ -16,6 +16,7 @@ import torch
 
 import mm3d.pointcloud
 import mm3d.video
+from mm3d.checkpoint import model_from_checkpoint
 from mm3d.cli import main
 from mm3d.config import load_config, to_dict
 from mm3d.export import example_input, run_exported
@@ -74,8 +75,6 @@ def _export(ckpt: Path, out: Path, *flags: str) -> dict:
 
 
 def _eager(ckpt: Path):
-    from mm3d.extract import model_from_checkpoint
-
     return model_from_checkpoint(str(ckpt))[2]
 
 
