@@ -236,16 +236,6 @@ CACHE = 256  # points per shape written (8192 officially; the tiny synthetic fil
 
 
 @pytest.fixture(scope="module")
-def mn_root(tmp_path_factory) -> Path:
-    """Synthetic ModelNet40 layout: 10 classes, 4 train + 2 test shapes each, 1024 points with normals."""
-    from mm3d.pointcloud.synth import synth_modelnet40
-
-    root = tmp_path_factory.mktemp("modelnet") / "mn"
-    synth_modelnet40(root, seed=0, scale="tiny")
-    return root
-
-
-@pytest.fixture(scope="module")
 def both_formats(mn_root, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("folds")
     kw = dict(ways=[5], shots=[2], folds=2, test_per_class=2)

@@ -30,16 +30,6 @@ TINY = ["model.variant=pointmae_tiny_test", "data.npoints=64", "data.fps_points=
 
 
 @pytest.fixture(scope="module")
-def mn_root(tmp_path_factory) -> Path:
-    """Synthetic ModelNet40 layout: 10 classes, 4 train + 2 test shapes each, 1024 points."""
-    from mm3d.pointcloud.synth import synth_modelnet40
-
-    root = tmp_path_factory.mktemp("modelnet") / "mn"
-    synth_modelnet40(root, seed=0, scale="tiny")
-    return root
-
-
-@pytest.fixture(scope="module")
 def pretrain_ckpt(tmp_path_factory) -> Path:
     """One of our pretraining checkpoints of the tiny test variant (random weights)."""
     torch.manual_seed(0)

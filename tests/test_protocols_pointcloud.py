@@ -22,16 +22,6 @@ BASE = ["model.variant=pointmae_tiny_test", "train.batch_size=8", "train.device=
         "train.progress=off", "optim.lr=1e-3", "train.keep_last=1", "data.augmentation=none"]
 
 
-@pytest.fixture(scope="module")
-def mn_root(tmp_path_factory) -> Path:
-    """Synthetic ModelNet40 layout: 10 classes, 4 train + 2 test shapes each, 1024 points."""
-    from mm3d.pointcloud.synth import synth_modelnet40
-
-    root = tmp_path_factory.mktemp("modelnet") / "mn"
-    synth_modelnet40(root, seed=0, scale="tiny")
-    return root
-
-
 def cfg_of(root, out, *extra, path=None):
     return load_config(path, [f"data.root={root}", f"output_dir={out}", *BASE, *extra], task="pointmae_classify")
 
