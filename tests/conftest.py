@@ -27,3 +27,22 @@ def mn_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("modelnet") / "mn"
     synth_modelnet40(root, seed=0, scale="tiny")
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_pointmae_pretrain_ckpt(tmp_path_factory) -> Path:
+    """One of our Point-MAE pretraining checkpoints of the tiny test variant (random weights, seed 0)."""
+    import torch
+
+    from mm3d.config import to_dict
+    from mm3d.pointcloud.models import build_pretrain_model
+    from mm3d.pointcloud.tasks import PointPretrainConfig
+    from mm3d.registry import variant_config
+
+    torch.manual_seed(0)
+    model_cfg = variant_config("pointmae_tiny_test")
+    model = build_pretrain_model(model_cfg)
+    path = tmp_path_factory.mktemp("ckpt") / "pretrain.pt"
+    torch.save({"model": model.state_dict(),
+                "config": to_dict(PointPretrainConfig(task="pointmae_pretrain", model=model_cfg))}, path)
+    return path

@@ -3,7 +3,6 @@ classification with voting, few-shot folds, the SVM probe, initialisation and ro
 
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,28 +16,15 @@ from mm3d.testing import assert_close
 from mm3d.pointcloud import fewshot
 from mm3d.pointcloud.checkpoints import load_encoder_checkpoint
 from mm3d.pointcloud.classification import build_cls_datasets, eval_points
-from mm3d.pointcloud.models import build_classifier, build_pretrain_model
+from mm3d.pointcloud.models import build_classifier
 from mm3d.pointcloud.probe import fit_linear_svm
 from mm3d.pointcloud.splits import stratified_split
-from mm3d.pointcloud.tasks import PointPretrainConfig
 from mm3d.pointcloud.transforms import random_subset
 
 TINY = ["model.variant=pointmae_tiny_test", "data.npoints=64", "data.fps_points=80", "data.cache_points=128",
         "train.batch_size=8", "train.epochs=1", "train.device=cpu", "train.tensorboard=false",
         "train.progress=off", "train.best_metric=top1", "train.best_mode=max", "optim.lr=1e-3",
         "train.keep_last=1", "data.votes=0"]
-
-
-@pytest.fixture(scope="module")
-def pretrain_ckpt(tmp_path_factory) -> Path:
-    """One of our pretraining checkpoints of the tiny test variant (random weights)."""
-    torch.manual_seed(0)
-    model_cfg = variant_config("pointmae_tiny_test")
-    model = build_pretrain_model(model_cfg)
-    path = tmp_path_factory.mktemp("ckpt") / "pretrain.pt"
-    torch.save({"model": model.state_dict(),
-                "config": to_dict(PointPretrainConfig(task="pointmae_pretrain", model=model_cfg))}, path)
-    return path
 
 
 def cls_cfg(root, out, *extra, task="pointmae_classify"):
@@ -92,12 +78,12 @@ def test_vote_logits_average_the_votes(mn_root, tmp_path):
     assert not torch.allclose(singles[0], singles[1])  # the votes differ (subsets, scale, shift)
 
 
-def test_init_from_pretraining_checkpoint(pretrain_ckpt):
+def test_init_from_pretraining_checkpoint(tiny_pointmae_pretrain_ckpt):
     torch.manual_seed(1)
     model = build_classifier(variant_config("pointmae_tiny_test"), 7)
     head_before = model.head[0].weight.clone()
-    notes = load_encoder_checkpoint(model, pretrain_ckpt)
-    sd = torch.load(pretrain_ckpt, weights_only=True)["model"]
+    notes = load_encoder_checkpoint(model, tiny_pointmae_pretrain_ckpt)
+    sd = torch.load(tiny_pointmae_pretrain_ckpt, weights_only=True)["model"]
     for k, v in model.state_dict().items():
         if k.startswith("encoder."):
             assert torch.equal(v, sd[k]), k
@@ -147,17 +133,17 @@ def test_checkpoint_of_an_earlier_version_with_trans_dim_still_loads(mn_root, tm
         config_from_dict(PointClassifyConfig, stored)
 
 
-def test_checkpoint_architecture_mismatch_names_keys_and_shapes(pretrain_ckpt, tmp_path):
+def test_checkpoint_architecture_mismatch_names_keys_and_shapes(tiny_pointmae_pretrain_ckpt, tmp_path):
     wide = variant_config("pointmae_tiny_test")
     wide.embed_dim, wide.encoder_dims = 48, 48
     with pytest.raises(CheckpointError) as e:
-        load_encoder_checkpoint(build_classifier(wide, 10), pretrain_ckpt)
+        load_encoder_checkpoint(build_classifier(wide, 10), tiny_pointmae_pretrain_ckpt)
     msg = str(e.value)
     assert "encoder.norm.weight: checkpoint (32,) vs model (48,)" in msg and "model.variant" in msg
     deep = variant_config("pointmae_tiny_test")
     deep.depth = 3
     with pytest.raises(CheckpointError, match=r"missing from the checkpoint: \[encoder\.blocks\.2\."):
-        load_encoder_checkpoint(build_classifier(deep, 10), pretrain_ckpt)
+        load_encoder_checkpoint(build_classifier(deep, 10), tiny_pointmae_pretrain_ckpt)
     official = tmp_path / "official.pth"
     torch.save({"base_model": {"MAE_encoder.norm.weight": torch.zeros(384)}}, official)
     with pytest.raises(CheckpointError, match="mm3d convert --from pointmae-official"):
@@ -198,12 +184,12 @@ def test_val_split_only_when_selecting_on_val(mn_root, tmp_path):
 
 
 @pytest.mark.slow
-def test_classification_end_to_end(mn_root, pretrain_ckpt, tmp_path, capsys):
+def test_classification_end_to_end(mn_root, tiny_pointmae_pretrain_ckpt, tmp_path, capsys):
     from mm3d.cli import main
     from mm3d.trainer import run
 
     out = tmp_path / "run"
-    cfg = cls_cfg(mn_root, out, f"init={pretrain_ckpt}", "data.votes=2", "train.epochs=2")
+    cfg = cls_cfg(mn_root, out, f"init={tiny_pointmae_pretrain_ckpt}", "data.votes=2", "train.epochs=2")
     res = run(cfg)
     assert res["selected_on"] == "val"
     assert {"top1", "top5", "mean_class_acc", "loss"} <= set(res["val"])
@@ -339,14 +325,14 @@ def test_fit_linear_svm_selects_c():
     assert single.c == 0.5 and single.val_accuracy is None and not single.scores
 
 
-def test_svm_probe_end_to_end(mn_root, pretrain_ckpt, tmp_path):
+def test_svm_probe_end_to_end(mn_root, tiny_pointmae_pretrain_ckpt, tmp_path):
     from mm3d.cli import main
 
     cfg = cls_cfg(mn_root, tmp_path / "svm", "train.epochs=0", "data.fps_points=64", "data.augmentation=none",
                   "data.votes=0", "probe.cs=[0.1,1.0]", "data.val_fraction=0.25", task="pointmae_svm")
     cfg_path = tmp_path / "svm.yaml"
     save_config(cfg, cfg_path)
-    assert main(["evaluate", str(cfg_path), f"checkpoint={pretrain_ckpt}"]) == 0  # strict load of a pretrain ckpt
+    assert main(["evaluate", str(cfg_path), f"checkpoint={tiny_pointmae_pretrain_ckpt}"]) == 0  # strict load of a pretrain ckpt
     res = json.loads((tmp_path / "svm" / "eval" / "results.json").read_text())
     test = res["test"]
     assert test["C"] in (0.1, 1.0) and 0.0 <= test["top1"] <= 1.0 and "select_top1" in test
@@ -360,7 +346,7 @@ def test_svm_probe_end_to_end(mn_root, pretrain_ckpt, tmp_path):
 
     from mm3d.trainer import run
 
-    again = run(replace(cfg, init=str(pretrain_ckpt), output_dir=str(tmp_path / "svm_init")))
+    again = run(replace(cfg, init=str(tiny_pointmae_pretrain_ckpt), output_dir=str(tmp_path / "svm_init")))
     assert again["test"]["top1"] == test["top1"] and again["test"]["C"] == test["C"]
     assert not (tmp_path / "svm_init" / "checkpoints").exists()
 

@@ -3,20 +3,18 @@ estimator, C and feature each preset picks, the config errors around them, the p
 stand for, and an end-to-end run on tiny synthetic ModelNet data checked against scikit-learn."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from mm3d.config import ConfigError, load_config, save_config, to_dict
+from mm3d.config import ConfigError, load_config, save_config
 from mm3d.registry import TASKS, variant_config
 from mm3d.pointcloud.classification import ClsDataConfig, build_cls_datasets, eval_points
 from mm3d.pointcloud.models import build_pretrain_model
 from mm3d.metrics import confusion_matrix
 from mm3d.pointcloud.probe import SVM_PRESETS, _eval_loader, extract_features, make_svm, pool_patch_tokens
-from mm3d.pointcloud.tasks import PointPretrainConfig
 
 BASE = ["task=pointmae_svm", "model.variant=pointmae_tiny_test", "train.device=cpu", "train.batch_size=8",
         "train.tensorboard=false", "train.progress=off", "data.root=unused"]
@@ -192,19 +190,7 @@ def test_labels_without_a_preset():
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def pretrain_ckpt(tmp_path_factory) -> Path:
-    """One of our pretraining checkpoints of the tiny test variant (random weights)."""
-    torch.manual_seed(0)
-    model_cfg = variant_config("pointmae_tiny_test")
-    model = build_pretrain_model(model_cfg)
-    path = tmp_path_factory.mktemp("ckpt") / "pretrain.pt"
-    torch.save({"model": model.state_dict(),
-                "config": to_dict(PointPretrainConfig(task="pointmae_pretrain", model=model_cfg))}, path)
-    return path
-
-
-def test_pointm2ae_preset_end_to_end_matches_sklearn(mn_root, pretrain_ckpt, tmp_path):
+def test_pointm2ae_preset_end_to_end_matches_sklearn(mn_root, tiny_pointmae_pretrain_ckpt, tmp_path):
     """`mm3d evaluate` with protocol=paper probe.preset=pointm2ae on synthetic ModelNet40: the result
     is SVC(C=0.012, kernel='linear') fitted on max + mean of the patch tokens, computed here
     independently from the checkpoint (forward_features' [max, mean] halves added)."""
@@ -218,7 +204,7 @@ def test_pointm2ae_preset_end_to_end_matches_sklearn(mn_root, pretrain_ckpt, tmp
     assert cfg.data.npoints == 1024 and cfg.probe.cs is None
     cfg_path = tmp_path / "svm.yaml"
     save_config(cfg, cfg_path)
-    assert main(["evaluate", str(cfg_path), f"checkpoint={pretrain_ckpt}"]) == 0
+    assert main(["evaluate", str(cfg_path), f"checkpoint={tiny_pointmae_pretrain_ckpt}"]) == 0
     out = tmp_path / "run" / "eval"
     test = json.loads((out / "results.json").read_text())["test"]
     assert test["C"] == 0.012 and test["feature_dim"] == 32 and "select_top1" not in test
@@ -229,7 +215,7 @@ def test_pointm2ae_preset_end_to_end_matches_sklearn(mn_root, pretrain_ckpt, tmp
 
     # the same numbers by hand: encoder features of every shape, pooled, then scikit-learn's SVC
     model = build_pretrain_model(cfg.model).eval()
-    model.load_state_dict(torch.load(pretrain_ckpt, weights_only=True)["model"])
+    model.load_state_dict(torch.load(tiny_pointmae_pretrain_ckpt, weights_only=True)["model"])
     data = build_cls_datasets(cfg, ["train", "test"], carve_val=False)
 
     def features(ds):  # -> [max, mean] (S, 2D), max + mean (S, D), labels (S,)
