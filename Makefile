@@ -4,6 +4,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 APT_PKGS = libusb-1.0-0 libegl1 libgl1 libgomp1 libvulkan1 mesa-vulkan-drivers
+# FFmpeg's shared libraries for the optional torchcodec backend (Debian 12 names). Installed when
+# the system has them; where it does not, the torchcodec tests skip and say why.
+APT_OPTIONAL = libavcodec59 libavformat59 libavutil57 libswscale6 libswresample4 libavfilter8 libavdevice59
 DEMO_OUT ?= demo_out
 PYTEST_ARGS ?=
 # `make test-floors`: the packages installed at their pyproject.toml floor (everything else, torch
@@ -54,6 +57,16 @@ system-deps:
 	  else \
 	    echo "mm3d needs these Debian packages:$$missing"; \
 	    echo "run:  sudo apt-get update && sudo apt-get install -y$$missing"; exit 1; \
+	  fi; \
+	fi; \
+	optional=""; for p in $(APT_OPTIONAL); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || optional="$$optional $$p"; done; \
+	if [ -n "$$optional" ]; then \
+	  if [ "$$(id -u)" = 0 ] && { [ -n "$$missing" ] || apt-get update -qq; } && \
+	     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends$$optional >/dev/null 2>&1; then \
+	    echo "mm3d: installed FFmpeg libraries for torchcodec:$$optional"; \
+	  else \
+	    echo "mm3d: optional FFmpeg libraries for the torchcodec backend not installed:$$optional (its tests skip)"; \
 	  fi; \
 	fi
 
