@@ -1,28 +1,59 @@
-"""Video decoding: decord first, PyAV per file as the fallback, and JPEG frame folders.
+"""Video decoding: decord, PyAV and torchcodec over files or in-memory bytes, and JPEG frame folders.
 
-decord's ``VideoReader`` is the primary decoder; PyAV is the per-file fallback when decord is
-absent, cannot open a file (e.g. GIFs) or fails on its codec. Frame folders are read as JPEG
-files (PIL) with a configurable name template and start number. Only the requested frames
-are decoded (PyAV decodes sequentially and stops at the last one needed), and a sample opens
-its file once (a fallback reopens it with PyAV). decord 0.6 sometimes returns a stale frame
-for the final frame of a file (dmlc/decord#195); such reads are detected and redone by PyAV.
+Backends (``data.backend``):
+
+==============  ===========================================================================
+``auto``        decord, and PyAV per file when decord is absent, cannot open the file (e.g.
+                a GIF) or fails on its frames (the default; frames on the CPU).
+``decord``      decord's ``VideoReader`` only (random access through its frame index).
+``pyav``        PyAV only: decodes sequentially and stops at the last frame a sample needs.
+``torchcodec``  PyTorch's ``torchcodec.decoders.VideoDecoder`` only (exact seeking); the one
+                backend that can also decode on a CUDA device (NVDEC).
+==============  ===========================================================================
+
+An explicit backend uses only that decoder; when it fails, :class:`VideoDecodeError` names the
+file and the reason. ``auto`` lists every decoder's reason when all of them fail. An unknown
+backend name is a :class:`DecodeSettingsError` listing the known ones.
+
+Devices (``data.decode_device``): ``cpu`` (every backend; frames come back as numpy arrays) or
+``cuda`` (torchcodec only; frames come back as torch tensors on the current CUDA device, in the
+same ``(..., H, W, 3)`` uint8 layout). Asking for ``cuda`` with another backend, or without a
+usable GPU, is a :class:`DecodeSettingsError` (see :func:`check_decode_settings`).
+
+Input: a path, or the encoded file itself as ``bytes`` / a binary file-like object (e.g. an
+``mp4`` member of a WebDataset shard); ``name=`` then says what to call it in errors, e.g.
+``"shard-000003.tar:000123_abseiling"``. Nothing is written to disk.
+
+Only the requested frames are decoded, and a sample opens its file once (a fallback reopens it
+with PyAV). decord 0.6 sometimes returns a stale frame for the final frame of a file
+(dmlc/decord#195); such reads are detected and redone by PyAV. Frame folders are read as JPEG
+files (PIL) with a configurable name template and start number.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import os
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Any, BinaryIO, Literal, Protocol, Union, get_args
 
 import numpy as np
 from PIL import Image
 
+from mm3d.errors import UserError
+
 if TYPE_CHECKING:
+    import torch
+
     from mm3d.video.data import VideoRecord
 
 log = logging.getLogger(__name__)
 
-Backend = Literal["auto", "decord", "pyav"]
+Backend = Literal["auto", "decord", "pyav", "torchcodec"]
+BACKENDS: tuple[str, ...] = get_args(Backend)
+DecodeDevice = Literal["cpu", "cuda"]
+VideoInput = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, BinaryIO]
+Frames = Union[np.ndarray, "torch.Tensor"]
 
 try:  # decord has wheels for Linux x86_64 only; PyAV covers everything else
     import decord as _decord
@@ -30,21 +61,105 @@ except ImportError:  # pragma: no cover - depends on the platform
     _decord = None
 
 
-
 class VideoDecodeError(RuntimeError):
-    """A video or frame folder could not be read; the message names the path and the reasons."""
+    """A video or frame folder could not be read; the message names the file and the reasons."""
+
+
+class DecodeSettingsError(UserError, ValueError):
+    """A backend / decode device that does not exist or cannot work here (names the known ones)."""
+
+
+def _torchcodec_decoder_class() -> Any:
+    """torchcodec's ``VideoDecoder`` (imported on first use: it loads the FFmpeg libraries)."""
+    try:
+        from torchcodec.decoders import VideoDecoder
+    except Exception as e:  # noqa: BLE001 - ImportError, or RuntimeError when FFmpeg is missing
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ImportError(f"torchcodec cannot be loaded ({reason}); install it with "
+                          f"`pip install torchcodec` and FFmpeg 4-7 shared libraries") from e
+    return VideoDecoder
+
+
+def torchcodec_available() -> tuple[bool, str]:
+    """(whether torchcodec can decode here, why not when it cannot)."""
+    try:
+        _torchcodec_decoder_class()
+    except ImportError as e:
+        return False, str(e)
+    return True, ""
+
+
+def check_decode_settings(backend: str, device: str = "cpu") -> None:
+    """Fail early, in one line, on a backend / device pair that cannot decode here.
+
+    `device` is ``cpu``, ``cuda`` or ``cuda:N``; only ``torchcodec`` decodes on CUDA.
+
+    Raises:
+        DecodeSettingsError naming the known backends, or why the device cannot be used.
+    """
+    if backend not in BACKENDS:
+        raise DecodeSettingsError(f"unknown video backend {backend!r}; known: {', '.join(BACKENDS)}")
+    if device == "cpu":
+        return
+    if device != "cuda" and not (device.startswith("cuda:") and device[5:].isdigit()):
+        raise DecodeSettingsError(f"unknown decode device {device!r}; known: cpu, cuda (or cuda:N)")
+    if backend != "torchcodec":
+        raise DecodeSettingsError(f"decode device {device!r} needs backend 'torchcodec' (decord and PyAV "
+                                  f"decode on the CPU only), got backend {backend!r}")
+    import torch
+
+    if not torch.cuda.is_available():
+        raise DecodeSettingsError(f"decode device {device!r} asked for, but no CUDA device is available "
+                                  f"here (torch.cuda.is_available() is False); use decode_device=cpu")
+    ok, why = torchcodec_available()
+    if not ok:
+        raise DecodeSettingsError(f"backend 'torchcodec': {why}")
+
+
+def _read_input(source: VideoInput, name: str | None) -> tuple[str | bytes, str]:
+    """(a path or the encoded bytes, the name errors use) for any accepted `source`."""
+    if isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
+        if not os.path.isfile(path):
+            raise VideoDecodeError(f"{name or path}: file does not exist")
+        return path, name or path
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+    elif hasattr(source, "read"):
+        data = source.read()
+        if not isinstance(data, (bytes, bytearray)):
+            raise TypeError(f"{name or source!r}: a video file object must be opened in binary mode, "
+                            f"its read() returned {type(data).__name__}")
+        data = bytes(data)
+    else:
+        raise TypeError(f"open_video expects a path, bytes or a binary file object, got "
+                        f"{type(source).__name__}")
+    name = name or f"<in-memory video, {len(data)} bytes>"
+    if not data:
+        raise VideoDecodeError(f"{name}: no data (0 bytes)")
+    return data, name
+
+
+def _av_open(data: str | bytes) -> Any:
+    import av
+
+    return av.open(data if isinstance(data, str) else io.BytesIO(data))
 
 
 class FrameSource(Protocol):
-    """An opened video: its frame count and random access to frames (opened once per sample)."""
+    """An opened video: its frame count and random access to frames (opened once per sample).
 
-    path: str
-    backend: str  # "decord" | "pyav" | "rawframes"
+    ``get`` returns ``(*indices.shape, H, W, 3)`` uint8 RGB frames: a numpy array when decoding
+    on the CPU (every backend), a torch tensor on the decode device for torchcodec on CUDA.
+    """
+
+    path: str  # the file path, or the `name` of in-memory input (used in messages)
+    backend: str  # "decord" | "pyav" | "torchcodec" | "rawframes"
 
     @property
     def num_frames(self) -> int: ...
 
-    def get(self, indices: np.ndarray) -> np.ndarray:
+    def get(self, indices: np.ndarray) -> Frames:
         """Frames at `indices` (any shape) -> (*indices.shape, H, W, 3) uint8."""
         ...
 
@@ -54,14 +169,16 @@ class FrameSource(Protocol):
 class _DecordSource:
     backend = "decord"
 
-    def __init__(self, path: str, num_threads: int) -> None:
+    def __init__(self, data: str | bytes, name: str, num_threads: int) -> None:
         if _decord is None:
             raise ImportError("decord is not installed")
-        self.path = path
-        self._vr = _decord.VideoReader(path, num_threads=num_threads, ctx=_decord.cpu(0))
+        self.path = name
+        self._data = data
+        uri = data if isinstance(data, str) else io.BytesIO(data)
+        self._vr = _decord.VideoReader(uri, num_threads=num_threads, ctx=_decord.cpu(0))
         self._len = len(self._vr)
         if self._len <= 0:
-            raise VideoDecodeError(f"{path}: decord found no frames")
+            raise VideoDecodeError(f"{name}: decord found no frames")
 
     @property
     def num_frames(self) -> int:
@@ -81,7 +198,7 @@ class _DecordSource:
             # frame then equals the one before it, so such a read is redone with PyAV (which
             # also handles the rare video whose last two frames really are identical).
             try:
-                pyav = _PyAVSource(self.path, 1)
+                pyav = _PyAVSource(self._data, self.path, 1)
                 try:
                     frames[-1] = pyav.get(np.array([min(last, pyav.num_frames - 1)]))[0]
                 finally:
@@ -101,29 +218,28 @@ class _PyAVSource:
 
     backend = "pyav"
 
-    def __init__(self, path: str, num_threads: int, strict: bool = False) -> None:
-        import av
-
-        self.path = path
+    def __init__(self, data: str | bytes, name: str, num_threads: int, strict: bool = False) -> None:
+        self.path = name
+        self._data = data
         self._num_threads = num_threads
         self._strict = strict  # a stream that ends before a requested frame is an error (else: clamped)
-        self._container = av.open(path)
+        self._container = _av_open(data)
         if not self._container.streams.video:
             self._container.close()
-            raise VideoDecodeError(f"{path}: no video stream")
+            raise VideoDecodeError(f"{name}: no video stream")
         stream = self._container.streams.video[0]
         count = int(stream.frames or 0)
         if count <= 0:  # unknown in the header: count the packets (no decoding)
             count = sum(1 for p in self._container.demux(stream) if p.size > 0)
             self._container.close()
-            self._container = av.open(path)
+            self._container = _av_open(data)
         if count <= 0:  # still unknown (e.g. some GIFs): decode once to count
             count = sum(1 for _ in self._container.decode(video=0))
             self._container.close()
-            self._container = av.open(path)
+            self._container = _av_open(data)
         if count <= 0:
             self._container.close()
-            raise VideoDecodeError(f"{path}: PyAV found no frames")
+            raise VideoDecodeError(f"{name}: PyAV found no frames")
         self._len = count
         self._used = False
 
@@ -132,11 +248,9 @@ class _PyAVSource:
         return self._len
 
     def get(self, indices: np.ndarray) -> np.ndarray:
-        import av
-
         if self._used:  # decoding is sequential: start again from the beginning
             self._container.close()
-            self._container = av.open(self.path)
+            self._container = _av_open(self._data)
         self._used = True
         flat = np.asarray(indices, dtype=np.int64).reshape(-1)
         wanted = set(flat.tolist())
@@ -172,11 +286,51 @@ class _PyAVSource:
         self._container.close()
 
 
+class _TorchCodecSource:
+    """torchcodec's ``VideoDecoder`` in exact seek mode (the frame count comes from a scan of the
+    file's packets, so every index below it decodes); frames stay on `device`."""
+
+    backend = "torchcodec"
+
+    def __init__(self, data: str | bytes, name: str, num_threads: int, device: str = "cpu") -> None:
+        decoder_class = _torchcodec_decoder_class()
+        self.path = name
+        self.device = device
+        self._dec = decoder_class(data, dimension_order="NHWC", num_ffmpeg_threads=max(0, int(num_threads)),
+                                  device=device, seek_mode="exact")
+        self._len = int(self._dec.metadata.num_frames or 0)
+        if self._len <= 0:
+            raise VideoDecodeError(f"{name}: torchcodec found no frames")
+
+    @property
+    def num_frames(self) -> int:
+        return self._len
+
+    def get(self, indices: np.ndarray) -> Frames:
+        import torch
+
+        flat = np.asarray(indices, dtype=np.int64).reshape(-1)
+        unique, inverse = np.unique(flat, return_inverse=True)
+        if unique[0] < 0 or unique[-1] >= self._len:
+            raise VideoDecodeError(f"{self.path}: frame indices must lie in [0, {self._len}), got "
+                                   f"[{unique[0]}, {unique[-1]}]")
+        frames = self._dec.get_frames_at(unique.tolist()).data  # (U, H, W, 3) uint8 on the device
+        shape = (*np.shape(indices), *frames.shape[1:])
+        if frames.device.type == "cpu":
+            return frames.numpy()[inverse].reshape(shape)
+        return frames[torch.from_numpy(inverse).to(frames.device)].reshape(shape)
+
+    def close(self) -> None:
+        self._dec = None
+
+
 class _FallbackSource:
     """decord first; PyAV when decord fails later, on the frames (e.g. an unsupported codec)."""
 
-    def __init__(self, primary: _DecordSource, num_threads: int, strict: bool = False) -> None:
+    def __init__(self, primary: _DecordSource, data: str | bytes, num_threads: int,
+                 strict: bool = False) -> None:
         self._src: FrameSource = primary
+        self._data = data
         self._num_threads = num_threads
         self._strict = strict
         self.path = primary.path
@@ -197,7 +351,7 @@ class _FallbackSource:
                 raise
             log.info("decord failed on %s (%s); decoding with PyAV", self.path, e)
             self._src.close()
-            self._src = _PyAVSource(self.path, self._num_threads, self._strict)
+            self._src = _PyAVSource(self._data, self.path, self._num_threads, self._strict)
             return self._src.get(indices)
 
     def close(self) -> None:
@@ -248,71 +402,97 @@ class RawFrameSource:
         pass
 
 
-def open_video(path: str | os.PathLike, *, backend: Backend = "auto",
-               num_threads: int = 1, strict: bool = False) -> FrameSource:
-    """Open a video file for frame access.
+def _reason(backend: str, e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{backend}: {text.splitlines()[0] if text else type(e).__name__}"
 
-    ``auto`` tries decord and falls back to PyAV when decord is missing, cannot open the file
-    or fails while decoding it; ``decord`` / ``pyav`` use only that decoder. PyAV clamps a
-    request past the end of a stream that is shorter than its header says to the last frame;
-    ``strict=True`` makes that an error instead (``mm3d data check``).
+
+def open_video(source: VideoInput, *, backend: Backend = "auto", num_threads: int = 1,
+               strict: bool = False, name: str | None = None, device: str = "cpu") -> FrameSource:
+    """Open a video for frame access.
+
+    Args:
+        source: a file path, or the encoded file as bytes or a binary file-like object (read
+            once, fully; nothing is written to disk).
+        backend: ``auto`` tries decord and falls back to PyAV when decord is missing, cannot
+            open the video or fails while decoding it; ``decord`` / ``pyav`` / ``torchcodec``
+            use only that decoder.
+        num_threads: decoder threads (0: the decoder's choice).
+        strict: PyAV clamps a request past the end of a stream that is shorter than its header
+            says to the last frame; ``strict=True`` makes that an error (``mm3d data check``).
+        name: what errors call the video (default: the path, or "<in-memory video, N bytes>"),
+            e.g. ``"shard-000003.tar:000123_abseiling"``.
+        device: ``cpu``, or ``cuda`` / ``cuda:N`` with ``backend="torchcodec"`` (frames then
+            come back as torch tensors on that device).
 
     Raises:
-        VideoDecodeError naming the path and every decoder's reason.
+        DecodeSettingsError for an unknown backend or an unusable device; VideoDecodeError
+        naming the video and every decoder's reason when it cannot be opened.
     """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise VideoDecodeError(f"{path}: file does not exist")
+    check_decode_settings(backend, device)
+    data, name = _read_input(source, name)
+    if backend == "torchcodec":
+        if device == "cuda":
+            import torch
+
+            device = f"cuda:{torch.cuda.current_device()}"
+        try:
+            return _TorchCodecSource(data, name, num_threads, device)
+        except Exception as e:  # noqa: BLE001 - torchcodec raises RuntimeError/ValueError/ImportError
+            raise VideoDecodeError(f"{name}: {_reason('torchcodec', e)}") from e
     reasons = []
     if backend in ("auto", "decord"):
         try:
-            src = _DecordSource(path, num_threads)
-            return _FallbackSource(src, num_threads, strict) if backend == "auto" else src
+            src = _DecordSource(data, name, num_threads)
+            return _FallbackSource(src, data, num_threads, strict) if backend == "auto" else src
         except Exception as e:  # noqa: BLE001 - decord raises its own error types
-            reasons.append(f"decord: {e}".strip().splitlines()[0])
+            reasons.append(_reason("decord", e))
             if backend == "decord":
-                raise VideoDecodeError(f"{path}: {'; '.join(reasons)}") from e
+                raise VideoDecodeError(f"{name}: {'; '.join(reasons)}") from e
     try:
-        return _PyAVSource(path, num_threads, strict)
+        return _PyAVSource(data, name, num_threads, strict)
     except Exception as e:  # noqa: BLE001 - PyAV raises FFmpeg error subclasses
-        reasons.append(f"pyav: {e}".strip().splitlines()[0])
-        raise VideoDecodeError(f"{path}: {'; '.join(reasons)}") from e
+        reasons.append(_reason("pyav", e))
+        raise VideoDecodeError(f"{name}: {'; '.join(reasons)}") from e
 
 
 def open_record(record: VideoRecord, *, backend: Backend = "auto", num_threads: int = 1,
                 rawframe_template: str = "img_{:05d}.jpg", rawframe_start: int = 1,
-                strict: bool = False) -> FrameSource:
-    """Open a list row: a frame folder for rawframe rows, else a video file (`strict`: see
-    :func:`open_video`)."""
+                strict: bool = False, device: str = "cpu") -> FrameSource:
+    """Open a list row: a frame folder for rawframe rows, else a video file (`strict`, `device`:
+    see :func:`open_video`; frame folders are always read on the CPU)."""
     if record.is_rawframes:
         start = rawframe_start if record.start_index is None else record.start_index
         return RawFrameSource(record.path, record.total_frames, template=rawframe_template,
                               start=start)
-    return open_video(record.path, backend=backend, num_threads=num_threads, strict=strict)
+    return open_video(record.path, backend=backend, num_threads=num_threads, strict=strict,
+                      device=device)
 
 
-def decode_frames(path: str | os.PathLike, indices: np.ndarray, *, backend: Backend = "auto",
-                  num_threads: int = 1) -> np.ndarray:
-    """Decode the frames at `indices` (any shape) of a video -> (*indices.shape, H, W, 3) uint8."""
-    src = open_video(path, backend=backend, num_threads=num_threads)
+def decode_frames(source: VideoInput, indices: np.ndarray, *, backend: Backend = "auto",
+                  num_threads: int = 1, name: str | None = None, device: str = "cpu") -> Frames:
+    """Decode the frames at `indices` (any shape) of a video -> (*indices.shape, H, W, 3) uint8
+    (numpy on the CPU; a torch tensor on `device` for torchcodec on CUDA)."""
+    src = open_video(source, backend=backend, num_threads=num_threads, name=name, device=device)
     try:
         indices = np.asarray(indices, dtype=np.int64)
         if indices.size and (indices.min() < 0 or indices.max() >= src.num_frames):
-            raise ValueError(f"{path}: frame indices must lie in [0, {src.num_frames}), got "
+            raise ValueError(f"{src.path}: frame indices must lie in [0, {src.num_frames}), got "
                              f"[{indices.min()}, {indices.max()}]")
         return src.get(indices)
     finally:
         src.close()
 
 
-def video_num_frames(path: str | os.PathLike, backend: Backend = "auto") -> int:
-    """The number of frames of a video file (decord's count, PyAV's when it falls back)."""
-    src = open_video(path, backend=backend)
+def video_num_frames(source: VideoInput, backend: Backend = "auto", *, name: str | None = None) -> int:
+    """The number of frames of a video (decord's count, PyAV's when it falls back)."""
+    src = open_video(source, backend=backend, name=name)
     try:
         return src.num_frames
     finally:
         src.close()
 
 
-__all__ = ["Backend", "VideoDecodeError", "FrameSource", "RawFrameSource", "open_video", "open_record",
-           "decode_frames", "video_num_frames"]
+__all__ = ["BACKENDS", "Backend", "DecodeDevice", "DecodeSettingsError", "FrameSource", "Frames",
+           "RawFrameSource", "VideoDecodeError", "VideoInput", "check_decode_settings", "decode_frames",
+           "open_record", "open_video", "torchcodec_available", "video_num_frames"]

@@ -66,7 +66,8 @@ class VideoDataConfig:
     scales: tuple[float, ...] = (1.0, 0.875, 0.75, 0.66)  # VideoMAE's multi-scale crop
     flip: bool = False  # VideoMAE pretraining does not flip
     num_sample: int = 1  # repeated augmentation: views per decoded clip (VideoMAEv2 uses 4)
-    backend: Literal["auto", "decord", "pyav"] = "auto"
+    backend: Literal["auto", "decord", "pyav", "torchcodec"] = "auto"  # see mm3d.video.decode
+    decode_device: Literal["cpu", "cuda"] = "cpu"  # cuda: torchcodec only, frames stay on the GPU
     num_threads: int = 1  # decoder threads per loader worker
     rawframe_template: str = "img_{:05d}.jpg"
     rawframe_start: int = 1
