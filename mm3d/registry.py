@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import difflib
 import importlib
-from dataclasses import dataclass, replace
-from typing import Any, Callable, Generic, Iterator, TypeVar
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Generic, Iterator, Protocol, TypeVar, runtime_checkable
 
 T = TypeVar("T")
 
@@ -75,6 +75,59 @@ CONVERTERS: Registry[Callable[..., Any]] = Registry("checkpoint converter")
 DATA_COMMANDS: Registry[tuple[str, Callable[..., Any], Callable[..., Any]]] = Registry("data command")
 # extra top-level `mm3d NAME` subcommands, same shape (registered by core modules that the CLI imports)
 COMMANDS: Registry[tuple[str, Callable[..., Any], Callable[..., Any]]] = Registry("command")
+
+
+@dataclass(frozen=True)
+class PrepareItem:
+    """One input of `mm3d data prepare`.
+
+    key: the sample key in the shards (:func:`mm3d.shards.safe_key`: unique, no dots).
+    source: the input file (or folder of frames), as the list names it.
+    line: where it is listed (``"train.txt:4"``), for the report of failed items.
+    info: what else the preparer needs in `convert` (label, class name, ...), plain JSON data.
+    """
+
+    key: str
+    source: str
+    line: str = ""
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Preparer(Protocol):
+    """A modality's converter of raw inputs into shard samples (``PREPARERS[kind]``).
+
+    `mm3d data prepare --kind KIND` calls :meth:`items` and :meth:`settings` in the main process
+    and :meth:`convert` on each item in worker processes (so the preparer must pickle);
+    ``mm3d data prepare CONFIG`` calls :meth:`from_config` for each split.
+
+    Optional members: ``add_arguments(parser)`` adds the preparer's own options (an option that
+    another preparer already added is shared, so same names must mean the same), ``tasks``
+    (task names whose configs :meth:`from_config` understands; picks the preparer for a config
+    when a modality has several) and ``classes(args_or_cfg) -> list[str] | None``.
+    """
+
+    modality: str
+
+    def items(self, args: Any) -> list[PrepareItem]:
+        """The inputs named by the command-line options (``args.list``, ``args.root``, ...)."""
+        ...
+
+    def settings(self, args: Any) -> dict[str, Any]:
+        """What the output depends on besides the inputs (``{"short_side": 320, "gop": 16}``)."""
+        ...
+
+    def convert(self, item: PrepareItem, settings: dict[str, Any]) -> dict[str, bytes]:
+        """The sample's files, ``ext -> bytes`` (``{"mp4": ..., "json": ...}``); raise on bad input."""
+        ...
+
+    def from_config(self, cfg: Any, split: str) -> tuple[list[PrepareItem], dict[str, Any]] | None:
+        """Items and settings of `split` of a run config; None when the config has no such split."""
+        ...
+
+
+# `mm3d data prepare --kind NAME`: the modalities' preparers (see :class:`Preparer`)
+PREPARERS: Registry[Preparer] = Registry("preparer")
 
 
 def register_variant(name: str, modality: str, config: Any, description: str = "") -> ModelVariant:
