@@ -359,7 +359,8 @@ class VideoDataset(torch.utils.data.Dataset):
       multi-view predictions can be grouped per video.
 
     Args:
-        records: rows from :func:`read_annotation_list`.
+        records: rows from :func:`read_annotation_list`; None for a subclass that reads its rows elsewhere
+            and overrides ``__len__``, ``sample_source``, ``_opened`` and ``label`` (shards).
         mode: ``train`` samples randomly; ``test`` samples fixed multi-clip views.
         num_frames: frames per clip (T).
         sampling_rate: frame step of dense sampling (4 Kinetics, 2 SSv2).
@@ -369,7 +370,9 @@ class VideoDataset(torch.utils.data.Dataset):
         num_clips, num_crops: test views (5 x 3 for Kinetics, 2 x 3 for SSv2).
         num_sample: repeated augmentation: views of one decoded clip per train item.
         transform: ``fn(video (T, H, W, 3) uint8, generator) -> tensor``.
-        backend, num_threads: video decoder (see :func:`mm3d.video.decode.open_video`).
+        backend, num_threads, decode_device: video decoder (see :func:`mm3d.video.decode.open_video`);
+            with ``decode_device="cuda"`` the clips are decoded and transformed on the GPU (the loader
+            then needs ``num_workers=0``: CUDA does not work in forked workers).
         rawframe_template, rawframe_start: frame file names of rawframe rows.
         max_failure_ratio: unreadable rows are logged, replaced by the next readable row and
             counted (``failed``); once more than this fraction of the rows has failed, loading
@@ -380,19 +383,19 @@ class VideoDataset(torch.utils.data.Dataset):
             which DataLoader workers set per worker and epoch).
     """
 
-    def __init__(self, records: Sequence[VideoRecord], *, mode: Literal["train", "test"],
+    def __init__(self, records: Sequence[VideoRecord] | None, *, mode: Literal["train", "test"],
                  num_frames: int = 16, sampling_rate: int = 4,
                  sampling: Literal["dense", "segment"] = "dense",
                  dense_spacing: Literal["stride", "spread"] = "stride", num_clips: int = 1,
                  num_crops: int = 1, num_sample: int = 1, transform: ClipTransform | None = None,
-                 backend: Backend = "auto", num_threads: int = 1,
+                 backend: Backend = "auto", num_threads: int = 1, decode_device: str = "cpu",
                  rawframe_template: str = "img_{:05d}.jpg", rawframe_start: int = 1,
                  max_failure_ratio: float = 0.01, seed: int = 0) -> None:
         if mode not in ("train", "test"):
             raise ValueError(f"mode must be 'train' or 'test', got {mode!r}")
         if sampling not in ("dense", "segment"):
             raise ValueError(f"sampling must be 'dense' or 'segment', got {sampling!r}")
-        if not records:
+        if records is not None and not records:
             raise ValueError("VideoDataset needs at least one record")
         for name, v in dict(num_frames=num_frames, sampling_rate=sampling_rate,
                             num_clips=num_clips, num_crops=num_crops,
@@ -401,7 +404,8 @@ class VideoDataset(torch.utils.data.Dataset):
                 raise ValueError(f"{name} must be >= 1, got {v}")
         if mode == "test" and transform is None and num_crops > 1:
             raise ValueError("num_crops > 1 needs a test transform that makes the crops")
-        self.records = list(records)
+        if records is not None:
+            self.records = list(records)
         self.mode = mode
         self.num_frames = num_frames
         self.sampling_rate = sampling_rate
@@ -413,11 +417,12 @@ class VideoDataset(torch.utils.data.Dataset):
         self.transform = transform
         self.backend: Backend = backend
         self.num_threads = num_threads
+        self.decode_device = decode_device
         self.rawframe_template = rawframe_template
         self.rawframe_start = rawframe_start
         self.max_failure_ratio = max_failure_ratio
         self.seed = seed
-        self._budget = FailureBudget(len(self.records), max_failure_ratio, noun="videos", logger=log)
+        self._budget = FailureBudget(len(self), max_failure_ratio, noun="videos", logger=log)
         self._rng_key: tuple[int, int] | None = None
         self._rng: np.random.Generator | None = None
 
@@ -442,7 +447,7 @@ class VideoDataset(torch.utils.data.Dataset):
         repeat its last frame). Used by ``mm3d data check`` and to name the reason of a row an
         evaluation did not score.
         """
-        with self._opened(self.records[index], strict=True) as src:
+        with self._opened(index, strict=True) as src:
             n = src.num_frames
             if self.sampling == "dense":
                 views = uniform_clips(n, self.num_frames, self.sampling_rate, self.num_clips)
@@ -451,13 +456,17 @@ class VideoDataset(torch.utils.data.Dataset):
             src.get(np.unique(np.concatenate([views.reshape(-1), [0, n - 1]])))
 
     @contextlib.contextmanager
-    def _opened(self, record: VideoRecord, *, strict: bool = False) -> Iterator[FrameSource]:
-        """`record` opened with this dataset's decoder settings and closed after use; any reader
-        failure, opening or reading, becomes a :class:`VideoDecodeError` naming the file."""
+    def _opened(self, index: int, *, strict: bool = False) -> Iterator[FrameSource]:
+        """Row `index` opened with this dataset's decoder settings and closed after use; any reader
+        failure, opening or reading, becomes a :class:`VideoDecodeError` naming the file.
+
+        The hook of datasets that read their videos elsewhere (e.g. from the bytes of a shard,
+        :class:`mm3d.video.shards.VideoShardDataset`), together with :meth:`label`."""
+        record = self.records[index]
         try:
             src = open_record(record, backend=self.backend, num_threads=self.num_threads,
                               rawframe_template=self.rawframe_template,
-                              rawframe_start=self.rawframe_start, strict=strict)
+                              rawframe_start=self.rawframe_start, strict=strict, device=self.decode_device)
             try:
                 yield src
             finally:
@@ -486,20 +495,24 @@ class VideoDataset(torch.utils.data.Dataset):
             return uniform_clips(num_frames, self.num_frames, self.sampling_rate, self.num_clips)
         return segment_clips(num_frames, self.num_frames, self.num_clips)
 
-    def _read(self, index: int, rng: np.random.Generator | None) -> np.ndarray:
-        with self._opened(self.records[index]) as src:
-            return src.get(self.frame_indices(src.num_frames, rng))
+    def label(self, index: int, source: FrameSource) -> int:
+        """The class of row `index` (-1: unlabelled), given its opened video."""
+        return self.records[index].label
+
+    def _read(self, index: int, rng: np.random.Generator | None) -> tuple[np.ndarray, int]:
+        with self._opened(index) as src:
+            return src.get(self.frame_indices(src.num_frames, rng)), self.label(index, src)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         rng = self._stream() if self.mode == "train" else None
-        i, frames = read_or_replace(index, len(self), lambda j: self._read(j, rng), self._budget,
-                                    self.sample_source, errors=(VideoDecodeError,))
+        i, (frames, label) = read_or_replace(index, len(self), lambda j: self._read(j, rng), self._budget,
+                                             self.sample_source, errors=(VideoDecodeError,))
         gen = torch.Generator()
         if rng is not None:
             gen.manual_seed(int(rng.integers(2**63)))
-        video = torch.from_numpy(np.ascontiguousarray(frames))
+        video = frames if isinstance(frames, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(frames))
         out = self._apply(video, gen)
-        return {"video": out, "label": torch.tensor(self.records[i].label, dtype=torch.long),
+        return {"video": out, "label": torch.tensor(label, dtype=torch.long),
                 "index": torch.tensor(i, dtype=torch.long)}
 
     def _apply(self, video: torch.Tensor, gen: torch.Generator) -> torch.Tensor:

@@ -31,9 +31,10 @@ from mm3d.task import EvalResult, Task
 from mm3d.trainer import build_optimizer, peak_lr
 from mm3d.video import data as D
 from mm3d.video import transforms as TR
-from mm3d.video.decode import VideoDecodeError
+from mm3d.video.decode import VideoDecodeError, check_decode_settings
 from mm3d.video.convert import ours_to_hf
 from mm3d.video.models import VideoMAEConfig, VideoMAEPretrain, build_pretrain_model
+from mm3d.video.shards import VideoShardDataset, shard_dataset_spec
 from mm3d.video.tokens import adapt_pos_embeds, token_grid
 from mm3d.video.visualize import write_visualization
 
@@ -52,8 +53,19 @@ class VideoDataConfig:
     files) or ``dir total_frames label`` (rawframes). Relative paths inside a list are joined to
     `root`; a relative list path is looked up in the working directory, then under `root`.
     ``train_list`` / ``val_list`` may name several lists separated by commas (read in order).
+
+    ``format: shards`` reads prepared shards (``mm3d data prepare``) instead of the lists:
+    ``shards`` is the training split (a shard folder, a ``manifest.json``, a brace pattern
+    ``"dir/shard-{000000..000012}.tar"``, or a prepared root whose ``dataset.json`` names its
+    splits, which then also gives the validation split unless ``val_shards`` names one).
+    ``shuffle_buffer``: the trainer's sampler shuffles samples within windows of this many
+    (:class:`mm3d.shards.ShardSampler`).
     """
 
+    format: Literal["files", "shards"] = "files"  # files: the lists below; shards: prepared shards
+    shards: str = ""
+    val_shards: str = ""
+    shuffle_buffer: int = 1000
     root: str = ""
     train_list: str = ""
     val_list: str = ""  # optional: a held-out list for the validation loss and the report pictures
@@ -84,6 +96,12 @@ class VideoDataConfig:
             raise ValueError(f"max_failure_ratio must be in [0, 1], got {self.max_failure_ratio}")
         if self.report_clips < 0:
             raise ValueError(f"report_clips must be >= 0, got {self.report_clips}")
+        check_decode_settings(self.backend, self.decode_device)
+        if self.shuffle_buffer < 1:
+            raise ValueError(f"shuffle_buffer must be >= 1, got {self.shuffle_buffer}")
+        if self.format == "shards" and not self.shards:
+            raise ValueError("format=shards needs data.shards: a folder of shards, a manifest.json, a brace "
+                             "pattern or a prepared root (`mm3d data prepare ... --out DIR`)")
 
 
 @dataclass
@@ -108,6 +126,9 @@ class VideoPretrainConfig(RunConfig):
         if self.data.num_frames is not None and self.data.num_frames != self.model.num_frames:
             raise ValueError(f"data.num_frames={self.data.num_frames} differs from model.num_frames="
                              f"{self.model.num_frames}; set one (data.num_frames may stay null)")
+        if self.data.decode_device != "cpu" and self.train.num_workers > 0:
+            raise ValueError(f"data.decode_device={self.data.decode_device} decodes in the training process: set "
+                             f"train.num_workers=0 (CUDA does not work in forked loader workers)")
         if self.data.input_size is not None and self.data.input_size != self.model.img_size:
             raise ValueError(f"data.input_size={self.data.input_size} differs from model.img_size="
                              f"{self.model.img_size}; set one (data.input_size may stay null)")
@@ -125,23 +146,30 @@ def resolve_list(path: str, root: str) -> Path:
 
 
 def build_video_dataset(data: VideoDataConfig, list_path: str, *, mode: Literal["train", "test"],
-                        num_frames: int, input_size: int, seed: int = 0) -> Dataset:
-    """A :class:`~mm3d.video.data.VideoDataset` of one list: pretraining augmentation in ``train``
-    mode, a centre crop (one clip, one crop) in ``test`` mode."""
-    records = []
-    for one in (p.strip() for p in list_path.split(",") if p.strip()):
-        records += D.read_annotation_list(resolve_list(one, data.root), fmt=data.list_format,
-                                          data_root=data.root, label_map=data.label_map or None)
+                        num_frames: int, input_size: int, seed: int = 0, split: str = "train") -> Dataset:
+    """The clips of one list (``data.format: files``), or of the shards of `split` when `list_path` is
+    empty and ``data.format`` is ``shards`` (:class:`~mm3d.video.shards.VideoShardDataset`, same
+    items): pretraining augmentation in ``train`` mode, a centre crop (one clip, one crop) in
+    ``test`` mode."""
     if mode == "train":
         transform = TR.pretrain_transform(input_size, data.scales, flip=data.flip)
     else:
         transform = TR.test_transform(input_size, input_size, 1)
-    return D.VideoDataset(records, mode=mode, num_frames=num_frames, sampling_rate=data.sampling_rate,
-                          sampling=data.sampling, num_clips=1, num_crops=1,
-                          num_sample=data.num_sample if mode == "train" else 1, transform=transform,
-                          backend=data.backend, num_threads=data.num_threads,
-                          rawframe_template=data.rawframe_template, rawframe_start=data.rawframe_start,
-                          max_failure_ratio=data.max_failure_ratio, seed=seed)
+    options = dict(mode=mode, num_frames=num_frames, sampling_rate=data.sampling_rate, sampling=data.sampling,
+                   num_clips=1, num_crops=1, num_sample=data.num_sample if mode == "train" else 1,
+                   transform=transform, backend=data.backend, num_threads=data.num_threads,
+                   decode_device=data.decode_device, max_failure_ratio=data.max_failure_ratio, seed=seed)
+    if data.format == "shards":
+        spec = shard_dataset_spec(data.shards, data.val_shards, "", split)
+        if spec is None:
+            raise ConfigError(f"data.format=shards: no shards for the {split} split (data.shards={data.shards!r})")
+        return VideoShardDataset(spec, split=split, **options)
+    records = []
+    for one in (p.strip() for p in list_path.split(",") if p.strip()):
+        records += D.read_annotation_list(resolve_list(one, data.root), fmt=data.list_format,
+                                          data_root=data.root, label_map=data.label_map or None)
+    return D.VideoDataset(records, rawframe_template=data.rawframe_template, rawframe_start=data.rawframe_start,
+                          **options)
 
 
 def _flatten_views(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -186,18 +214,24 @@ class VideoMAEPretrainTask(Task):
                                   short_side=cfg.model.img_size, clips=1, crops=1)
 
     def build_datasets(self, cfg: VideoPretrainConfig, splits: Iterable[str]) -> dict[str, Dataset]:
+        """The training (and validation) clips of the lists, or of the prepared shards (``data.format``)."""
         d = cfg.data
-        if not d.train_list and "train" in splits:
+        splits = list(splits)
+        shards = d.format == "shards"
+        if not shards and not d.train_list and "train" in splits:
             raise ConfigError("data.train_list is empty: give an annotation list (data.train_list=FILE, "
                              "with data.root=DIR for relative paths)")
         size, frames = cfg.model.img_size, cfg.model.num_frames
+        has = {"train": bool(d.train_list), "val": bool(d.val_list)}
+        if shards:
+            has = {s: shard_dataset_spec(d.shards, d.val_shards, "", s) is not None for s in has}
         out: dict[str, Dataset] = {}
-        if "train" in splits and d.train_list:
-            out["train"] = build_video_dataset(d, d.train_list, mode="train", num_frames=frames, input_size=size,
-                                               seed=cfg.seed)
-        if "val" in splits and d.val_list:
-            out["val"] = build_video_dataset(d, d.val_list, mode="test", num_frames=frames, input_size=size,
-                                             seed=cfg.seed)
+        if "train" in splits and has["train"]:
+            out["train"] = build_video_dataset(d, "" if shards else d.train_list, mode="train", num_frames=frames,
+                                               input_size=size, seed=cfg.seed, split="train")
+        if "val" in splits and has["val"]:
+            out["val"] = build_video_dataset(d, "" if shards else d.val_list, mode="test", num_frames=frames,
+                                             input_size=size, seed=cfg.seed, split="val")
         return out
 
     def collate_fn(self, cfg: VideoPretrainConfig) -> Callable[[list[Any]], Any] | None:
