@@ -17,6 +17,7 @@ import torch
 
 import mm3d.export  # noqa: F401  (registers `mm3d export`; mm3d.modelcard, `mm3d info`)
 import mm3d.extract  # noqa: F401  (registers `mm3d extract`)
+import mm3d.prepare  # noqa: F401  (registers `mm3d data prepare`)
 import mm3d.toy  # noqa: F401  (the core's own toy task)
 from mm3d.bench import run_bench
 from mm3d.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint

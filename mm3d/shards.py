@@ -575,3 +575,18 @@ class ShardSampler(ResumableSampler):
     def __len__(self) -> int:
         begin, end = self._span()
         return max(0, end - begin - self.start)
+
+
+def train_sampler(dataset: Any, *, seed: int, rank: int, world_size: int,
+                  shuffle_buffer: int = 1000) -> ResumableSampler:
+    """The training sampler of `dataset`: a :class:`ShardSampler` when it reads prepared shards
+    (it has a ``shard_set``), else a shuffled :class:`ResumableSampler`."""
+    shard_set = getattr(dataset, "shard_set", None)
+    if shard_set is None:
+        return ResumableSampler(len(dataset), shuffle=True, seed=seed, rank=rank, world_size=world_size)
+    if len(shard_set) != len(dataset):
+        raise ValueError(f"{type(dataset).__name__} has {len(dataset)} samples but its shard_set "
+                         f"({shard_set.spec}) holds {len(shard_set)}: a dataset exposing shard_set must index "
+                         f"the shards' samples in order, one to one")
+    return ShardSampler(shard_set.counts, shuffle_buffer=shuffle_buffer, shuffle=True, seed=seed, rank=rank,
+                        world_size=world_size)

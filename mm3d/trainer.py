@@ -54,6 +54,7 @@ from mm3d.errors import UserError
 from mm3d.modelcard import build_card, checkpoint_card, write_run_card
 from mm3d.registry import TASKS
 from mm3d.results import jsonable, published_markdown, selection_split
+from mm3d.shards import train_sampler
 from mm3d.task import EvalResult, Task
 
 log = logging.getLogger("mm3d")
@@ -513,8 +514,10 @@ class Trainer:
             self.ddp_model = torch.compile(self.ddp_model)
         self.collate = self.task.collate_fn(cfg)
         self.batch_tf = self.task.batch_transform(cfg, self.device)
-        self.train_sampler = ResumableSampler(len(self.datasets["train"]), shuffle=True, seed=cfg.seed,
-                                              rank=self.info.rank, world_size=self.info.world_size) if train else None
+        # a dataset over prepared shards (`.shard_set`) gets shard locality, else a plain permutation
+        self.train_sampler = train_sampler(self.datasets["train"], seed=cfg.seed, rank=self.info.rank,
+                                           world_size=self.info.world_size,
+                                           shuffle_buffer=getattr(cfg.data, "shuffle_buffer", 1000)) if train else None
         n_train = len(self.train_sampler) if self.train_sampler is not None else 0
         micro = n_train // cfg.train.batch_size if cfg.train.drop_last else math.ceil(n_train / cfg.train.batch_size)
         self.steps_per_epoch = micro // cfg.train.accum_steps
