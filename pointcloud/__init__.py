@@ -14,6 +14,8 @@ module                        registers
 ``synth``                     synthetic-data kinds (``mm3d data synth KIND``)
 ``fewshot``                   data command ``mm3d data fewshot``
 ``convert``                   checkpoint converter ``pointmae-official``
+``shards``                    preparers ``shapenet55``, ``modelnet``, ``scanobjectnn``, ``pointfolder``
+                              (``mm3d data prepare --kind KIND``)
 ``api``                       the Point-MAE model family of :func:`mm3d.create_model`
 ``extract``                   the point-cloud feature extractor of ``mm3d extract``
 ============================  ================================================================
@@ -22,7 +24,7 @@ module                        registers
 """
 
 from mm3d.pointcloud import (api, classification, convert, extract, fewshot, models, partseg,  # noqa: F401
-                             probe, synth, tasks)
+                             probe, shards, synth, tasks)
 from mm3d.pointcloud.api import load_cloud
 
 __all__ = ["load_cloud"]

@@ -31,6 +31,7 @@ from mm3d.pointcloud import datasets as D
 from mm3d.pointcloud.io import read_points
 from mm3d.pointcloud.models import PointMAEConfig, PointMAEPretrain, build_pretrain_model, chamfer_loss
 from mm3d.pointcloud.ops.bench import bench_ops
+from mm3d.pointcloud.shards import check_shard_keys, pretrain_shard_datasets
 from mm3d.pointcloud.splits import require_root
 from mm3d.pointcloud.transforms import (ShapeAugmentation, normalize_unit_sphere, sample_indices,
                                         training_batch_transform)
@@ -50,6 +51,12 @@ class PointDataConfig:
 
     dataset: Literal["shapenet55", "modelnet40", "modelnet10", "folder"] = "shapenet55"
     root: str = ""
+    # files: read data.root in its official layout; shards: read prepared shards (mm3d data prepare)
+    format: Literal["files", "shards"] = "files"
+    shards: str = ""  # training shards: a folder, manifest, brace pattern, or a prepared root (dataset.json)
+    val_shards: str = ""  # default: the val split of a prepared root in data.shards
+    test_shards: str = ""  # default: the test split of a prepared root in data.shards
+    shuffle_buffer: int = 1000  # shards: training samples are shuffled within windows of this many
     npoints: int = 1024
     use_both_splits: bool = False  # ShapeNet-55: pretrain on train + test (Point-BERT); no test split then
     split_dir: str = "ShapeNet-55"  # ShapeNet: folder of train.txt / test.txt ("ShapeNet-34" for that split)
@@ -69,6 +76,7 @@ class PointDataConfig:
     report_shapes: int = 4  # reconstruction pictures written after training (0: none)
 
     def validate(self) -> None:
+        check_shard_keys(self)
         if self.npoints <= 0:
             raise ValueError(f"npoints must be positive, got {self.npoints}")
         if not 0 < self.scale_low <= self.scale_high:
@@ -102,8 +110,11 @@ def build_pretrain_datasets(data: PointDataConfig, splits: Iterable[str], *, see
     """Datasets of the requested splits that exist: ``train`` always, ``test`` when held out.
 
     Evaluation splits sample their points with a fixed seed, so their loss is comparable
-    between evaluations.
+    between evaluations. ``data.format: shards`` reads the same items from prepared shards
+    (:func:`~mm3d.pointcloud.shards.pretrain_shard_datasets`).
     """
+    if data.format == "shards":
+        return pretrain_shard_datasets(data, splits, seed=seed)
     root = require_root(data.root, "data.root")
     splits = set(splits)
     out: dict[str, Dataset] = {}
@@ -185,6 +196,21 @@ class PointMAEPretrainTask(Task):
     def bench_extra(self, cfg: PointPretrainConfig, device: torch.device) -> list[dict[str, Any]]:
         """`mm3d bench`: FPS, KNN and Chamfer at Point-MAE's sizes vs brute force (and pytorch3d)."""
         return bench_ops(device)
+
+    def bench_peer(self, cfg: PointPretrainConfig, model: nn.Module, batch: Any, device: torch.device
+                   ) -> tuple[str, Callable[[], Any]] | None:
+        """The official Point-MAE pretraining step, imported from the checkout at ``bench.peer_root``
+        (see :mod:`mm3d.pointcloud.peer`); no peer without one."""
+        if not cfg.bench.peer_root:
+            log.info("no peer timing: give bench.peer_root=<a checkout of github.com/Pang-Yatian/Point-MAE>")
+            return None
+        from mm3d.pointcloud.peer import PeerUnavailable, pretrain_peer_step
+
+        try:
+            return pretrain_peer_step(cfg.bench.peer_root, cfg, model, batch, device)
+        except PeerUnavailable as e:
+            log.warning("no peer timing: %s", e)
+            return None
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, loader: Iterable[Any], cfg: PointPretrainConfig,
