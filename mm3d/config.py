@@ -179,6 +179,9 @@ class BenchConfig:
     data_loader: bool = False  # also time the training data loader
     loader_batches: int = 10
     peer: bool = True  # time the peer implementation (e.g. transformers) in the same run
+    # a checkout of the official code to time as the peer (Point-MAE: github.com/Pang-Yatian/Point-MAE;
+    # VideoMAE: github.com/MCG-NJU/VideoMAE); nothing of it is stored here. "" : the default peer, if any
+    peer_root: str = ""
 
 
 @dataclass
