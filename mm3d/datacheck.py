@@ -28,6 +28,7 @@ without them is checked by indexing it):
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from dataclasses import dataclass, field, replace
@@ -35,6 +36,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 from mm3d.errors import UserError
+from mm3d.shards import ShardSamples, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -207,24 +209,69 @@ class SplitCheck:
         return out
 
 
+def verify_shards(shard_set: Any) -> tuple[list[BadSample], set[int]]:
+    """Compare each local shard of a :class:`~mm3d.shards.ShardSet` with its manifest entry.
+
+    Returns the bad shards (missing; size or sha256 unlike the manifest's) and the numbers of the
+    missing ones (their samples cannot be opened)."""
+    bad, missing = [], set()
+    where = Path(shard_set.spec).name if shard_set.spec else "manifest"
+    for k, entry in enumerate(shard_set.entries):
+        url, reason = entry["url"], ""
+        if "://" in url:  # remote shards are checked through their samples only
+            continue
+        path = Path(url)
+        if not path.is_file():
+            reason = f"missing shard ({entry.get('nsamples', '?')} samples not checked)"
+            missing.add(k)
+        elif "filesize" in entry and path.stat().st_size != entry["filesize"]:
+            reason = f"{path.stat().st_size} bytes, the manifest says {entry['filesize']}"
+        elif "sha256" in entry and file_sha256(path) != entry["sha256"]:
+            reason = "sha256 differs from the manifest's (the shard was changed or damaged)"
+        if reason:
+            bad.append(BadSample(url, f"{where}, shard {k + 1} of {len(shard_set.entries)}", reason))
+            log.error("bad shard %s", bad[-1])
+    return bad, missing
+
+
 def check_dataset(dataset: Any, limit: int = 0) -> SplitCheck:
     """Open every sample of `dataset` directly (``check_sample``, else indexing) and collect the bad ones,
-    after those it left out when it was built. `limit` > 0 opens at most that many."""
+    after those it left out when it was built. `limit` > 0 opens at most that many.
+
+    A dataset over prepared shards (``shard_set``) first has its shards compared with the manifest
+    (:func:`verify_shards`); the samples of a missing shard are not opened, and a bad sample is
+    named by its shard and key unless the dataset has its own ``sample_source``."""
     dropped = list(getattr(dataset, "dropped", []))
     n = len(dataset) if limit <= 0 else min(len(dataset), limit)
     check = getattr(dataset, "check_sample", None) or dataset.__getitem__
     bad = list(dropped)
+    shard_set = getattr(dataset, "shard_set", None)
+    skip: set[int] = set()
+    describe = functools.partial(sample_source, dataset)
+    if shard_set is not None:
+        shard_bad, missing = verify_shards(shard_set)
+        bad += shard_bad
+        samples = ShardSamples(shard_set)
+        skip = missing
+        if getattr(dataset, "sample_source", None) is None:
+            def describe(i: int) -> tuple[str, str]:
+                url, key = samples.source(i)
+                return url, f"key {key}" if key else f"sample {samples.locate(i)[1]} of the shard"
     step = max(n // 10, 1)
+    opened = 0
     for i in range(n):
+        if skip and samples.locate(i)[0] in skip:
+            continue
+        opened += 1
         try:
             check(i)
         except Exception as e:  # noqa: BLE001 - every bad sample is listed; the check fails once at the end
-            file, line = sample_source(dataset, i)
+            file, line = describe(i)
             bad.append(bad_sample(file, line, e, i))
             log.error("bad sample %s", bad[-1])
         if n >= 1000 and (i + 1) % step == 0:  # progress of a long split, every 10 %
             log.info("  %d / %d checked, %d bad", i + 1, n, len(bad))
-    return SplitCheck(len(dataset) + len(dropped), n + len(dropped), bad)
+    return SplitCheck(len(dataset) + len(dropped), opened + len(dropped), bad)
 
 
 def tolerant_config(cfg: Any) -> Any:
@@ -242,7 +289,9 @@ def check_datasets(datasets: dict[str, Any], limit: int = 0) -> dict[str, SplitC
     out: dict[str, SplitCheck] = {}
     seen: dict[tuple, str] = {}
     for split, ds in datasets.items():
-        key = tuple(sample_source(ds, i) for i in range(len(ds))) + tuple(getattr(ds, "dropped", []))
+        shard_set = getattr(ds, "shard_set", None)
+        key = (tuple(shard_set.urls) if shard_set is not None else
+               tuple(sample_source(ds, i) for i in range(len(ds))) + tuple(getattr(ds, "dropped", [])))
         if key and key in seen:
             out[split] = SplitCheck(len(ds), 0, note=f"the same samples as {seen[key]} (checked there)")
             continue
