@@ -50,8 +50,8 @@ from mm3d.video.decode import FrameSource, RawFrameSource, VideoDecodeError, ope
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TranscodeSettings", "scaled_size", "transcode", "VideoPreparer", "VideoShardDataset",
-           "shard_dataset_spec", "check_shard_modality"]
+__all__ = ["TranscodeSettings", "scaled_size", "transcode", "sample_key", "VideoPreparer", "VideoShardDataset",
+           "shard_dataset_spec", "check_shard_keys", "check_shard_modality"]
 
 DEFAULT_SHORT_SIDE = 320
 DEFAULT_GOP = 16
@@ -218,6 +218,8 @@ class VideoPreparer:
     def add_arguments(self, parser: Any) -> None:
         """The video options of ``mm3d data prepare`` (``--short-side`` belongs to the driver)."""
         g = parser.add_argument_group("video (--kind video)")
+        g.add_argument("--short-side", type=int, default=DEFAULT_SHORT_SIDE, help=f"resize the short side to "
+                       f"this (default {DEFAULT_SHORT_SIDE}, as VideoMAE for K400/SSv2; never upscaled)")
         g.add_argument("--label-map", default="", help="class names, one a line: lists may name classes; "
                        "the names go into the manifest")
         g.add_argument("--list-format", default="auto", choices=["auto", "video", "pretrain", "rawframes"])
@@ -263,9 +265,10 @@ class VideoPreparer:
 
     # ---- the config form --------------------------------------------------------------------
 
-    def from_config(self, cfg: Any, split: str) -> tuple[list[PrepareItem], dict[str, Any]] | None:
+    def from_config(self, cfg: Any, split: str, args: Any = None) -> tuple[list[PrepareItem], dict[str, Any]] | None:
         """The rows of ``data.<split>_list`` of a VideoMAE pretraining or fine-tuning config (None when the
-        config has no such list) and the default settings with the config's frame-folder names."""
+        config has no such list) and the settings of the command line `args` (defaults without it) with the
+        config's frame-folder names."""
         d = cfg.data
         list_path = getattr(d, f"{split}_list", "") or ""
         if not list_path.strip():
@@ -277,8 +280,8 @@ class VideoPreparer:
         for one in (p.strip() for p in list_path.split(",") if p.strip()):
             records += read_annotation_list(_config_file(one, d.root), fmt=d.list_format, data_root=d.root,
                                             label_map=label_map, num_classes=num_classes)
-        s = TranscodeSettings(rawframe_template=d.rawframe_template, rawframe_start=d.rawframe_start)
-        return self._items(records), s.as_dict()
+        s = {**self.settings(args), "rawframe_template": d.rawframe_template, "rawframe_start": d.rawframe_start}
+        return self._items(records), _settings_from(s).as_dict()
 
     @staticmethod
     def _items(records: Sequence[VideoRecord]) -> list[PrepareItem]:
@@ -318,6 +321,19 @@ def check_shard_modality(shard_set: ShardSet) -> None:
     if modality not in (None, "video"):
         raise ConfigError(f"{shard_set.spec}: these shards hold {modality} samples (manifest mm3d.modality), "
                           f"a video task needs shards prepared with `mm3d data prepare --kind video`")
+
+
+def check_shard_keys(data: Any) -> None:
+    """Validate the shard keys of a video data config (``format``, ``shards``, ``val_shards``,
+    ``test_shards`` when it has one, ``shuffle_buffer``); ValueError naming the key."""
+    if data.shuffle_buffer < 1:
+        raise ValueError(f"shuffle_buffer must be >= 1, got {data.shuffle_buffer}")
+    if data.format == "shards" and not (data.shards or data.val_shards or getattr(data, "test_shards", "")):
+        raise ValueError("format=shards needs data.shards: a folder of shards, a manifest.json, a brace pattern or "
+                         "a prepared root (`mm3d data prepare ... --out DIR`)")
+    if data.format == "files" and (data.shards or data.val_shards or getattr(data, "test_shards", "")):
+        raise ValueError("data.shards / val_shards / test_shards are set but format=files reads the lists: set "
+                         "data.format=shards to read the shards")
 
 
 def shard_dataset_spec(shards: str, val_shards: str, test_shards: str, split: str) -> str | None:

@@ -34,7 +34,7 @@ from mm3d.video import transforms as TR
 from mm3d.video.decode import VideoDecodeError, check_decode_settings
 from mm3d.video.convert import ours_to_hf
 from mm3d.video.models import VideoMAEConfig, VideoMAEPretrain, build_pretrain_model
-from mm3d.video.shards import VideoShardDataset, shard_dataset_spec
+from mm3d.video.shards import VideoShardDataset, check_shard_keys, shard_dataset_spec
 from mm3d.video.tokens import adapt_pos_embeds, token_grid
 from mm3d.video.visualize import write_visualization
 
@@ -97,11 +97,7 @@ class VideoDataConfig:
         if self.report_clips < 0:
             raise ValueError(f"report_clips must be >= 0, got {self.report_clips}")
         check_decode_settings(self.backend, self.decode_device)
-        if self.shuffle_buffer < 1:
-            raise ValueError(f"shuffle_buffer must be >= 1, got {self.shuffle_buffer}")
-        if self.format == "shards" and not self.shards:
-            raise ValueError("format=shards needs data.shards: a folder of shards, a manifest.json, a brace "
-                             "pattern or a prepared root (`mm3d data prepare ... --out DIR`)")
+        check_shard_keys(self)
 
 
 @dataclass
@@ -343,7 +339,21 @@ class VideoMAEPretrainTask(Task):
     def bench_peer(self, cfg: VideoPretrainConfig, model: nn.Module, batch: Any, device: torch.device
                    ) -> tuple[str, Callable[[], Any]] | None:
         """The same pretraining step with ``transformers.VideoMAEForPreTraining`` (our weights loaded,
-        a fresh tube mask per step as ours, the same optimizer settings and precision)."""
+        a fresh tube mask per step as ours, the same optimizer settings and precision); with
+        ``bench.peer=official`` (or a ``bench.peer_root``), the official VideoMAE code of that checkout
+        (:mod:`mm3d.video.peer`)."""
+        if cfg.bench.peer == "official" or (cfg.bench.peer is True and cfg.bench.peer_root):
+            if not cfg.bench.peer_root:
+                log.warning("no peer timing: bench.peer=official needs bench.peer_root=<a checkout of "
+                            "github.com/MCG-NJU/VideoMAE>")
+                return None
+            from mm3d.video.peer import PeerUnavailable, pretrain_peer_step
+
+            try:
+                return pretrain_peer_step(cfg.bench.peer_root, cfg, model, batch, device)
+            except PeerUnavailable as e:
+                log.warning("no peer timing: %s", e)
+                return None
         try:
             import transformers
         except ImportError:
