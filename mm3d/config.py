@@ -178,7 +178,9 @@ class BenchConfig:
     steps: int = 10
     data_loader: bool = False  # also time the training data loader
     loader_batches: int = 10
-    peer: bool = True  # time the peer implementation (e.g. transformers) in the same run
+    # time a peer implementation in the same run, alternating steps: true = the modality's default
+    # (video: Hugging Face transformers; points: the official code at peer_root), "hf", "official"
+    peer: bool | Literal["hf", "official"] = True
     # a checkout of the official code to time as the peer (Point-MAE: github.com/Pang-Yatian/Point-MAE;
     # VideoMAE: github.com/MCG-NJU/VideoMAE); nothing of it is stored here. "" : the default peer, if any
     peer_root: str = ""

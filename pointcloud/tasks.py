@@ -201,6 +201,10 @@ class PointMAEPretrainTask(Task):
                    ) -> tuple[str, Callable[[], Any]] | None:
         """The official Point-MAE pretraining step, imported from the checkout at ``bench.peer_root``
         (see :mod:`mm3d.pointcloud.peer`); no peer without one."""
+        if cfg.bench.peer == "hf":
+            log.warning("no peer timing: Hugging Face has no Point-MAE; bench.peer=official (or true) with "
+                        "bench.peer_root=<a checkout of github.com/Pang-Yatian/Point-MAE>")
+            return None
         if not cfg.bench.peer_root:
             log.info("no peer timing: give bench.peer_root=<a checkout of github.com/Pang-Yatian/Point-MAE>")
             return None
