@@ -36,8 +36,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+import braceexpand
 import torch
 from torch.utils.data import Dataset
+from webdataset import TarWriter
+from wids import ShardListDataset
+from wids.wids import IndexedTarSamples, LRUShards, splitname
 
 from mm3d.data import ResumableSampler
 from mm3d.errors import MissingFileError, UserError
@@ -142,8 +146,6 @@ class ShardWriter:
         return f"{self.prefix}-{index:06d}.tar"
 
     def _open(self) -> None:
-        from webdataset import TarWriter
-
         path = self.out_dir / (self.shard_name(self.index) + ".tmp")
         self._raw = open(path, "wb")
         self._file = _HashingFile(self._raw)
@@ -301,8 +303,6 @@ def _join(base: Path, url: str) -> str:
 
 def count_samples(url: str) -> int:
     """The number of samples of a local tar shard (grouping members by key, as wids does)."""
-    from wids.wids import IndexedTarSamples
-
     if not os.path.isfile(url):
         raise MissingFileError(f"{url}: no such shard")
     try:
@@ -350,8 +350,6 @@ def resolve_shards(spec: str | Path, split: str = "train") -> ShardSet:
         prepared root whose ``dataset.json`` names a folder per split (then `split` picks one).
     split: the split to take from a prepared root.
     """
-    import braceexpand
-
     text = str(spec)
     if not text:
         raise ShardError("no shards given (data.shards is empty)")
@@ -411,17 +409,19 @@ def has_split(root: str | Path, split: str) -> bool:
 # --------------------------------------------------------------------------------------------
 
 
-def _localname(url: str) -> str:
-    """Where wids finds a shard: a local file is read in place (never copied to a cache)."""
-    if url.startswith("file:"):
-        url = url[len("file:"):]
-    if not _is_remote(url):
-        return os.path.abspath(url)
-    from urllib.parse import quote
+class _InPlaceShards(LRUShards):
+    """wids' shard cache, reading local shards in place: no copy into a download cache and no lock
+    file beside the shard (prepared data may sit on a read-only mount). Remote urls go through wids."""
 
-    cache = os.environ.get("WIDS_CACHE", "/tmp/_wids_cache")
-    os.makedirs(cache, exist_ok=True)
-    return os.path.join(cache, quote(url, safe="+-"))
+    def get_shard(self, url: str) -> IndexedTarSamples:
+        if _is_remote(url):
+            return super().get_shard(url)
+        self.accesses += 1
+        if url not in self.lru:
+            with open(url, "rb") as f:  # wids maps the file; the mapping outlives the handle
+                self.lru[url] = IndexedTarSamples(path=url, stream=f)
+            self.misses += 1
+        return self.lru[url]
 
 
 def _as_bytes(data: Any) -> bytes:
@@ -454,11 +454,10 @@ class ShardSamples(Dataset):
 
     def _dataset(self):
         if self._wids is None:
-            import wids
-
             with contextlib.redirect_stderr(io.StringIO()):  # wids prints a summary on every construction
-                self._wids = wids.ShardListDataset(self.shard_set.manifest_entries(), transformations=[],
-                                                   localname=_localname, lru_size=self.lru_size)
+                self._wids = ShardListDataset(self.shard_set.manifest_entries(), transformations=[],
+                                              lru_size=self.lru_size)
+            self._wids.cache = _InPlaceShards(self.lru_size, localname=self._wids.localname)
         return self._wids
 
     def locate(self, i: int) -> tuple[int, int]:
@@ -491,8 +490,6 @@ class ShardSamples(Dataset):
         url = self.shard_set.urls[s]
         try:
             shard = self._dataset().cache.get_shard(url)
-            from wids.wids import splitname
-
             return url, splitname(list(shard.reader.names())[shard.samples[j][0]])[0]
         except (*_TAR_ERRORS, IndexError):  # a missing or damaged shard: the key is unknown
             return url, ""

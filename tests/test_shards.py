@@ -116,6 +116,21 @@ def test_samples_read_back_identically_by_us_wids_and_webdataset(tmp_path):
     assert all(x["npy"] == sample_files(i)["npy"] for i, x in enumerate(stream))
 
 
+def test_local_shards_are_read_in_place_and_errors_name_the_shard(tmp_path, monkeypatch):
+    monkeypatch.setenv("WIDS_CACHE", str(tmp_path / "cache"))
+    entries = write_shards(tmp_path / "s")
+    ours = ShardSamples(tmp_path / "s")
+    assert [ours[i]["__key__"] for i in (0, 39)] == [safe_key(0, "clip.0"), safe_key(39, "clip.39")]
+    assert not list((tmp_path / "cache").glob("*"))  # no copy into wids' download cache
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == sorted([MANIFEST, *(e["url"] for e in entries)])
+    (tmp_path / "s" / entries[-1]["url"]).unlink()
+    with pytest.raises(FileNotFoundError, match=f"{entries[-1]['url']}: no such shard"):
+        ShardSamples(tmp_path / "s")[39]
+    (tmp_path / "s" / entries[0]["url"]).write_bytes(b"not a tar" * 100)
+    with pytest.raises(ShardError, match=f"{entries[0]['url']}: cannot read sample 0"):
+        ShardSamples(tmp_path / "s")[0]
+
+
 def test_shard_samples_load_in_dataloader_workers(tmp_path):
     write_shards(tmp_path)
     ours = ShardSamples(tmp_path)
