@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import functools
 import hashlib
+import inspect
 import json
 import logging
 import multiprocessing
@@ -289,6 +290,22 @@ def _config_preparer(task_name: str, modality: str, kind: str | None) -> tuple[s
     return found[0]
 
 
+def _takes_args(fn: Any) -> bool:
+    """Whether a preparer's ``from_config`` takes the command line too (``(cfg, split, args)``)."""
+    try:
+        return len(inspect.signature(fn).parameters) >= 3
+    except (TypeError, ValueError):
+        return False
+
+
+def _list_path(lst: str, root: str | None) -> str:
+    """The list file as recorded in the manifest: absolute, found as given or under `root`."""
+    path = Path(lst)
+    if not path.is_file() and root and (Path(root) / path).is_file():
+        path = Path(root) / path
+    return str(path.resolve())
+
+
 def jobs_from_args(args: argparse.Namespace) -> tuple[list[SplitJob], Path | None]:
     """The split jobs of a command line (and the prepared root to index, for the CONFIG form)."""
     out = Path(args.out)
@@ -300,7 +317,8 @@ def jobs_from_args(args: argparse.Namespace) -> tuple[list[SplitJob], Path | Non
         kind, preparer = _config_preparer(cfg.task, task.modality, args.kind)
         jobs = []
         for split in ("train", "val", "test"):
-            got = preparer.from_config(cfg, split)
+            got = preparer.from_config(cfg, split, args) if _takes_args(preparer.from_config) else \
+                preparer.from_config(cfg, split)
             if got is None:
                 continue
             items, settings = got
@@ -318,7 +336,7 @@ def jobs_from_args(args: argparse.Namespace) -> tuple[list[SplitJob], Path | Non
                            f"are relative); preparers: {', '.join(PREPARERS) or '(none)'}")
     preparer = PREPARERS.get(args.kind)
     items = preparer.items(args)
-    source = {"list": str(Path(args.list).resolve()), "root": str(Path(args.root).resolve()) if args.root else ""}
+    source = {"list": _list_path(args.list, args.root), "root": str(Path(args.root).resolve()) if args.root else ""}
     return [SplitJob(args.kind, preparer, list(items), dict(preparer.settings(args)), out, args.split, source,
                      _classes(preparer, args))], None
 

@@ -122,7 +122,10 @@ class Preparer(Protocol):
         ...
 
     def from_config(self, cfg: Any, split: str) -> tuple[list[PrepareItem], dict[str, Any]] | None:
-        """Items and settings of `split` of a run config; None when the config has no such split."""
+        """Items and settings of `split` of a run config; None when the config has no such split.
+
+        A preparer whose settings also come from command-line options may take them as a third
+        parameter, ``from_config(cfg, split, args)``; the driver passes them when it does."""
         ...
 
 

@@ -142,8 +142,8 @@ class ToyTask(Task):
 class ToyPreparer:
     """``mm3d data prepare --kind toy_regression``: toy samples into shards (``key.npy`` + ``key.json``).
 
-    Command-line form: ``--list`` is a text file with one sample per line, ``y x_1 ... x_D``
-    (whitespace-separated numbers; ``#`` comments). Config form: the toy dataset a config builds
+    Command-line form: ``--list`` is a text file (as given, else under ``--root``) with one
+    sample per line, ``y x_1 ... x_D`` (whitespace-separated numbers; ``#`` comments). Config form: the toy dataset a config builds
     (``data.num_train``, ``data.num_val``, ``model.in_dim``, ``data.noise``).
     Testing aid: an item whose ``info["fail"]`` is set raises in :meth:`convert`, like a corrupt input.
     """
@@ -153,6 +153,8 @@ class ToyPreparer:
 
     def items(self, args: Any) -> list[PrepareItem]:
         path = Path(args.list)
+        if not path.is_file() and getattr(args, "root", None):  # a list kept beside the data
+            path = Path(args.root) / path
         if not path.is_file():
             raise MissingFileError(f"{path}: no such list file")
         out = []

@@ -171,3 +171,38 @@ def test_config_form_prepares_every_split_and_trains(tmp_path):
     assert main(["finetune", str(cfg), "data.format=shards", f"data.shards={out}", f"output_dir={run_dir}",
                  "train.max_steps=2", "train.batch_size=8", "train.progress=off", "train.tensorboard=false"]) == 0
     assert (run_dir / "checkpoints" / "last.pt").is_file()
+
+
+class _ToyWithArgs(mm3d.toy.ToyPreparer):
+    """A preparer whose config form also reads the command line (as the video preparer's --short-side)."""
+
+    tasks = ()
+
+    def from_config(self, cfg, split, args):
+        items, settings = super().from_config(cfg, split) or (None, None)
+        return None if items is None else (items, {**settings, "prefix_seen": args.prefix})
+
+
+def test_config_form_passes_the_command_line_to_a_preparer_that_takes_it(tmp_path):
+    if "toy_with_args" not in PREPARERS:
+        PREPARERS.add("toy_with_args", _ToyWithArgs())
+    cfg = tmp_path / "toy.yaml"
+    cfg.write_text("task: toy_regression\ndata:\n  num_train: 10\n  num_val: 0\n")
+    assert main(["data", "prepare", str(cfg), "--kind", "toy_with_args", "--prefix", "part", "--out",
+                 str(tmp_path / "p"), "--no-progress", "--workers", "1"]) == 0
+    meta = read_manifest(tmp_path / "p" / "train" / MANIFEST)["mm3d"]
+    assert meta["settings"]["prefix_seen"] == "part" and meta["kind"] == "toy_with_args"
+    assert (tmp_path / "p" / "train" / "part-000000.tar").is_file() and not (tmp_path / "p" / "val").exists()
+
+
+def test_list_found_under_root_is_recorded_there(tmp_path, monkeypatch):
+    (tmp_path / "root").mkdir()
+    write_list(tmp_path / "root" / "rows.txt", n=5)
+    monkeypatch.chdir(tmp_path)
+    args = ["data", "prepare", "--kind", "toy_regression", "--list", "rows.txt", "--root", "root",
+            "--no-progress", "--workers", "1"]
+    assert main([*args, "--out", "a"]) == 0
+    assert read_manifest(tmp_path / "a" / MANIFEST)["mm3d"]["source"]["list"] == str(tmp_path / "root" / "rows.txt")
+    write_list(tmp_path / "rows.txt", n=5)  # a list at the given path wins
+    assert main([*args, "--out", "b"]) == 0
+    assert read_manifest(tmp_path / "b" / MANIFEST)["mm3d"]["source"]["list"] == str(tmp_path / "rows.txt")
