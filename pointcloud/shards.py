@@ -77,9 +77,10 @@ def encode_sample(points: np.ndarray, meta: dict[str, Any]) -> dict[str, bytes]:
                                                     sort_keys=True).encode()}
 
 
-def _under(root: Path, path: str | Path) -> Path:
+def _under(root: str | Path | None, path: str | Path) -> Path:
+    """`path` as given when absolute, existing or without a root; else under `root` (``--root``)."""
     p = Path(path)
-    return p if p.is_absolute() or p.exists() or not root else root / p
+    return p if p.is_absolute() or p.exists() or not root else Path(root) / p
 
 
 def _arg(args: Any, name: str, default: Any) -> Any:
@@ -147,8 +148,8 @@ class ShapeNet55Preparer(_PointPreparer):
             names = {"train": ["test", "train"] if d.use_both_splits else ["train"],
                      "test": [] if d.use_both_splits else ["test"]}.get(split, [])
             return Path(d.root), [Path(d.root) / d.split_dir / f"{s}.txt" for s in names]
-        root = Path(x.root)
-        return root, [_under(root, x.list)]
+        lst = _under(x.root, x.list)
+        return (Path(x.root) if x.root else lst.parent.parent), [lst]
 
     def settings(self, args: Any) -> dict[str, Any]:
         return {"drop_nonfinite": _drop_nonfinite(args)}
@@ -248,8 +249,8 @@ class ModelNetPreparer(_PointPreparer):
             d = x.data
             n = 40 if d.dataset == "modelnet40_fewshot" else int(d.dataset[-2:])
             return Path(d.root), Path(d.root) / f"modelnet{n}_{split}.txt", n
-        root = Path(x.root)
-        list_file = _under(root, x.list)
+        list_file = _under(x.root, x.list)
+        root = Path(x.root) if x.root else list_file.parent
         m = re.match(r"modelnet(10|40)_", list_file.name)
         if m is None:
             raise ValueError(f"--list {list_file}: expected modelnet40_<split>.txt or modelnet10_<split>.txt "
@@ -348,7 +349,7 @@ class ScanObjectNNPreparer(_PointPreparer):
         if hasattr(x, "data"):
             folder, train_file, test_file = SCANOBJECTNN_FILES[x.data.scan_variant]
             return Path(x.data.root) / folder / (train_file if split == "train" else test_file), x.data.scan_variant
-        path = _under(Path(x.root), x.list)
+        path = _under(x.root, x.list)
         known = _scan_variant(path)
         return path, known[0] if known else ""
 
@@ -449,7 +450,7 @@ class PointFolderPreparer(_PointPreparer):
         exts = _arg(x, "extensions", FOLDER_EXTENSIONS)
         exts = [e.strip() for e in exts.split(",") if e.strip()] if isinstance(exts, str) else list(exts)
         bin_columns = _arg(x, "bin_columns", None)
-        listed = _under(Path(x.root) if x.root else Path(), x.list)
+        listed = _under(x.root, x.list)
         if listed.is_dir():
             return listed, [(p, "") for p in folder_files(listed, exts)], exts, bin_columns
         root = Path(x.root) if x.root else listed.parent
@@ -905,3 +906,10 @@ def cls_shard_datasets(cfg: Any, splits: Iterable[str]) -> dict[str, Dataset]:
         else:
             out[split] = modelnet(split)
     return out
+
+
+def shard_classes(data: Any) -> list[str] | None:
+    """The class names recorded in the manifest of the training shards of `data` (``data.shards``), or
+    None when it names none."""
+    names = resolve_shards(data.shards, "train").meta.get("classes")
+    return list(names) if names else None
