@@ -286,3 +286,19 @@ def test_tiny_pretraining_runs_from_shards(prepared, tmp_path):
     losses = [h["loss"] for h in res["history"] if "loss" in h]
     assert losses and all(np.isfinite(losses))
     assert (tmp_path / "checkpoints" / "last.pt").is_file()
+
+
+def test_bench_data_measures_raw_and_prepared_for_each_backend(tmp_path, capsys):
+    work = tmp_path / "bench"
+    assert cli_main(["bench-data", "--work", str(work), "--videos", "2", "--raw-size", "128x72", "--seconds", "1",
+                     "--short-side", "48", "--backends", "pyav", "--clips", "2", "--rounds", "2", "--frames", "4",
+                     "--rate", "2", "--crop", "32"]) == 0
+    res = json.loads((work / "bench_data.json").read_text())
+    (row,) = res["results"]
+    assert row["backend"] == "pyav" and len(row["rounds"]["raw"]) == len(row["rounds"]["prepared"]) == 2
+    assert row["ratio"] == pytest.approx(row["prepared_clips_per_s"] / row["raw_clips_per_s"], rel=0.02)
+    assert (res["raw"]["width"], res["raw"]["height"], res["raw"]["fps"]) == (128, 72, 30.0)
+    assert (res["prepared"]["width"], res["prepared"]["height"]) == (86, 48)
+    assert "| pyav |" in (work / "bench_data.md").read_text() and "| pyav |" in capsys.readouterr().out
+    assert cli_main(["bench-data", "--backends", "nope", "--work", str(work)]) == 2
+    assert "unknown video backend 'nope'" in capsys.readouterr().err
