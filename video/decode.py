@@ -286,14 +286,45 @@ class _PyAVSource:
         self._container.close()
 
 
+def _is_avi(data: str | bytes) -> bool:
+    """Whether `data` (a path or the file's bytes) is a RIFF AVI file (its first 12 bytes)."""
+    if isinstance(data, str):
+        with open(data, "rb") as f:
+            head = f.read(12)
+    else:
+        head = data[:12]
+    return head[:4] == b"RIFF" and head[8:12] == b"AVI "
+
+
+def _has_b_frames(data: str | bytes) -> bool:
+    """Whether the first video stream reorders frames (B-frames), from the stream headers (PyAV)."""
+    container = _av_open(data)
+    try:
+        streams = container.streams.video
+        return bool(streams and streams[0].codec_context.has_b_frames)
+    finally:
+        container.close()
+
+
 class _TorchCodecSource:
     """torchcodec's ``VideoDecoder`` in exact seek mode (the frame count comes from a scan of the
-    file's packets, so every index below it decodes); frames stay on `device`."""
+    file's packets, so every index below it decodes); frames stay on `device`.
+
+    AVI files with B-frames (most UCF101 / HMDB51 XviD clips) are refused: AVI stores no
+    presentation timestamps, torchcodec then indexes frames by decode timestamps and returns
+    neighbouring frames (measured: the real UCF101 clip gives frame i-1 for i and fails on the
+    final frame; meta-pytorch/torchcodec#1363). decord and PyAV decode them in the right order.
+    """
 
     backend = "torchcodec"
 
     def __init__(self, data: str | bytes, name: str, num_threads: int, device: str = "cpu") -> None:
         decoder_class = _torchcodec_decoder_class()
+        if _is_avi(data) and _has_b_frames(data):
+            raise VideoDecodeError(
+                f"{name}: torchcodec: an AVI file with B-frames, which torchcodec indexes by decode "
+                f"timestamps and so returns the wrong frames (meta-pytorch/torchcodec#1363); decode it "
+                f"with backend auto, decord or pyav, or prepare shards (H.264 mp4) with `mm3d data prepare`")
         self.path = name
         self.device = device
         self._dec = decoder_class(data, dimension_order="NHWC", num_ffmpeg_threads=max(0, int(num_threads)),
@@ -314,7 +345,10 @@ class _TorchCodecSource:
         if unique[0] < 0 or unique[-1] >= self._len:
             raise VideoDecodeError(f"{self.path}: frame indices must lie in [0, {self._len}), got "
                                    f"[{unique[0]}, {unique[-1]}]")
-        frames = self._dec.get_frames_at(unique.tolist()).data  # (U, H, W, 3) uint8 on the device
+        try:
+            frames = self._dec.get_frames_at(unique.tolist()).data  # (U, H, W, 3) uint8 on the device
+        except (RuntimeError, IndexError, ValueError) as e:
+            raise VideoDecodeError(f"{self.path}: {_reason('torchcodec', e)}") from e
         shape = (*np.shape(indices), *frames.shape[1:])
         if frames.device.type == "cpu":
             return frames.numpy()[inverse].reshape(shape)
@@ -438,6 +472,8 @@ def open_video(source: VideoInput, *, backend: Backend = "auto", num_threads: in
             device = f"cuda:{torch.cuda.current_device()}"
         try:
             return _TorchCodecSource(data, name, num_threads, device)
+        except VideoDecodeError:
+            raise
         except Exception as e:  # noqa: BLE001 - torchcodec raises RuntimeError/ValueError/ImportError
             raise VideoDecodeError(f"{name}: {_reason('torchcodec', e)}") from e
     reasons = []
