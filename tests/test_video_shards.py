@@ -162,15 +162,17 @@ def test_a_corrupt_video_is_reported_and_left_out(synth, tmp_path):
 def test_config_form_prepares_every_split_of_a_finetune_config(synth, tmp_path):
     cfg = PROJECT_ROOT / "configs/video/videomae_finetune_demo.yaml"
     out = tmp_path / "prepared"
-    _prepare(str(cfg), f"data.root={synth}", "--out", str(out))
+    _prepare(str(cfg), f"data.root={synth}", "--out", str(out), "--short-side", "32", "--gop", "8")
     index = json.loads((out / "dataset.json").read_text())
     assert index["splits"] == {"train": "train", "val": "val", "test": "test"}
     for split in ("train", "val", "test"):
         rows = read_annotation_list(synth / f"{split}.txt", data_root=synth)
         meta = json.loads((out / split / "manifest.json").read_text())["mm3d"]
         assert meta["num_samples"] == len(rows) and meta["split"] == split and meta["classes"] == list(CLASSES)
-        labels = [json.loads(f["json"])["label"] for f in _members(out / split).values()]
-        assert labels == [r.label for r in rows]
+        assert (meta["settings"]["short_side"], meta["settings"]["gop"]) == (32, 8)  # the command line's
+        samples = list(_members(out / split).values())
+        assert [json.loads(f["json"])["label"] for f in samples] == [r.label for r in rows]
+        assert _av_stream(samples[0]["mp4"])[0]["width"] == 32
         assert resolve_shards(out, split).counts == resolve_shards(out / split).counts
 
 
