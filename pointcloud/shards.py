@@ -185,8 +185,9 @@ class ShapeNet55Preparer(_PointPreparer):
         return encode_sample(pts, {"label": item.info["label"], "synset": item.info["synset"],
                                    "source": item.source, "line": item.line})
 
-    def from_config(self, cfg: Any, split: str) -> tuple[list[PrepareItem], dict[str, Any]] | None:
-        _require_dataset(cfg, self.name)
+    def from_config(self, cfg: Any, split: str, args: Any = None
+                    ) -> tuple[list[PrepareItem], dict[str, Any]] | None:
+        _require_dataset(cfg, self.name, args)
         root, lists = self._lists(cfg, split)
         if not lists:
             return None
@@ -298,13 +299,14 @@ class ModelNetPreparer(_PointPreparer):
                                      "columns": "x y z nx ny nz" if channels == 6 else "x y z",
                                      "normalized": "unit sphere"})
 
-    def from_config(self, cfg: Any, split: str) -> tuple[list[PrepareItem], dict[str, Any]] | None:
-        _require_dataset(cfg, self.name)
+    def from_config(self, cfg: Any, split: str, args: Any = None
+                    ) -> tuple[list[PrepareItem], dict[str, Any]] | None:
+        _require_dataset(cfg, self.name, args)
         if split not in ("train", "test"):
             return None
         root, list_file, n = self._source(cfg, split)
         settings = {"cache_points": int(cfg.data.cache_points), "sample": "fps",
-                    "normals": bool(getattr(cfg.data, "use_normals", False)), "num_classes": n,
+                    "normals": bool(_arg(args, "normals", False)), "num_classes": n,
                     "drop_nonfinite": bool(cfg.data.drop_nonfinite)}
         return self._items(root, list_file, n), settings
 
@@ -390,8 +392,9 @@ class ScanObjectNNPreparer(_PointPreparer):
         return encode_sample(cloud[:, :3], {"label": label, "row": row, "variant": settings["variant"],
                                             "source": item.source, "line": item.line})
 
-    def from_config(self, cfg: Any, split: str) -> tuple[list[PrepareItem], dict[str, Any]] | None:
-        _require_dataset(cfg, self.name)
+    def from_config(self, cfg: Any, split: str, args: Any = None
+                    ) -> tuple[list[PrepareItem], dict[str, Any]] | None:
+        _require_dataset(cfg, self.name, args)
         if split not in ("train", "test"):
             return None
         path, variant = self._path(cfg, split)
@@ -486,8 +489,12 @@ class PointFolderPreparer(_PointPreparer):
         return encode_sample(pts, {"label": item.info["label"], "path": item.info["path"],
                                    "source": item.source, "line": item.line})
 
-    def from_config(self, cfg: Any, split: str) -> tuple[list[PrepareItem], dict[str, Any]] | None:
-        _require_dataset(cfg, self.name)
+    def from_config(self, cfg: Any, split: str, args: Any = None
+                    ) -> tuple[list[PrepareItem], dict[str, Any]] | None:
+        _require_dataset(cfg, self.name, args)
+        if _arg(args, "extensions", None) is not None:
+            raise ConfigError("--extensions applies to --list folders; a data.dataset=folder config reads the "
+                              f"extensions of PointFolder ({', '.join(FOLDER_EXTENSIONS)}), as its files do")
         if split != "train":  # a folder has no held-out split: its test split re-reads the train shards
             return None
         return self._items(*self._files(cfg)[:2]), self._settings(cfg, bool(cfg.data.drop_nonfinite))
@@ -498,7 +505,16 @@ PREPARER_OF_DATASET = {"shapenet55": "shapenet55", "modelnet40": "modelnet", "mo
                        "modelnet40_fewshot": "modelnet", "scanobjectnn": "scanobjectnn", "folder": "pointfolder"}
 
 
-def _require_dataset(cfg: Any, kind: str) -> None:
+def _require_dataset(cfg: Any, kind: str, args: Any = None) -> None:
+    """Refuse a config of another dataset, and command-line options that contradict the config's keys
+    (CONFIG form: the config decides; ``--nonfinite``, ``--cache-points``, ``--bin-columns``)."""
+    conflicts = {"nonfinite": ("drop_nonfinite", lambda v: v == "drop"), "cache_points": ("cache_points", int),
+                 "bin_columns": ("bin_columns", int)}
+    for option, (key, as_value) in conflicts.items():
+        given = getattr(args, option, None) if args is not None else None
+        if given is not None and hasattr(cfg.data, key) and as_value(given) != getattr(cfg.data, key):
+            raise ConfigError(f"--{option.replace('_', '-')} {given} contradicts the config's data.{key}="
+                              f"{getattr(cfg.data, key)}; with a CONFIG, set data.{key} as an override instead")
     dataset = getattr(cfg.data, "dataset", "")
     if PREPARER_OF_DATASET.get(dataset) != kind:
         wants = sorted(d for d, k in PREPARER_OF_DATASET.items() if k == kind)

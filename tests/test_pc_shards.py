@@ -263,7 +263,7 @@ def test_shard_config_errors(sn_root, mn_shards, tmp_path):
         ModelNetShards(mn_shards, num_classes=10, npoints=64, cache_points=CACHE)
 
 
-def test_prepare_config_form_and_pretrain_from_shapenet_shards(sn_root, tmp_path):
+def test_prepare_config_form_and_pretrain_from_shapenet_shards(sn_root, tmp_path, capsys):
     from mm3d.trainer import Trainer
 
     cfg_path = tmp_path / "pretrain.yaml"
@@ -273,6 +273,12 @@ def test_prepare_config_form_and_pretrain_from_shapenet_shards(sn_root, tmp_path
     assert index == {"splits": {"train": "train", "test": "test"}}
     assert manifest(tmp_path / "prep" / "train")["mm3d"]["num_samples"] == 30
     assert manifest(tmp_path / "prep" / "test")["mm3d"]["num_samples"] == 15
+
+    from mm3d.cli import main
+
+    assert main(["data", "prepare", str(cfg_path), "--out", str(tmp_path / "x"), "--kind", "shapenet55",
+                 "--nonfinite", "error"]) != 0  # the config says data.drop_nonfinite=true
+    assert "--nonfinite error contradicts the config's data.drop_nonfinite=True" in capsys.readouterr().err
 
     files = Trainer(pretrain_cfg(tmp_path, "files", f"data.root={sn_root}"))
     assert not isinstance(files.train_sampler, ShardSampler)
@@ -358,3 +364,28 @@ def test_classification_datasets_from_shards_equal_the_files(mn_root, mn_shards,
         assert shards[split].classes == files[split].classes
         assert shards[split][0]["points"].shape[0] == (CACHE if split == "train" else 80)
     assert len(files["train"]) == (10 if fewshot else 40)
+
+
+def test_data_check_on_shards(mn_shards, tmp_path, capsys):
+    from mm3d.cli import main
+
+    root = tmp_path / "mn"
+    shutil.copytree(mn_shards, root)
+    shard = root / "train" / "shard-000000.tar"
+    raw = bytearray(shard.read_bytes())
+    third = [i for i in range(len(raw)) if raw.startswith(b"\x93NUMPY", i)][2]  # the third sample's npy
+    data = third + 10 + int.from_bytes(raw[third + 8:third + 10], "little")  # past the npy header
+    raw[data + 12 * 5 + 4:data + 12 * 5 + 8] = np.float32(np.nan).tobytes()  # point 5, y
+    shard.write_bytes(bytes(raw))
+    cfg = tmp_path / "check.yaml"
+    save_config(pretrain_cfg(tmp_path, "check", "data.dataset=modelnet40", "data.format=shards",
+                             f"data.shards={root}", f"data.cache_points={CACHE}"), cfg)
+    capsys.readouterr()
+    assert main(["data", "check", str(cfg)]) == 1
+    report = json.loads((tmp_path / "check" / "data_check.json").read_text())
+    bad = report["train"]["bad"]
+    assert [b["file"] for b in bad] == [str(shard)] * 2 and report["test"]["errors"] == 0
+    assert "sha256 differs from the manifest" in bad[0]["reason"]
+    assert bad[1]["line"] == "key 000002_sphere_0003" and bad[1]["index"] == 2
+    assert "non-finite value (NaN or inf) at row 5 (prepared from " in bad[1]["reason"]
+    assert bad[1]["reason"].endswith("sphere/sphere_0003.txt)")
