@@ -277,12 +277,17 @@ def _classes(preparer: Preparer, source: Any) -> list[str] | None:
     return list(names) if names is not None else None
 
 
-def _config_preparer(task_name: str, modality: str, kind: str | None) -> tuple[str, Preparer]:
+def _config_preparer(cfg: Any, modality: str, kind: str | None) -> tuple[str, Preparer]:
+    """The preparer of a config: `kind` when given; else the one registered for the config's task
+    (``tasks``), or of its modality, narrowed by an optional ``handles(cfg)`` (e.g. by data.dataset)."""
     if kind:
         return kind, PREPARERS.get(kind)
-    named = [(k, p) for k, p in PREPARERS.items() if task_name in getattr(p, "tasks", ())]
+    named = [(k, p) for k, p in PREPARERS.items() if cfg.task in getattr(p, "tasks", ())]
     same = [(k, p) for k, p in PREPARERS.items() if getattr(p, "modality", None) == modality]
     found = named or same
+    if len(found) > 1:
+        found = [(k, p) for k, p in found if getattr(p, "handles", lambda c: True)(cfg)]
+    task_name = cfg.task
     if len(found) != 1:
         names = ", ".join(k for k, _ in found) or "(none)"
         raise PrepareError(f"task {task_name!r} ({modality}): {'no preparer' if not found else 'several preparers'} "
@@ -314,7 +319,7 @@ def jobs_from_args(args: argparse.Namespace) -> tuple[list[SplitJob], Path | Non
             raise PrepareError("give either CONFIG or --list, not both")
         cfg = load_config(args.config, args.overrides)
         task = TASKS.get(cfg.task)
-        kind, preparer = _config_preparer(cfg.task, task.modality, args.kind)
+        kind, preparer = _config_preparer(cfg, task.modality, args.kind)
         jobs = []
         for split in ("train", "val", "test"):
             got = preparer.from_config(cfg, split, args) if _takes_args(preparer.from_config) else \
