@@ -315,10 +315,11 @@ def _cls_has_shards() -> bool:
     return hasattr(ClsDataConfig(), "shards")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _cls_has_shards(), reason="classification has no data.format=shards yet "
                                                  "(/tmp/h/pcshards_classification.patch not applied)")
 def test_modelnet_finetune_from_shards_equals_files(mn_root, mn_shards, tmp_path):
-    from mm3d.trainer import run
+    from mm3d.trainer import Trainer, run
 
     res = {}
     for name, data in (("files", [f"data.root={mn_root}"]),
@@ -332,6 +333,10 @@ def test_modelnet_finetune_from_shards_equals_files(mn_root, mn_shards, tmp_path
     for split in ("val", "test"):
         assert res["files"][split]["top1"] == res["shards"][split]["top1"]
         assert res["files"][split]["loss"] == pytest.approx(res["shards"][split]["loss"], abs=0)
+    # trained on all of train (protocol=paper selects on test), the whole split is sampled shard by shard
+    paper = Trainer(load_config(None, [f"output_dir={tmp_path / 'paper'}", *FINETUNE, "data.format=shards",
+                                       f"data.shards={mn_shards}", "train.select_on=test"], task="pointmae_classify"))
+    assert isinstance(paper.train_sampler, ShardSampler) and len(paper.train_sampler) == 40
 
 
 def _shard_view(cfg, shards):
