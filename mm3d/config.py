@@ -150,12 +150,18 @@ class TrainConfig:
     progress: Literal["auto", "bar", "lines", "off"] = "auto"
     tensorboard: bool = True
     find_unused_parameters: bool = False
+    # several processes: "ddp" replicates the model; "fsdp" shards parameters, gradients and optimizer
+    # state over the processes (FSDP2, one unit per transformer block; see mm3d.fsdp). One process: unused
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    # fsdp: free each block's gathered parameters after its forward (least memory; false: keep them
+    # to the backward, one all-gather less per block)
+    fsdp_reshard_after_forward: bool = True
 
     # keys that do not change what a run computes: they may differ when it is resumed
     run_neutral_keys: ClassVar[tuple[str, ...]] = (
         "epochs", "max_steps", "device", "num_workers", "pin_memory", "log_every", "eval_every", "save_every",
         "save_every_steps", "keep_last", "keep_best", "resume", "resume_force", "grad_checkpointing", "compile",
-        "progress", "tensorboard", "find_unused_parameters")
+        "progress", "tensorboard", "find_unused_parameters", "strategy", "fsdp_reshard_after_forward")
 
     def validate(self) -> None:
         positive = ("batch_size", "accum_steps", "log_every", "keep_last")
@@ -168,6 +174,12 @@ class TrainConfig:
             raise ValueError(f"max_steps={self.max_steps} must be >= 1 (or null: train.epochs sets the length)")
         if not 0.0 <= self.ema_decay <= 1.0:
             raise ValueError(f"ema_decay={self.ema_decay} must lie in [0, 1]")
+        if self.strategy == "fsdp" and self.ema:
+            raise ValueError("strategy=fsdp with ema=true: the EMA copy would be a second, unsharded model on every "
+                             "rank; use strategy=ddp for EMA runs")
+        if self.strategy == "fsdp" and self.precision == "fp16":
+            raise ValueError("strategy=fsdp with precision=fp16: the loss scaler's skipped steps would have to "
+                             "agree across shards; use precision=bf16 (or fp32)")
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """Process-group setup for single-process, torchrun and SLURM launches.
 
-torchrun sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``;
+torchrun sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT`` (and
+``TORCHELASTIC_RESTART_COUNT`` when it restarts failed workers: :func:`elastic_restart_count`);
 under ``srun`` we read ``SLURM_PROCID``, ``SLURM_NTASKS`` and ``SLURM_LOCALID`` and take the first
 host of ``SLURM_JOB_NODELIST`` as the master when ``MASTER_ADDR`` is not given. The backend is
 nccl when the process drives a CUDA device and gloo otherwise.
@@ -51,6 +52,12 @@ def _env_info() -> DistInfo:
         env.setdefault("LOCAL_RANK", str(info.local_rank))
         return info
     return DistInfo()
+
+
+def elastic_restart_count() -> int:
+    """How many times torchrun has restarted this job's workers (``--max-restarts``): 0 for the first
+    attempt and outside torchrun (``TORCHELASTIC_RESTART_COUNT``)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
 
 
 def resolve_device(name: str, info: DistInfo) -> torch.device:

@@ -14,6 +14,7 @@ from typing import Any, ContextManager, Iterable, Sequence
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from mm3d.distributed import all_reduce_sum
@@ -107,6 +108,8 @@ class OptimizerStep:
         if self.double_step:  # the scaler is disabled (no fp16): its step would be a plain step
             self.optimizer.step()
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip_grad) if self.clip_grad else None
+            if isinstance(grad_norm, DTensor):
+                grad_norm = grad_norm.full_tensor()
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             return grad_norm
@@ -114,6 +117,8 @@ class OptimizerStep:
         if self.clip_grad:
             self.scaler.unscale_(self.optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip_grad)
+            if isinstance(grad_norm, DTensor):  # FSDP: the norm over every shard, as a plain tensor
+                grad_norm = grad_norm.full_tensor()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)

@@ -2,17 +2,20 @@
 
 The trainer knows the :class:`mm3d.task.Task` contract only: a model maps a batch to an output
 with ``.loss``; the task builds the model and datasets and scores a split. Features: single
-process or DDP (torchrun / SLURM; gloo on CPU, nccl on GPU), fp32/bf16/fp16 autocast (GradScaler
-for fp16), gradient accumulation with ``no_sync``, clipping, LR and weight-decay schedules from
-the global step, layer-wise LR decay through timm, EMA, atomic checkpoints with exact mid-epoch
-resume, a non-finite-loss stop, JSONL/TensorBoard logging and a loss/LR plot.
+process, DDP or FSDP2 (``train.strategy``; torchrun, multi-node included, or SLURM; gloo on CPU,
+nccl on GPU), fp32/bf16/fp16 autocast (GradScaler for fp16), gradient accumulation with
+``no_sync``, clipping, LR and weight-decay schedules from the global step, layer-wise LR decay
+through timm, EMA, atomic checkpoints with exact mid-epoch resume, a non-finite-loss stop,
+JSONL/TensorBoard logging and a loss/LR plot.
 
 A run folder belongs to one run: starting again into a folder that holds an earlier run is an
 error unless it is resumed (``train.resume``) or replaced (``overwrite=true``), and resuming with
 a config that changes what the run computes is refused unless forced (``train.resume_force``).
 SIGTERM and the first Ctrl-C stop after the current optimizer step with a checkpoint on every
 rank, exit status 75 (:data:`EXIT_INTERRUPTED`); a resumed run's log and history equal those of
-one never interrupted.
+one never interrupted. A run that torchrun restarts (``--max-restarts``) continues from its own
+newest checkpoint. Checkpoints hold full (unsharded) state whatever the strategy, so they move
+between single-process, DDP and FSDP runs.
 """
 
 from __future__ import annotations
@@ -47,10 +50,12 @@ from mm3d.checkpoint import (CheckpointManager, OutputError, capture_rng, load_c
                              restore_rng)
 from mm3d.config import ConfigError, RunConfig, config_from_dict, flatten_keys, save_config, to_dict
 from mm3d.data import ResumableSampler, build_loader
-from mm3d.distributed import (StopVote, all_reduce_min, all_reduce_sum, barrier, broadcast_object, gather_objects,
-                              get_info, init_distributed)
+from mm3d.distributed import (StopVote, all_reduce_min, all_reduce_sum, barrier, broadcast_object,
+                              elastic_restart_count, gather_objects, get_info, init_distributed)
 from mm3d.engine import OptimizerStep, amp_dtype, autocast, batch_size_of, move_to_device, unwrap
 from mm3d.errors import UserError
+from mm3d.fsdp import (apply_fsdp, full_model_state, full_optimizer_state, gathered, load_model_state,
+                       load_optimizer_state, no_sync)
 from mm3d.modelcard import build_card, checkpoint_card, write_run_card
 from mm3d.registry import TASKS
 from mm3d.results import jsonable, published_markdown, selection_split
@@ -461,6 +466,20 @@ def _describe_changes(changes: list[tuple[str, Any, Any]]) -> str:
     return "; ".join(f"{k}: {old!r} → {new!r}" for k, old, new in changes)
 
 
+def elastic_restart(cfg: RunConfig) -> RunConfig:
+    """`cfg` for a training run that torchrun restarted (``--max-restarts``, after a worker or node
+    failed): its run folder holds this very run's earlier attempt, so it continues from the newest
+    checkpoint (``train.resume=auto``) and ``overwrite=true`` does not clear it again. Unchanged on a
+    first attempt and when the config resumes already (``auto`` or a checkpoint)."""
+    attempt = elastic_restart_count()
+    if not attempt or cfg.train.resume:
+        return cfg
+    if get_info().is_main:
+        log.warning("torchrun restart %d: continuing this run from its newest checkpoint in %s (train.resume=auto%s)",
+                    attempt, cfg.run_dir, "; overwrite=true applied to the first attempt only" if cfg.overwrite else "")
+    return replace(cfg, overwrite=False, train=replace(cfg.train, resume="auto"))
+
+
 # --------------------------------------------------------------------------------------------
 # The trainer
 # --------------------------------------------------------------------------------------------
@@ -472,10 +491,12 @@ class Trainer:
     def __init__(self, cfg: RunConfig, task: Task | None = None, *, train: bool = True) -> None:
         """`train=False` (``mm3d evaluate``) builds only the val and test splits: no training list
         is needed and :meth:`fit` is unavailable."""
-        self.cfg = cfg
         self.task = task or TASKS.get(cfg.task)
         self.info, self.device = init_distributed(cfg.train.device)
         setup_logging(self.info.rank)
+        if train:
+            cfg = elastic_restart(cfg)
+        self.cfg = cfg
         self.run_dir = cfg.run_dir
         self.is_main = self.info.is_main
         seed_everything(cfg.seed + self.info.rank, cfg.deterministic)
@@ -498,6 +519,7 @@ class Trainer:
                 log.info("init %s: %s", cfg.init, note)
         if cfg.train.grad_checkpointing and hasattr(self.model, "set_grad_checkpointing"):
             self.model.set_grad_checkpointing(True)
+        self.sharded = self._shard_model() if train else False  # before the optimizer: it replaces the parameters
         self.lr = peak_lr(cfg, self.info.world_size)
         self.optimizer = build_optimizer(self.model, cfg, self.lr)
         self.opt_step = OptimizerStep(self.optimizer, device=self.device, precision=cfg.train.precision,
@@ -507,7 +529,7 @@ class Trainer:
         if cfg.train.ema:
             self.ema = ModelEmaV3(self.model, decay=cfg.train.ema_decay)
         self.ddp_model: nn.Module = self.model
-        if self.info.enabled:
+        if self.info.enabled and not self.sharded:
             self.ddp_model = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                                  find_unused_parameters=cfg.train.find_unused_parameters)
         if cfg.train.compile:
@@ -563,6 +585,29 @@ class Trainer:
                                "changed": {k: [old, new] for k, old, new in changes}})
         if not self.is_main:
             self.ckpt.reload()  # rank 0 may have set later checkpoints aside
+
+    def _shard_model(self) -> bool:
+        """``train.strategy=fsdp`` with several processes: shard the model (:mod:`mm3d.fsdp`).
+        Returns whether it was sharded; one process trains the plain model."""
+        t = self.cfg.train
+        if t.strategy != "fsdp":
+            return False
+        if not self.info.enabled:
+            log.info("train.strategy=fsdp with one process: nothing to shard, training the plain model")
+            return False
+        assert not t.ema and self.amp_dtype is not torch.float16, "refused by TrainConfig.validate"
+        units = apply_fsdp(self.model, param_dtype=self.amp_dtype,
+                           reshard_after_forward=t.fsdp_reshard_after_forward)
+        if not units:
+            log.warning("train.strategy=fsdp: %s names no blocks to shard one by one (no fsdp_units(), no "
+                        "ModuleList 'blocks'): the whole model is one unit, gathered at once",
+                        type(self.model).__name__)
+        log.info("fsdp: %d units + the root, sharded over %d processes", len(units), self.info.world_size)
+        return True
+
+    def _gathered(self):
+        """Every rank holds the full parameters meanwhile (:func:`mm3d.fsdp.gathered`)."""
+        return gathered(self.model, self.cfg.train.fsdp_reshard_after_forward)
 
     # ---- the run folder ----------------------------------------------------------------------
 
@@ -626,10 +671,12 @@ class Trainer:
 
     # ---- checkpoints -----------------------------------------------------------------------
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, weights: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The checkpoint. `weights`: ``{"model", "optimizer"}`` gathered already (:meth:`_weights`)."""
+        weights = weights if weights is not None else self._weights()
         return {
-            "model": unwrap(self.model).state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": weights["model"],
+            "optimizer": weights["optimizer"],
             "scaler": self.opt_step.scaler.state_dict(),
             "ema": self.ema.module.state_dict() if self.ema is not None else None,
             "step": self.state.step,
@@ -643,6 +690,11 @@ class Trainer:
             "mm3d_version": __import__("mm3d").__version__,
             "model_card": self.model_card(),
         }
+
+    def _weights(self) -> dict[str, Any]:
+        """The model's and optimizer's full state dicts, the single-process format whatever the strategy
+        (sharded: collective, on rank 0 only)."""
+        return {"model": full_model_state(self.model), "optimizer": full_optimizer_state(self.model, self.optimizer)}
 
     @functools.cached_property
     def _card(self) -> dict[str, Any]:
@@ -660,9 +712,10 @@ class Trainer:
         """Rank 0 writes the checkpoint; every rank learns whether it could (a full or read-only
         disk stops every rank with the same one-line error)."""
         rngs = gather_objects(capture_rng())  # every rank's RNG streams, for an exact resume
+        weights = self._weights() if self.sharded or self.is_main else None  # sharded: every rank gathers
         error: str | None = None
         if self.is_main:
-            state = self.state_dict()
+            state = self.state_dict(weights)
             state["rng_per_rank"] = rngs
             state["log_records"] = self.logger.records
             before = self.ckpt.latest()
@@ -698,8 +751,8 @@ class Trainer:
         if changes:
             log.warning("train.resume_force=true: resuming %s with a changed config: %s", path,
                         _describe_changes(changes))
-        unwrap(self.model).load_state_dict(ck["model"])
-        self.optimizer.load_state_dict(ck["optimizer"])
+        load_model_state(self.model, ck["model"])  # shards it under FSDP: checkpoints of every strategy load
+        load_optimizer_state(self.model, self.optimizer, ck["optimizer"])
         self.opt_step.scaler.load_state_dict(ck["scaler"])
         if self.ema is not None and ck.get("ema") is not None:
             self.ema.module.load_state_dict(ck["ema"])
@@ -739,7 +792,7 @@ class Trainer:
         evaluation (:meth:`Task.final_evaluate`, e.g. repeated voting runs), else a per-epoch one."""
         model = model if model is not None else (self.ema.module if self.ema is not None else unwrap(self.model))
         score = self.task.final_evaluate if final else self.task.evaluate
-        with self._autocast():
+        with self._autocast(), self._gathered():  # FSDP: ranks' splits may differ in batches
             res = score(model, self.loader(split), self.cfg, self.device, split)
         model.train()
         return res
@@ -799,7 +852,7 @@ class Trainer:
 
     def _computes_finite_loss(self, path: str, batch: Any) -> bool:
         model = unwrap(self.model)  # its weights are spoiled already: the run stops
-        model.load_state_dict(load_checkpoint(path, allow_pickle=self.cfg.allow_pickle)["model"])
+        load_model_state(model, load_checkpoint(path, allow_pickle=self.cfg.allow_pickle)["model"])
         model.eval()
         with torch.no_grad(), self._autocast():
             loss = model(batch).loss.detach().float()
@@ -835,7 +888,7 @@ class Trainer:
             if self.batch_tf is not None:
                 batch = self.batch_tf(batch)
             last_micro = micro == accum - 1
-            sync = contextlib.nullcontext() if (last_micro or not self.info.enabled) else self.ddp_model.no_sync()
+            sync = contextlib.nullcontext() if (last_micro or not self.info.enabled) else no_sync(self.ddp_model)
             with sync:
                 with self._autocast():
                     out = self.ddp_model(batch)
@@ -941,6 +994,15 @@ class Trainer:
             progress.close()
         results.update(self._final_evaluation(select_split))
         self._report_epoch_max(results, select_split)
+        with self._gathered():  # FSDP: the report may run the model on rank 0 alone
+            self._write_results(results)
+        self.logger.close()
+        barrier()
+        return results
+
+    def _write_results(self, results: dict[str, Any]) -> None:
+        """Rank 0: the curves, the task's report, results.json and the model card."""
+        cfg = self.cfg
         if self.is_main:
             with output_errors("the results", self.run_dir):
                 plot = plot_curves(self.run_dir / "metrics.jsonl", self.run_dir / "plots" / "curves.png")
@@ -958,9 +1020,6 @@ class Trainer:
                 write_run_card(self.run_dir, scored, results, weights="ema" if self.ema is not None else "model")
         else:
             results.pop("eval_results", None)
-        self.logger.close()
-        barrier()
-        return results
 
     def _report_epoch_max(self, results: dict[str, Any], select_split: str) -> None:
         """``eval.report_max``: each named metric's maximum over the per-epoch evaluations of the
@@ -997,7 +1056,7 @@ class Trainer:
         model = unwrap(self.model)
         if best is not None and self.ckpt.latest() != best:
             ck = load_checkpoint(best)
-            model.load_state_dict(ck["ema"] if (self.ema is not None and ck.get("ema")) else ck["model"])
+            load_model_state(model, ck["ema"] if (self.ema is not None and ck.get("ema")) else ck["model"])
             out["checkpoint"] = str(best)
             log.info("evaluating the checkpoint selected on %s: %s", select_split, best)
         elif self.ema is not None:
