@@ -4,7 +4,10 @@ One JSON line: samples/s, ms/step (median over `bench.steps` after `bench.warmup
 sample for a training step (forward + backward, from ``torch.utils.flop_counter`` with SDPA
 attention counted on every device), achieved GFLOP/s, peak memory (CUDA allocator or process
 RSS), and, when the task offers one, the same step of a peer implementation timed alternately in
-the same process with the ratio. `bench.data_loader=true` adds loader throughput.
+the same process with the ratio. The fp32 (or the run's autocast dtype) matmul peak of the device is
+measured in the same run, so the achieved share of it (``peak_fraction``) reads the same on any
+machine. `bench.data_loader=true` adds loader throughput; `bench.profile=N` profiles N steps of ours
+(and of the peer) with ``torch.profiler`` and lists the operators with the most self time.
 """
 
 from __future__ import annotations
@@ -66,6 +69,42 @@ def time_steps(step: Callable[[], Any], device: torch.device, warmup: int, steps
     return out
 
 
+def matmul_peak_gflops(device: torch.device, dtype: torch.dtype = torch.float32, *, seconds: float = 1.0) -> float:
+    """The device's matmul throughput in GFLOP/s: the best of repeated square matmuls (n = 2048 on
+    the CPU, 8192 on a GPU) over about `seconds`, with torch's current thread count."""
+    n = 2048 if device.type == "cpu" else 8192
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    best, spent = float("inf"), 0.0
+    (a @ b).sum()  # warm-up
+    _sync(device)
+    while spent < seconds or best == float("inf"):
+        t = time.perf_counter()
+        a @ b
+        _sync(device)
+        dt = time.perf_counter() - t
+        best, spent = min(best, dt), spent + dt
+    return 2 * n ** 3 / best / 1e9
+
+
+def profile_steps(step: Callable[[], Any], device: torch.device, steps: int, top: int = 12) -> list[dict[str, Any]]:
+    """The `top` operators by self time over `steps` calls of `step` (``torch.profiler``), per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        _sync(device)
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, key) > 0]
+    total = sum(getattr(e, key) for e in events) or 1.0
+    events.sort(key=lambda e: getattr(e, key), reverse=True)
+    return [{"op": e.key, "self_ms_per_step": round(getattr(e, key) / 1e3 / steps, 2),
+             "share": round(getattr(e, key) / total, 4), "calls_per_step": e.count // steps}
+            for e in events[:top]]
+
+
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -122,6 +161,8 @@ def run_bench(cfg: RunConfig) -> dict[str, Any]:
         if peer is not None:
             theirs += time_steps(peer[1], device, 0, 1)
     med = statistics.median(ours)
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision, torch.float32)
+    peak = matmul_peak_gflops(device, amp if device.type == "cuda" else torch.float32)
     result: dict[str, Any] = {
         "config": cfg.name,
         "task": cfg.task,
@@ -137,6 +178,8 @@ def run_bench(cfg: RunConfig) -> dict[str, Any]:
         "train_flops_per_sample": train_flops // bsz,
         "fwd_flops_per_sample": fwd_flops // bsz,
         "achieved_gflops_per_s": round(train_flops / med / 1e9, 2),
+        "matmul_peak_gflops_per_s": round(peak, 1),
+        "peak_fraction": round(train_flops / med / 1e9 / peak, 3),
         "peak_mem_mb": round(peak_memory_mb(device), 1),
         "torch": torch.__version__,
     }
@@ -145,6 +188,10 @@ def run_bench(cfg: RunConfig) -> dict[str, Any]:
         result["peer"] = peer[0]
         result["peer_ms_per_step"] = round(pmed * 1e3, 2)
         result["speedup_vs_peer"] = round(pmed / med, 3)
+    if cfg.bench.profile:
+        result["profile"] = {"ours": profile_steps(step, device, cfg.bench.profile)}
+        if peer is not None:
+            result["profile"]["peer"] = profile_steps(peer[1], device, cfg.bench.profile)
     if cfg.bench.data_loader:
         result.update(bench_loader(cfg, task, ds))
     extra = task.bench_extra(cfg, device)

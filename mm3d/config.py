@@ -196,6 +196,7 @@ class BenchConfig:
     # a checkout of the official code to time as the peer (Point-MAE: github.com/Pang-Yatian/Point-MAE;
     # VideoMAE: github.com/MCG-NJU/VideoMAE); nothing of it is stored here. "" : the default peer, if any
     peer_root: str = ""
+    profile: int = 0  # > 0: profile this many steps (ours and the peer's): the operators with the most self time
 
 
 @dataclass

@@ -35,6 +35,24 @@ def test_bench_toy_reports_fields(tmp_path):
     assert r["fwd_flops_per_sample"] == 2 * (8 * 32 + 32 * 1)  # Linear(8,32) + Linear(32,1)
 
 
+def test_bench_measures_the_matmul_peak_and_profiles_on_request(tmp_path):
+    from mm3d.bench import matmul_peak_gflops
+
+    cpu = torch.device("cpu")
+    peak = matmul_peak_gflops(cpu, seconds=0.2)
+    # a 2048^3 matmul: far above a naive loop (< 1 GFLOP/s), below 100 TFLOP/s on any CPU
+    assert 1 < peak < 1e5
+    cfg = load_config(None, ["task=toy_regression", "train.batch_size=8", "bench.warmup=1", "bench.steps=2",
+                             "bench.profile=2", f"output_dir={tmp_path}"])
+    r = run_bench(cfg)
+    assert r["matmul_peak_gflops_per_s"] > 1
+    assert r["peak_fraction"] == pytest.approx(r["achieved_gflops_per_s"] / r["matmul_peak_gflops_per_s"], rel=0.01)
+    rows = r["profile"]["ours"]
+    assert rows and {"op", "self_ms_per_step", "share", "calls_per_step"} <= set(rows[0])
+    assert any("addmm" in row["op"] or "mm" in row["op"] for row in rows)  # the toy model's Linear layers
+    assert all(a["self_ms_per_step"] >= b["self_ms_per_step"] for a, b in zip(rows, rows[1:]))
+
+
 def test_every_subcommand_has_help(capsys):
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
