@@ -6,17 +6,17 @@ dataset in its official layout into WebDataset shards (:mod:`mm3d.shards`), one 
 exactly the array the file dataset of :mod:`mm3d.pointcloud.datasets` builds its items from, so a
 dataset over the shards gives the same items as the files for the same seed:
 
-==============  ===========================  ====================================================
-kind            stored ``npy``               what the json adds
-==============  ===========================  ====================================================
-``shapenet55``  the file's points, (N, 3)    ``label`` (synset index), ``synset``
-``modelnet``    the FPS cache, (P, 3 or 6)   ``label``, ``id``, ``class``, ``fps`` = P: farthest
-                                             point sampling of the file's points down to
-                                             ``cache_points`` and the unit-sphere normalisation,
-                                             done once here instead of in ModelNet's cache
+================  ============================  ==================================================
+kind              stored ``npy``                what the json adds
+================  ============================  ==================================================
+``shapenet55``    the file's points, (N, 3)     ``label`` (synset index), ``synset``
+``modelnet``      the FPS cache, (P, 3 or 6)    ``label``, ``id``, ``class``, ``fps`` = P: farthest
+                                                point sampling of the file's points down to
+                                                ``cache_points`` and the unit-sphere normalisation,
+                                                done once here instead of in ModelNet's cache
 ``scanobjectnn``  the cloud's x y z, (2048, 3)  ``label``, ``row`` of the h5 file, ``variant``
-``pointfolder``  the file's x y z, (N, 3)   ``label`` (index of the class sub-folder, or -1)
-==============  ===========================  ====================================================
+``pointfolder``   the file's x y z, (N, 3)      ``label`` (class sub-folder index, or -1), ``path``
+================  ============================  ==================================================
 
 Every json also holds ``source`` (the original file), ``line`` (where it is listed) and ``points``
 (N). An input that cannot be read (or is of the wrong shape, or non-finite where the file dataset

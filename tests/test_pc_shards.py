@@ -90,6 +90,9 @@ def test_modelnet_shards_hold_the_fps_cache(mn_root, mn_shards, tmp_path):
     assert meta["source"] == str(files.paths[0]) and meta["line"].endswith("modelnet40_train.txt:1")
     m = manifest(mn_shards / "train")["mm3d"]
     assert (m["kind"], m["modality"], m["settings"]["cache_points"]) == ("modelnet", "pointcloud", CACHE)
+    # the dataset travels to DataLoader workers (files re-opened there) and gives the same items
+    loaded = torch.cat([b["points"] for b in torch.utils.data.DataLoader(shards, batch_size=16, num_workers=1)])
+    assert torch.equal(loaded, torch.from_numpy(stored))
     # evaluation items are the FPS prefix (fps_points), as ModelNet(npoints=...) gives them
     test_files = D.ModelNet(mn_root, "test", npoints=100, cache_points=CACHE, write_cache=False, cache_device="cpu")
     assert_same_items(ModelNetShards(mn_shards, split="test", npoints=100, cache_points=CACHE), test_files)
