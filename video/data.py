@@ -24,7 +24,8 @@ Dataset
     videos by another sample (logged and counted) and fails once too many are unreadable
     (:class:`mm3d.datacheck.FailureBudget`). ``mm3d data check`` opens every row directly instead
     (:meth:`VideoDataset.check_sample`): no replacement, and a stream that ends before the frames
-    its header promises is an error.
+    its header promises is an error. :class:`mm3d.video.shards.VideoShardDataset` gives the same
+    items from prepared shards (it overrides where a row is opened and its label read).
 """
 
 from __future__ import annotations
