@@ -56,6 +56,7 @@ from mm3d.pointcloud.checkpoints import load_encoder_checkpoint
 from mm3d.pointcloud.io import read_points
 from mm3d.pointcloud.models import PointMAEConfig, build_classifier
 from mm3d.pointcloud.protocol import TABLE_INFO, table_info
+from mm3d.pointcloud.shards import check_shard_keys, cls_shard_datasets, shard_classes
 from mm3d.pointcloud.splits import Indexed, require_root, stratified_split
 from mm3d.pointcloud.tasks import cloud_preprocessing
 from mm3d.pointcloud.transforms import (ShapeAugmentation, build_point_augmentation, normalize_unit_sphere,
@@ -73,6 +74,12 @@ class ClsDataConfig:
 
     dataset: Literal["modelnet40", "modelnet10", "scanobjectnn", "modelnet40_fewshot"] = "modelnet40"
     root: str = ""  # ModelNet root (also for few-shot) or ScanObjectNN root
+    # files: read data.root in its official layout; shards: read prepared shards (mm3d data prepare)
+    format: Literal["files", "shards"] = "files"
+    shards: str = ""  # training shards: a folder, manifest, brace pattern, or a prepared root (dataset.json)
+    val_shards: str = ""  # default: the val split of a prepared root in data.shards
+    test_shards: str = ""  # default: the test split of a prepared root in data.shards
+    shuffle_buffer: int = 1000  # shards: training samples are shuffled within windows of this many
     # ScanObjectNN variant (not called `variant`: that key names a model preset in the config system)
     scan_variant: Literal["OBJ_BG", "OBJ_ONLY", "PB_T50_RS"] = "OBJ_BG"
     npoints: int = 1024  # points the model sees
@@ -99,6 +106,7 @@ class ClsDataConfig:
     bin_columns: int | None = None  # `mm3d predict --bin-columns`: float32 values per point in raw .bin files
 
     def validate(self) -> None:
+        check_shard_keys(self)
         if self.npoints <= 0 or self.fps_points < self.npoints:
             raise ValueError(f"need 0 < npoints <= fps_points, got npoints={self.npoints}, "
                              f"fps_points={self.fps_points}")
@@ -137,6 +145,12 @@ def resolve_num_classes(cfg: Any) -> int:
         return d.way
     if d.dataset == "scanobjectnn":
         return len(D.SCANOBJECTNN_CLASSES)
+    if d.format == "shards":
+        names_in_shards = shard_classes(d)
+        if names_in_shards is None:
+            raise ValueError(f"cannot tell the number of classes: the manifest of {d.shards} names none; set "
+                             f"model.num_classes")
+        return len(names_in_shards)
     names = Path(d.root) / f"modelnet{_modelnet_n(d)}_shape_names.txt"
     if not names.is_file():
         raise ValueError(f"cannot tell the number of classes: {names} does not exist; set model.num_classes "
@@ -159,6 +173,8 @@ def class_names(cfg: Any, label_map: str | None = None) -> list[str] | None:
         return list(D.SCANOBJECTNN_CLASSES)
     if d.dataset == "modelnet40_fewshot":
         return fewshot.fold_classes(d, d.fold if d.fold >= 0 else cfg.seed, allow_pickle=cfg.allow_pickle)
+    if d.format == "shards":
+        return shard_classes(d)
     names = Path(d.root) / f"modelnet{_modelnet_n(d)}_shape_names.txt"
     return [s.strip() for s in names.read_text().splitlines() if s.strip()] if names.is_file() else None
 
@@ -173,6 +189,8 @@ def _base_datasets(cfg: Any, splits: set[str]) -> dict[str, Dataset]:
     d = cfg.data
     out: dict[str, Dataset] = {}
     wanted = [s for s in ("train", "test") if s in splits]
+    if d.format == "shards":  # the same items from prepared shards
+        return cls_shard_datasets(cfg, wanted)
 
     def modelnet(split: str) -> D.ModelNet:
         return D.ModelNet(require_root(d.root, "data.root"), split, num_classes=_modelnet_n(d),

@@ -23,7 +23,8 @@ class Indexed(Dataset):
     """A view of `base` (optionally a subset of its items) whose items also carry ``index``: ()
     their position in this view, used to count each sample once when DDP ranks gather results.
 
-    Attributes of the base dataset that the tasks read (``classes``, ``categories``) are copied.
+    Attributes of the base dataset that the tasks read (``classes``, ``categories``) are copied, and
+    a whole view (no `indices`) also copies ``shard_set``, so the trainer samples it shard by shard.
     What the base tells about its files (:mod:`mm3d.datacheck`) is seen through the view:
     ``sample_source(i)``, ``check_sample(i)`` and ``dropped``, the files the base left out when it
     was built (by default those of a whole view; a subset has none unless given).
@@ -36,6 +37,8 @@ class Indexed(Dataset):
         for attr in ("classes", "categories"):
             if hasattr(base, attr):
                 setattr(self, attr, list(getattr(base, attr)))
+        if indices is None and getattr(base, "shard_set", None) is not None:
+            self.shard_set = base.shard_set
         if dropped is None:
             dropped = getattr(base, "dropped", []) if indices is None else []
         self.dropped = list(dropped)
