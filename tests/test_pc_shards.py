@@ -312,15 +312,7 @@ FINETUNE = ["model.variant=pointmae_tiny_test", "data.npoints=64", "data.fps_poi
             "train.keep_last=1", "data.votes=0", "optim.warmup_steps=0", "train.log_every=1"]
 
 
-def _cls_has_shards() -> bool:
-    from mm3d.pointcloud.classification import ClsDataConfig
-
-    return hasattr(ClsDataConfig(), "shards")
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not _cls_has_shards(), reason="classification has no data.format=shards yet "
-                                                 "(/tmp/h/pcshards_classification.patch not applied)")
 def test_modelnet_finetune_from_shards_equals_files(mn_root, mn_shards, tmp_path):
     from mm3d.trainer import Trainer, run
 
