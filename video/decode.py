@@ -8,8 +8,13 @@ Backends (``data.backend``):
 ``decord``      decord's ``VideoReader`` only (random access through its frame index).
 ``pyav``        PyAV only: decodes sequentially and stops at the last frame a sample needs.
 ``torchcodec``  PyTorch's ``torchcodec.decoders.VideoDecoder`` only (exact seeking); the one
-                backend that can also decode on a CUDA device (NVDEC).
+                backend that can also decode on a CUDA device (NVDEC). It refuses AVI files
+                with B-frames (e.g. UCF101's XviD clips), whose frames it would mis-index.
 ==============  ===========================================================================
+
+``auto`` does not try torchcodec: it is an optional dependency, cannot read those AVI files,
+and on the CPU it was faster than decord only with one torch thread (a DataLoader worker),
+2x slower in a process with several (measured in the README, "Training at scale").
 
 An explicit backend uses only that decoder; when it fails, :class:`VideoDecodeError` names the
 file and the reason. ``auto`` lists every decoder's reason when all of them fail. An unknown
