@@ -136,9 +136,17 @@ def run_bench(cfg: RunConfig) -> dict[str, Any]:
             loss = model(batch).loss
         opt_step.backward(loss)
 
+    # the trainer's per-step model hook (a target's EMA teacher update) is part of a training step
+    after_step = getattr(model, "after_optimizer_step", None)
+    total_steps = cfg.bench.warmup + cfg.bench.steps + cfg.bench.profile
+    steps_done = [0]
+
     def step() -> None:
         fwd_bwd()
         opt_step.step()
+        if after_step is not None:
+            after_step(steps_done[0], total_steps)
+            steps_done[0] += 1
 
     with flop_counter() as fc:
         fwd_bwd()

@@ -49,6 +49,7 @@ __all__ = [
     "point_random_mask",
     "point_block_mask",
     "point_mask",
+    "scored_mask",
 ]
 
 VideoMaskKind = Literal["tube", "random", "frame", "block", "running_cell"]
@@ -389,3 +390,43 @@ def point_mask(kind: PointMaskKind, centers: torch.Tensor, ratio: float, *,
     if kind == "block":
         return point_block_mask(centers, ratio, generator=generator)
     raise ValueError(f"unknown point mask kind {kind!r}; expected one of {POINT_MASK_KINDS}")
+
+
+# --------------------------------------------------------------------------------- scored masks
+
+
+def scored_mask(scores: torch.Tensor, ratio: float, *, generator: torch.Generator | None = None,
+                temperature: float = 1.0) -> torch.Tensor:
+    """Masking guided by per-token scores: higher-scored tokens are masked more often.
+
+    Each sample masks ``k = num_masked(L, ratio)`` tokens drawn without replacement with
+    probabilities proportional to ``score ** (1 / temperature)`` (successive draws renormalised
+    over the tokens left): the Gumbel-top-k trick, i.e. the ``k`` largest
+    ``log(score) / temperature + Gumbel noise``. With ``k = 1`` token ``i`` is masked with
+    probability ``s_i^(1/T) / sum_j s_j^(1/T)``; equal scores give uniform random masking; a
+    higher temperature flattens the preference, a lower one sharpens it. A zero (or
+    negative) score is treated as the smallest positive float, so such tokens are masked only when the others
+    run out (in random order among themselves).
+
+    scores: (B, L) non-negative floating-point scores (e.g. the motion of each video token).
+    generator: seeds the Gumbel noise (its device must be ``scores.device``).
+    Returns: (B, L) bool on ``scores.device``, True = masked, ``num_masked(L, ratio)`` per sample.
+    """
+    if not isinstance(scores, torch.Tensor):
+        raise TypeError(f"scores must be a (B, L) tensor, got {type(scores).__name__}")
+    if scores.dim() != 2 or 0 in scores.shape:
+        raise ValueError(f"scores must be a (B, L) tensor with B, L > 0, got shape {tuple(scores.shape)}")
+    if not scores.is_floating_point():
+        raise TypeError(f"scores must be a floating-point tensor, got dtype {scores.dtype}")
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) \
+            or not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+    k = num_masked(scores.shape[1], ratio)
+    _check_generator_device(generator, scores.device)
+    scores = scores.detach().float()
+    tiny = torch.finfo(torch.float32).tiny
+    # uniform noise in (0, 1): log(-log(u)) is finite for every u
+    u = torch.rand(scores.shape, generator=generator, device=scores.device).clamp_(min=tiny, max=1.0 - 2 ** -24)
+    gumbel = -torch.log(-torch.log(u))
+    key = scores.clamp(min=tiny).log() / temperature + gumbel  # (B, L)
+    return _mask_smallest(-key, k)

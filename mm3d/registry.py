@@ -1,4 +1,4 @@
-"""Named registries: model variants, tasks and synthetic-data generators.
+"""Named registries: model variants, tasks, synthetic-data generators, targets and losses.
 
 The core never imports a modality. `mm3d.video` and `mm3d.pointcloud` add their entries when
 they are imported; :func:`load_modalities` (called by the CLI and the tests) imports both.
@@ -132,6 +132,31 @@ class Preparer(Protocol):
 # `mm3d data prepare --kind NAME`: the modalities' preparers (see :class:`Preparer`)
 PREPARERS: Registry[Preparer] = Registry("preparer")
 
+# masked-modeling targets, "<modality>.<kind>" -> a :class:`mm3d.targets.Target` subclass
+TARGETS: Registry[type] = Registry("target")
+# the default kind of each modality (``model.target.kind=""``): modality -> kind
+TARGET_DEFAULTS: dict[str, str] = {}
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """A per-token loss (``LOSSES[name]``; see :func:`mm3d.losses.token_loss`).
+
+    fn: ``fn(pred, target, *, beta) -> per_token``; `pred` and `target` are ``(*tokens, *content)``
+    tensors and `per_token` has the ``tokens`` shape. `token_dims`: how many trailing axes form
+    one token's content (1 for a feature vector ``(C,)``, 2 for a point patch ``(K, 3)``).
+    `beta` is ``model.target.loss_beta`` (smooth L1's transition point); losses without such a
+    parameter ignore it.
+    """
+
+    name: str
+    fn: Callable[..., Any]
+    token_dims: int = 1
+    description: str = ""
+
+
+LOSSES: Registry[LossSpec] = Registry("loss")
+
 
 def register_variant(name: str, modality: str, config: Any, description: str = "") -> ModelVariant:
     """Register an architecture preset under `name` (e.g. ``pointmae_small``)."""
@@ -164,6 +189,41 @@ def register_converter(name: str) -> Callable[[Callable[..., Any]], Callable[...
 
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
         CONVERTERS.add(name, fn)
+        return fn
+
+    return deco
+
+
+def register_target(modality: str, kind: str, *, default: bool = False) -> Callable[[type], type]:
+    """Class decorator: register a :class:`mm3d.targets.Target` subclass as ``"<modality>.<kind>"``.
+
+    `default`: the kind ``model.target.kind=""`` means for this modality (one per modality).
+    The class gets ``kind`` and ``modality`` set from the registration.
+    """
+
+    def deco(cls: type) -> type:
+        if default and TARGET_DEFAULTS.get(modality, kind) != kind:
+            raise KeyError(f"modality {modality!r} already has the default target {TARGET_DEFAULTS[modality]!r}")
+        TARGETS.add(f"{modality}.{kind}", cls)
+        cls.kind, cls.modality = kind, modality
+        if default:
+            TARGET_DEFAULTS[modality] = kind
+        return cls
+
+    return deco
+
+
+def target_kinds(modality: str) -> list[str]:
+    """The registered target kinds of `modality`, sorted (``["ema", "hog", "pixel", ...]``)."""
+    return [name.split(".", 1)[1] for name in TARGETS if name.split(".", 1)[0] == modality]
+
+
+def register_loss(name: str, *, token_dims: int = 1, description: str = ""
+                  ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator: register a per-token loss ``fn(pred, target, *, beta) -> per_token`` (see :class:`LossSpec`)."""
+
+    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+        LOSSES.add(name, LossSpec(name, fn, token_dims, description))
         return fn
 
     return deco

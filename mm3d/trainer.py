@@ -903,6 +903,9 @@ class Trainer:
             grad_norm = self.opt_step.step()
             if self.ema is not None:
                 self.ema.update(self.model, step=self.state.step)
+            after_step = getattr(self.model, "after_optimizer_step", None)  # e.g. a target's EMA teacher
+            if after_step is not None:  # step: the 0-based index of the step just taken
+                after_step(self.state.step, self.total_steps)
             self.state.step += 1
             tracker.end_step()
             log_now = self.state.step % cfg.train.log_every == 0 or self.state.step == self.total_steps
