@@ -299,8 +299,19 @@ def test_cuda_decode_errors_name_the_problem(clips, monkeypatch):
     with pytest.raises(DecodeSettingsError, match=r"decode device 'cuda:1' asked for, but no CUDA device is "
                                                   r"available here.*use decode_device=cpu"):
         decode_frames(path, [0], backend="torchcodec", device="cuda:1")
-    for backend in BACKENDS:
-        check_decode_settings(backend, "cpu")  # every backend decodes on the CPU
+    for backend in ("auto", "decord", "pyav"):
+        check_decode_settings(backend, "cpu")  # these decode on the CPU without torchcodec
+
+
+def test_missing_torchcodec_is_a_settings_error(clips, monkeypatch):
+    """Not a VideoDecodeError: a loader would count every video as unreadable and go on."""
+    def missing():
+        raise ImportError("torchcodec cannot be loaded (libavutil.so.59: cannot open shared object file)")
+
+    monkeypatch.setattr(vdecode, "_torchcodec_decoder_class", missing)
+    with pytest.raises(DecodeSettingsError, match=r"backend 'torchcodec': torchcodec cannot be loaded \(libavutil"):
+        open_video(clips["h264.mp4"], backend="torchcodec")
+    assert open_video(clips["h264.mp4"]).num_frames == 24  # auto never needs it
 
 
 @pytest.mark.cuda

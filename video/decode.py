@@ -100,10 +100,15 @@ def check_decode_settings(backend: str, device: str = "cpu") -> None:
     `device` is ``cpu``, ``cuda`` or ``cuda:N``; only ``torchcodec`` decodes on CUDA.
 
     Raises:
-        DecodeSettingsError naming the known backends, or why the device cannot be used.
+        DecodeSettingsError naming the known backends, why torchcodec cannot be loaded, or why
+        the device cannot be used.
     """
     if backend not in BACKENDS:
         raise DecodeSettingsError(f"unknown video backend {backend!r}; known: {', '.join(BACKENDS)}")
+    if backend == "torchcodec":  # a missing library is a setting to change, not a bad video
+        ok, why = torchcodec_available()
+        if not ok:
+            raise DecodeSettingsError(f"backend 'torchcodec': {why}")
     if device == "cpu":
         return
     if device != "cuda" and not (device.startswith("cuda:") and device[5:].isdigit()):
@@ -116,9 +121,6 @@ def check_decode_settings(backend: str, device: str = "cpu") -> None:
     if not torch.cuda.is_available():
         raise DecodeSettingsError(f"decode device {device!r} asked for, but no CUDA device is available "
                                   f"here (torch.cuda.is_available() is False); use decode_device=cpu")
-    ok, why = torchcodec_available()
-    if not ok:
-        raise DecodeSettingsError(f"backend 'torchcodec': {why}")
 
 
 def _read_input(source: VideoInput, name: str | None) -> tuple[str | bytes, str]:
