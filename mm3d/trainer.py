@@ -466,12 +466,12 @@ def _describe_changes(changes: list[tuple[str, Any, Any]]) -> str:
     return "; ".join(f"{k}: {old!r} → {new!r}" for k, old, new in changes)
 
 
-def elastic_restart(cfg: RunConfig) -> RunConfig:
+def elastic_restart(cfg: RunConfig, attempt: int) -> RunConfig:
     """`cfg` for a training run that torchrun restarted (``--max-restarts``, after a worker or node
-    failed): its run folder holds this very run's earlier attempt, so it continues from the newest
-    checkpoint (``train.resume=auto``) and ``overwrite=true`` does not clear it again. Unchanged on a
-    first attempt and when the config resumes already (``auto`` or a checkpoint)."""
-    attempt = elastic_restart_count()
+    failed; `attempt` > 0): its run folder holds this very run's earlier attempt, so it continues
+    from the newest checkpoint (``train.resume=auto``) and ``overwrite=true`` does not clear it
+    again. Unchanged on a first attempt and when the config resumes already (``auto`` or a
+    checkpoint)."""
     if not attempt or cfg.train.resume:
         return cfg
     if get_info().is_main:
@@ -494,8 +494,8 @@ class Trainer:
         self.task = task or TASKS.get(cfg.task)
         self.info, self.device = init_distributed(cfg.train.device)
         setup_logging(self.info.rank)
-        if train:
-            cfg = elastic_restart(cfg)
+        if train:  # torchrun counts restarts per node (a node whose workers did not fail may say 0): any rank's
+            cfg = elastic_restart(cfg, max(gather_objects(elastic_restart_count())))
         self.cfg = cfg
         self.run_dir = cfg.run_dir
         self.is_main = self.info.is_main
