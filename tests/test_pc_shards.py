@@ -271,7 +271,7 @@ def test_prepare_config_form_and_pretrain_from_shapenet_shards(sn_root, tmp_path
 
     cfg_path = tmp_path / "pretrain.yaml"
     save_config(pretrain_cfg(tmp_path, "cfg", f"data.root={sn_root}"), cfg_path)
-    prepare(cfg_path, "--out", tmp_path / "prep", "--kind", "shapenet55")
+    prepare(cfg_path, "--out", tmp_path / "prep")  # data.dataset picks the shapenet55 preparer
     index = json.loads((tmp_path / "prep" / "dataset.json").read_text())
     assert index == {"splits": {"train": "train", "test": "test"}}
     assert manifest(tmp_path / "prep" / "train")["mm3d"]["num_samples"] == 30
@@ -279,8 +279,7 @@ def test_prepare_config_form_and_pretrain_from_shapenet_shards(sn_root, tmp_path
 
     from mm3d.cli import main
 
-    assert main(["data", "prepare", str(cfg_path), "--out", str(tmp_path / "x"), "--kind", "shapenet55",
-                 "--nonfinite", "error"]) != 0  # the config says data.drop_nonfinite=true
+    assert main(["data", "prepare", str(cfg_path), "--out", str(tmp_path / "x"), "--nonfinite", "error"]) != 0  # the config says data.drop_nonfinite=true
     assert "--nonfinite error contradicts the config's data.drop_nonfinite=True" in capsys.readouterr().err
 
     files = Trainer(pretrain_cfg(tmp_path, "files", f"data.root={sn_root}"))
