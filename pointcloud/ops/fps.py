@@ -7,16 +7,18 @@ from typing import Literal, get_args
 import torch
 from einops import rearrange
 
-from mm3d.pointcloud.ops._backend import (Backend, check_cloud, check_positive_int,
+from mm3d.pointcloud.ops import fps_triton
+from mm3d.pointcloud.ops._backend import (check_cloud, check_positive_int,
                                           compute_dtype, resolve_backend)
 from mm3d.pointcloud.ops.gather import gather_points
 
 Start = Literal["first", "random"]
+FPSBackend = Literal["auto", "torch", "pytorch3d", "triton"]
 
 
 def farthest_point_sample(points: torch.Tensor, num_samples: int, *, start: Start = "first",
                           generator: torch.Generator | None = None,
-                          backend: Backend = "auto") -> torch.Tensor:
+                          backend: FPSBackend = "auto") -> torch.Tensor:
     """Select ``num_samples`` points per cloud, each farthest from those already chosen.
 
     Rules (those of the pointnet2 CUDA kernel Point-MAE uses): the first sample is point 0
@@ -33,7 +35,9 @@ def farthest_point_sample(points: torch.Tensor, num_samples: int, *, start: Star
         num_samples: G, the number of samples, 1 <= G <= N.
         start: how the first sample is chosen.
         generator: random source for ``start="random"``.
-        backend: ``"auto"`` uses pytorch3d's kernel when importable, else the PyTorch loop.
+        backend: ``"auto"`` uses pytorch3d's kernel when importable, else for CUDA clouds of 3-D
+            points our Triton kernel (:mod:`~mm3d.pointcloud.ops.fps_triton`, the whole loop in one
+            launch), else the PyTorch loop; ``"triton"`` insists on the Triton kernel.
 
     Returns:
         (B, G) int64 indices into the N axis, in selection order; never differentiable.
@@ -45,7 +49,9 @@ def farthest_point_sample(points: torch.Tensor, num_samples: int, *, start: Star
         raise ValueError(f"num_samples={num_samples} exceeds the {num_points} points per cloud")
     if start not in get_args(Start):
         raise ValueError(f"start must be one of {get_args(Start)}, got {start!r}")
-    resolved = resolve_backend(backend)
+    if backend not in get_args(FPSBackend):
+        raise ValueError(f"backend must be one of {get_args(FPSBackend)}, got {backend!r}")
+    resolved = "triton" if backend == "triton" else resolve_backend(backend)
 
     points = points.detach().to(compute_dtype(points))
     if start == "random":
@@ -59,6 +65,8 @@ def farthest_point_sample(points: torch.Tensor, num_samples: int, *, start: Star
         return _fps_traced(points, num_samples, first)
     if resolved == "pytorch3d":
         return _fps_pytorch3d(points, num_samples, first)
+    if resolved == "triton" or (backend == "auto" and points.is_cuda and fps_triton.usable(points)):
+        return fps_triton.fps_triton(points, num_samples, first)
     return _fps_torch(points, num_samples, first)
 
 
