@@ -52,8 +52,9 @@ class FrozenModule(nn.Module):
 
     def __init__(self, module: nn.Module, *, persistent: bool = True) -> None:
         super().__init__()
-        self.module = module.requires_grad_(False).eval()
+        self.module = module.requires_grad_(False)
         self.persistent = persistent
+        self.train(False)
         if not persistent:
             self.register_state_dict_post_hook(_drop_own_keys)
             self.register_load_state_dict_pre_hook(_fill_own_keys)
