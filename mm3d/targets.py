@@ -52,9 +52,11 @@ class TargetConfig:
     # hog (MaskFeat)
     hog_cell: int = 8  # pixels per HOG cell side (MaskFeat: 8)
     hog_bins: int = 9  # orientation bins over 0..180 degrees (MaskFeat: 9)
-    hog_window: int = 16  # side of the Gaussian spatial window of the histogram pooling (MaskFeat: 16)
+    # side of a Gaussian window weighting the gradient magnitudes, tiled over the frame (0: none, as
+    # MaskFeat's SlowFast code, HOGLayerC's default; mmselfsup's re-implementation: 16)
+    hog_window: int = 0
     # center (PCP-MAE)
-    center_weight: float = 1.0  # weight of the centre-prediction loss beside the points loss
+    center_weight: float = 0.1  # weight of the centre-prediction loss beside the points loss (PCP-MAE's eta, `ita`)
 
     def validate(self) -> None:
         if self.layers < 1:
@@ -67,9 +69,11 @@ class TargetConfig:
             raise ValueError(f"momentum_steps={self.momentum_steps} must be >= 0 (0: ramp over the whole run)")
         if math.isnan(self.loss_beta) or self.loss_beta < 0:
             raise ValueError(f"loss_beta={self.loss_beta} must be >= 0")
-        for name in ("hog_cell", "hog_bins", "hog_window"):
+        for name in ("hog_cell", "hog_bins"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be a positive integer")
+        if self.hog_window < 0:
+            raise ValueError(f"hog_window={self.hog_window} must be >= 0 (0: no Gaussian window)")
         if math.isnan(self.center_weight) or self.center_weight < 0:
             raise ValueError(f"center_weight={self.center_weight} must be >= 0")
 

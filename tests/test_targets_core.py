@@ -150,8 +150,10 @@ def test_target_config_defaults_and_validation_name_the_key():
     t = cfg.model.target
     assert (t.kind, t.layers, t.norm_pix, t.momentum, t.momentum_end, t.loss) == ("ema", 8, False, 0.999, 0.9999, "")
     assert TargetConfig().norm_pix is None and TargetConfig().kind == ""
+    assert (TargetConfig().hog_window, TargetConfig().center_weight) == (0, 0.1)  # MaskFeat's code, PCP-MAE's eta
     for bad, key in ((("layers", 0)), "model.target.layers"), ((("momentum", 1.5)), "model.target.momentum"), \
             ((("momentum_steps", -1)), "model.target.momentum_steps"), ((("hog_bins", 0)), "model.target.hog_bins"), \
+            ((("hog_window", -1)), "model.target.hog_window"), \
             ((("center_weight", -1.0)), "model.target.center_weight"):
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             config_from_dict(_Root, {"model": {"target": {bad[0]: bad[1]}}})
