@@ -88,6 +88,10 @@ def test_units_are_every_block_of_both_stacks():
     _, model = tiny_pretrain()
     units = shard_units(model)
     assert units == [*model.encoder.blocks, *model.decoder.blocks] and len(units) == 2 + 1
+    for task in ("videomae_pretrain", "videomae_finetune"):  # the video models follow the same convention
+        video = TASKS.get(task).build_model(load_config(None, [f"task={task}", "model.variant=videomae_tiny_test"]))
+        stacks = [video.encoder.blocks] + ([video.decoder.blocks] if hasattr(video, "decoder") else [])
+        assert shard_units(video) == [b for stack in stacks for b in stack] and len(shard_units(video)) >= 2
 
     class Declared(torch.nn.Module):  # a model naming its own units wins over the `blocks` convention
         def __init__(self):
