@@ -23,9 +23,9 @@ default, needed for checkpoint parity); ``sincos_3d`` splits the width over ``t`
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -35,9 +35,11 @@ from timm.layers import Attention, trunc_normal_
 from torch import nn
 
 from mm3d.layers import gather_tokens, init_trunc_normal, init_xavier, run_blocks, token_mask_count, vit_blocks
-from mm3d.masking import RUNNING_CELL_RATIOS, video_mask, video_num_masked
+from mm3d.masking import RUNNING_CELL_RATIOS, num_masked, scored_mask, video_mask, video_num_masked
 from mm3d.registry import register_variant
+from mm3d.targets import TargetConfig, build_target
 from mm3d.task import ModelOutput
+from mm3d.video.targets import PixelTarget, VideoTarget, motion_scores
 from mm3d.video.tokens import PosEmbedKind, build_pos_embed, patchify, pixel_target, token_grid, unpatchify
 
 
@@ -55,7 +57,15 @@ __all__ = [
     "build_classifier",
 ]
 
-EncoderMaskKind = Literal["tube", "random", "frame", "block"]
+# "motion": tokens with more frame-difference motion are masked more often (MGMAE-like; sampled from the clip)
+EncoderMaskKind = Literal["tube", "random", "frame", "block", "motion"]
+
+
+def encoder_num_masked(kind: EncoderMaskKind, grid: tuple[int, int, int], ratio: float) -> int:
+    """Tokens per sample that an encoder mask of `kind` hides on a (T', H', W') grid."""
+    if kind == "motion":
+        return num_masked(math.prod(grid), ratio)
+    return video_num_masked(kind, grid, ratio)
 
 
 # --------------------------------------------------------------------------------------------
@@ -100,6 +110,7 @@ class VideoMAEConfig:
     decoder_depth: int = 4
     decoder_num_heads: int = 6
     norm_pix_loss: bool = True
+    target: TargetConfig = field(default_factory=TargetConfig)  # what the decoder predicts (pixel by default)
     encoder_norm: bool = True  # pretraining: the encoder ends with a LayerNorm (official; HF: use_mean_pooling=False)
     mask_type: EncoderMaskKind = "tube"
     mask_ratio: float = 0.9
@@ -144,7 +155,7 @@ class VideoMAEConfig:
                                      f"got {getattr(self, name)}")
         if not 0.0 <= self.mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
-        if video_num_masked(self.mask_type, self.grid, self.mask_ratio) == 0:
+        if encoder_num_masked(self.mask_type, self.grid, self.mask_ratio) == 0:
             raise ValueError(f"mask_ratio {self.mask_ratio} masks no token of the {self.grid} grid "
                              f"with mask_type {self.mask_type!r}")
         if self.decoder_mask_type is not None:
@@ -315,6 +326,25 @@ class VideoMAEEncoder(nn.Module):
                              f"shape {tuple(video.shape)}")
         return self.forward_patches(patchify(video, self.tubelet_size, self.patch_size), mask)
 
+    def forward_hidden(self, video: torch.Tensor, blocks: Sequence[int]) -> list[torch.Tensor]:
+        """The outputs of the blocks whose indices are in `blocks` for the FULL clip (no mask, no final
+        norm; a class token dropped), as teachers read them. Blocks above the highest index are not run.
+
+        video: (B, C, T, H, W) normalised clip. Returns one (B, L, D) tensor per index, in block order.
+        """
+        blocks = sorted(set(blocks))
+        if not blocks or blocks[0] < 0 or blocks[-1] >= len(self.blocks):
+            raise ValueError(f"block indices must lie in [0, {len(self.blocks)}), got {blocks}")
+        patches = patchify(video, self.tubelet_size, self.patch_size)
+        x = self.patch_embed(patches) + self.pos_embed.to(patches.dtype)
+        skip = 0
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
+            skip = 1
+        _, tapped = run_blocks(self.blocks[:blocks[-1] + 1], x, grad_checkpointing=self.grad_checkpointing,
+                               taps=blocks)
+        return [h[:, skip:] for h in tapped]
+
 
 class VideoMAEDecoder(nn.Module):
     """Light transformer that predicts the pixels of the last `num_out` tokens of its input."""
@@ -346,11 +376,11 @@ class VideoMAEDecoder(nn.Module):
 
 @dataclass
 class VideoMAEPretrainOutput(ModelOutput):
-    """loss: () MSE over the tokens that are both masked and decoded.
+    """loss: () the target's loss (MSE for pixels) over the tokens that are both masked and decoded.
 
-    pred: (B, L_dec, K) predicted pixels of the decoded tokens, in token order, in the target's
-    (pt ph pw c) layout (per-tubelet normalised units when ``norm_pix_loss``).
-    target: (B, L_dec, K) the reconstruction target of the same tokens.
+    pred: (B, L_dec, K) predictions for the decoded tokens, in token order; K is the target's
+    ``out_dim`` (pixels: the (pt ph pw c) layout, per-tubelet normalised units with ``norm_pix``).
+    target: (B, L_dec, K) the target of the same tokens.
     mask: (B, L) bool encoder mask, True = hidden from the encoder.
     decoded: (B, L) bool, True at the tokens `pred` covers (= `mask` without decoder masking).
     """
@@ -368,6 +398,11 @@ class VideoMAEPretrain(nn.Module):
     ``encoder_to_decoder``, ``mask_token``, ``decoder.*``) except timm's block internals
     (``ls1.gamma`` for ``gamma_1``) and the persistent position tables
     (``encoder.pos_embed``, ``decoder_pos_embed``).
+
+    `target` (a :class:`~mm3d.video.targets.VideoTarget`; None: VideoMAE's pixels with
+    ``norm_pix_loss``) gives what the decoder predicts, the head's width and the per-token loss
+    (``target.loss``, from :data:`mm3d.registry.LOSSES`). The target is registered last, so its
+    persistent state (an EMA teacher's ``target.teacher.*``) follows the official keys.
     """
 
     def __init__(self, *, img_size: int = 224, num_frames: int = 16, tubelet_size: int = 2,
@@ -380,10 +415,13 @@ class VideoMAEPretrain(nn.Module):
                  mask_ratio: float = 0.9, decoder_mask_type: Literal["running_cell"] | None = None,
                  decoder_mask_ratio: float = 0.5, pixel_mean: tuple[float, ...] = IMAGENET_DEFAULT_MEAN,
                  pixel_std: tuple[float, ...] = IMAGENET_DEFAULT_STD, grad_checkpointing: bool = False,
-                 encoder_norm: bool = True) -> None:
+                 encoder_norm: bool = True, target: VideoTarget | None = None) -> None:
         super().__init__()
         if len(pixel_mean) != in_chans or len(pixel_std) != in_chans:
             raise ValueError(f"pixel_mean/pixel_std need {in_chans} values, got {pixel_mean}, {pixel_std}")
+        if target is None:
+            target = PixelTarget(in_chans=in_chans, tubelet_size=tubelet_size, patch_size=patch_size,
+                                 pixel_mean=pixel_mean, pixel_std=pixel_std, norm_pix=norm_pix_loss)
         self.tubelet_size, self.patch_size, self.in_chans = tubelet_size, patch_size, in_chans
         self.norm_pix_loss = norm_pix_loss
         self.mask_type, self.mask_ratio = mask_type, mask_ratio
@@ -403,21 +441,43 @@ class VideoMAEPretrain(nn.Module):
             embed_dim=decoder_embed_dim, depth=decoder_depth, num_heads=decoder_num_heads, mlp_ratio=mlp_ratio,
             qkv_bias=qkv_bias, norm_eps=norm_eps, head_norm_eps=head_norm_eps, drop_path=drop_path,
             attn_drop=attn_drop, proj_drop=proj_drop, init_values=init_values,
-            out_dim=in_chans * tubelet_size * patch_size ** 2, grad_checkpointing=grad_checkpointing)
+            out_dim=target.out_dim, grad_checkpointing=grad_checkpointing)
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32), persistent=False)
         self.apply(init_xavier)
         trunc_normal_(self.mask_token, std=0.02, a=-0.02, b=0.02)
+        self.target = target  # after the initialisation: a loaded teacher keeps its weights
+        self.target.start(self.encoder)
+
+    def after_optimizer_step(self, step: int, total_steps: int) -> None:
+        """The trainer's hook after every optimizer step: the target follows the student (EMA)."""
+        self.target.after_optimizer_step(step, total_steps, self.encoder)
+
+    @property
+    def reconstructs_pixels(self) -> bool:
+        """Whether predictions are pixels (:meth:`reconstruct` and the reconstruction pictures need it)."""
+        return isinstance(self.target, PixelTarget)
 
     @property
     def num_tokens(self) -> int:
         return math.prod(self.grid)
 
-    def sample_masks(self, batch_size: int, device: torch.device,
-                     generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(encoder mask (B, L), decoder mask (B, L) or None), both bool with True = masked."""
-        mask = video_mask(self.mask_type, batch_size, self.grid, self.mask_ratio, generator=generator,
-                          device=device)
+    def sample_masks(self, batch_size: int, device: torch.device, generator: torch.Generator | None = None, *,
+                     video: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(encoder mask (B, L), decoder mask (B, L) or None), both bool with True = masked.
+
+        video: (B, C, T, H, W) normalised clip, needed by ``mask_type="motion"`` (tokens masked with
+        probability increasing in their frame-difference motion, :func:`mm3d.masking.scored_mask`).
+        """
+        if self.mask_type == "motion":
+            if video is None:
+                raise ValueError("mask_type 'motion' samples its mask from the clip: pass video=")
+            pixels = video.float() * self.pixel_std[:, None, None, None] + self.pixel_mean[:, None, None, None]
+            mask = scored_mask(motion_scores(pixels, self.tubelet_size, self.patch_size), self.mask_ratio,
+                               generator=generator)
+        else:
+            mask = video_mask(self.mask_type, batch_size, self.grid, self.mask_ratio, generator=generator,
+                              device=device)
         dec = None
         if self.decoder_mask_type is not None:
             dec = video_mask(self.decoder_mask_type, batch_size, self.grid, self.decoder_mask_ratio,
@@ -474,8 +534,8 @@ class VideoMAEPretrain(nn.Module):
         mask, dec_mask = batch.get("mask"), batch.get("decoder_mask")
         n_mask = n_dec = None  # counts our own generators guarantee (then no host read)
         if mask is None:
-            mask, sampled_dec = self.sample_masks(b, video.device)
-            n_mask = video_num_masked(self.mask_type, self.grid, self.mask_ratio)
+            mask, sampled_dec = self.sample_masks(b, video.device, video=video)
+            n_mask = encoder_num_masked(self.mask_type, self.grid, self.mask_ratio)
             if dec_mask is None and sampled_dec is not None:
                 dec_mask, n_dec = sampled_dec, self._num_decoded()
         elif dec_mask is None and self.decoder_mask_type is not None:
@@ -495,15 +555,11 @@ class VideoMAEPretrain(nn.Module):
                        self.mask_token.to(x_vis.dtype) + gather_tokens(pos, decoded, num_dec)], dim=1)
         pred = self.decoder(x, num_dec)  # (B, L_dec, K)
 
-        with torch.no_grad():
-            target = pixel_target(gather_tokens(patches, decoded, num_dec), self.in_chans, self.pixel_mean,
-                                  self.pixel_std, self.norm_pix_loss)
-        per_token = (pred.float() - target.float()).square().mean(dim=-1)  # (B, L_dec)
-        if dec_mask is None:
-            loss = per_token.mean()
-        else:  # VideoMAEv2: only tokens that are both hidden from the encoder and decoded count
-            weight = gather_tokens(mask[..., None], decoded, num_dec)[..., 0].to(per_token.dtype)
-            loss = (per_token * weight).sum() / weight.sum().clamp(min=1)
+        target = self.target(video, patches, decoded, num_dec)  # (B, L_dec, K), no gradient
+        weight = None
+        if dec_mask is not None:  # VideoMAEv2: only tokens that are both hidden from the encoder and decoded count
+            weight = gather_tokens(mask[..., None], decoded, num_dec)[..., 0].float()
+        loss = self.target.loss(pred, target, weight)
         return VideoMAEPretrainOutput(loss=loss, pred=pred, target=target, mask=mask, decoded=decoded)
 
     @torch.no_grad()
@@ -512,13 +568,16 @@ class VideoMAEPretrain(nn.Module):
 
         video: (B, C, T, H, W) normalised clip; mask: (B, L) bool. Returns (B, C, T, H, W): the
         input where visible, the prediction where masked. With ``norm_pix_loss`` each predicted
-        tubelet is un-normalised with its own true per-channel mean and std.
+        tubelet is un-normalised with its own true per-channel mean and std. Needs a pixel target.
         """
+        if not self.reconstructs_pixels:
+            raise ValueError(f"reconstruct needs pixel predictions; this model predicts "
+                             f"model.target.kind={self.target.kind!r}")
         out = self.forward({"video": video, "mask": mask, "decoder_mask": ~mask})
         patches = patchify(video, self.tubelet_size, self.patch_size)
         pix = pixel_target(patches, self.in_chans, self.pixel_mean, self.pixel_std, norm_pix=False)
         pred = rearrange(out.pred.float(), "b l (p c) -> b l p c", c=self.in_chans)
-        if self.norm_pix_loss:
+        if self.target.norm_pix:
             true = rearrange(gather_tokens(pix, mask, out.pred.shape[1]), "b l (p c) -> b l p c", c=self.in_chans)
             pred = pred * (true.var(dim=-2, unbiased=True, keepdim=True).sqrt() + 1e-6) \
                 + true.mean(dim=-2, keepdim=True)
@@ -663,11 +722,16 @@ def build_pretrain_model(cfg: VideoMAEConfig) -> VideoMAEPretrain:
     cfg.validate()
     mean, std = (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD) if cfg.in_chans == 3 else \
         ((0.0,) * cfg.in_chans, (1.0,) * cfg.in_chans)  # no un-normalisation beyond RGB
+    target = build_target("video", cfg.target, in_chans=cfg.in_chans, tubelet_size=cfg.tubelet_size,
+                          patch_size=cfg.patch_size, img_size=cfg.img_size, grid=cfg.grid, pixel_mean=tuple(mean),
+                          pixel_std=tuple(std), norm_pix_loss=cfg.norm_pix_loss, embed_dim=cfg.embed_dim,
+                          depth=cfg.depth)
     return VideoMAEPretrain(**_common_kwargs(cfg), decoder_embed_dim=cfg.decoder_embed_dim,
                             decoder_depth=cfg.decoder_depth, decoder_num_heads=cfg.decoder_num_heads,
                             norm_pix_loss=cfg.norm_pix_loss, mask_type=cfg.mask_type, mask_ratio=cfg.mask_ratio,
                             decoder_mask_type=cfg.decoder_mask_type, decoder_mask_ratio=cfg.decoder_mask_ratio,
-                            pixel_mean=tuple(mean), pixel_std=tuple(std), encoder_norm=cfg.encoder_norm)
+                            pixel_mean=tuple(mean), pixel_std=tuple(std), encoder_norm=cfg.encoder_norm,
+                            target=target)
 
 
 def build_classifier(cfg: VideoMAEConfig, num_classes: int | None = None) -> VideoMAEClassifier:
