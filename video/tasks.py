@@ -244,7 +244,7 @@ class VideoMAEPretrainTask(Task):
         for batch in loader:
             batch = move_to_device(batch, device)
             n = batch_size_of(batch)
-            mask, dec_mask = raw.sample_masks(n, device, generator=gen)
+            mask, dec_mask = raw.sample_masks(n, device, generator=gen, video=batch["video"])
             batch = {**batch, "mask": mask, **({"decoder_mask": dec_mask} if dec_mask is not None else {})}
             means.update(n, {"loss": model(batch).loss})
         return EvalResult(means.compute())
@@ -280,8 +280,8 @@ class VideoMAEPretrainTask(Task):
                      device: torch.device) -> list[Path]:
         """Reconstruction grids (PNG) and animations (GIF) of a few clips in ``run_dir/plots``."""
         model = unwrap(model)
-        if not isinstance(model, VideoMAEPretrain):
-            return []
+        if not isinstance(model, VideoMAEPretrain) or not model.reconstructs_pixels:
+            return []  # (a model predicting HOG or features has no pixels to show)
         files: list[Path] = []
         for i, (name, video) in enumerate(self._report_clips(datasets, cfg.data.report_clips)):
             files += write_visualization(model, video[None], run_dir / "plots", seed=cfg.seed + i,
