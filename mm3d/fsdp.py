@@ -15,8 +15,8 @@ sharded parameters and the optimizer stay fp32. ``torch.autocast`` runs around t
 with its fp32 running statistics) keeps fp32 parameters under autocast, exactly as under DDP, and
 the batch is never cast (point coordinates stay fp32 for FPS and KNN). So the residual stream is
 bf16 inside the blocks, where DDP's autocast keeps it fp32: losses agree to bf16 precision, not
-bit for bit.
-fp16 (a GradScaler whose skipped steps must agree across shards) is refused.
+bit for bit. fp16 (a GradScaler whose skipped steps must agree across shards) and EMA (a second,
+unsharded model on every rank) are refused by the config.
 
 Checkpoints stay the single-process format: :func:`full_model_state` and
 :func:`full_optimizer_state` gather full tensors on rank 0 (on the CPU) through
