@@ -10,7 +10,9 @@ weight exists in both (so :mod:`mm3d.pointcloud.convert` maps official checkpoin
 * :class:`PointMAEEncoder` holds the patch embedding, the positional MLP on the centres (added
   before *every* block, as in the official ``TransformerEncoder``), timm blocks and a final norm.
 * :class:`PointMAEPretrain` encodes the visible patches only, decodes mask tokens and predicts the
-  K points of every masked patch; the loss is the Chamfer distance (L2 or L1).
+  masked patches' target (``model.target``, :mod:`mm3d.pointcloud.targets`): by default the K points
+  of every masked patch with the Chamfer distance (L2 or L1); also PCP-MAE's centres, or the patch
+  features of a frozen or EMA teacher.
 * :class:`PointMAEClassifier` adds a cls token / position and the official head.
 
 Axes: B batch, N points, G groups (patches), V visible and M masked groups, K points per group,
@@ -19,8 +21,9 @@ D model width, C classes.
 
 from __future__ import annotations
 
+import functools
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, Literal, NamedTuple, Sequence
 
 import torch
@@ -28,17 +31,25 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from timm.layers import trunc_normal_
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from mm3d.layers import init_trunc_normal, init_xavier, run_blocks, token_mask_count, vit_blocks
 from mm3d.masking import num_masked, point_mask
+from mm3d.pointcloud.checkpoints import load_encoder_checkpoint
 from mm3d.pointcloud.ops import chamfer_distance, farthest_point_sample, gather_points, knn
 from mm3d.registry import register_variant
+from mm3d.pointcloud.targets import CENTER_CODES, PointTarget, center_code, target_for_model
+from mm3d.config import config_from_dict
+from mm3d.checkpoint import load_checkpoint
+from mm3d.targets import TargetConfig
+from mm3d.teacher import FrozenModule, load_frozen_teacher
 from mm3d.task import ModelOutput
 
 log = logging.getLogger(__name__)
 
 MaskType = Literal["random", "block"]
 LossType = Literal["cdl2", "cdl1"]
+PosEncoding = Literal["xyz", "sincos"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -67,6 +78,9 @@ class PointMAEConfig:
     encoder_dims: int = 384  # mini-PointNet output (== embed_dim officially; else a Linear maps it)
     pointnet_dims: tuple[int, int, int] = (128, 256, 512)  # mini-PointNet hidden widths
     pos_hidden: int = 128  # hidden width of the positional MLP on the centres
+    # what the positional MLP reads: "xyz" the centre (Point-MAE), "sincos" PCP-MAE's fixed sine-cosine code
+    # of it (embed_dim wide, embed_dim % 6 == 0); a classifier must use the pretraining's value
+    pos_encoding: PosEncoding = "xyz"
     num_group: int = 64  # G patches
     group_size: int = 32  # K points per patch
     decoder_depth: int = 4
@@ -74,6 +88,8 @@ class PointMAEConfig:
     mask_ratio: float = 0.6
     mask_type: MaskType = "random"
     loss: LossType = "cdl2"
+    # what the masked patches predict (kind: points | center | teacher | ema) and its loss; see mm3d.pointcloud.targets
+    target: TargetConfig = field(default_factory=TargetConfig)
     # classification (PointMAEClassifier)
     num_classes: int = 0  # 0: taken from the dataset
     cls_head_dims: tuple[int, ...] = (256, 256)
@@ -98,6 +114,11 @@ class PointMAEConfig:
             raise ValueError(f"pointnet_dims must be positive, got {self.pointnet_dims}")
         if self.embed_dim % self.num_heads:
             raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        if self.pos_encoding not in CENTER_CODES:
+            raise ValueError(f"model.pos_encoding must be one of {sorted(CENTER_CODES)}, got {self.pos_encoding!r}")
+        if self.pos_encoding == "sincos" and self.embed_dim % 6:
+            raise ValueError(f"model.pos_encoding=sincos needs embed_dim divisible by 6 (a sine and a cosine "
+                             f"per axis), got {self.embed_dim}")
         if self.embed_dim % self.decoder_num_heads:
             raise ValueError(f"embed_dim {self.embed_dim} is not divisible by decoder_num_heads "
                              f"{self.decoder_num_heads}")
@@ -236,6 +257,19 @@ def _pos_mlp(hidden: int, dim: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(3, hidden), nn.GELU(), nn.Linear(hidden, dim))
 
 
+class CenterCode(nn.Module):
+    """The fixed (parameter-free) code of patch centres the positional MLP reads: center (B, L, 3) ->
+    (B, L, P), P = :attr:`dim` (see :func:`mm3d.pointcloud.targets.center_code`)."""
+
+    def __init__(self, kind: PosEncoding, embed_dim: int) -> None:
+        super().__init__()
+        self.kind = kind
+        self.dim = 3 if kind == "xyz" else embed_dim
+
+    def forward(self, center: torch.Tensor) -> torch.Tensor:
+        return center_code(center, self.kind, self.dim)
+
+
 def _blocks(dim: int, depth: int, num_heads: int, mlp_ratio: float, qkv_bias: bool,
             drop_path: float) -> nn.ModuleList:
     """timm ViT blocks (SDPA attention) with torch LayerNorm (eps 1e-5, as the official model)."""
@@ -262,13 +296,18 @@ class PointMAEEncoder(nn.Module):
     def __init__(self, *, embed_dim: int = 384, depth: int = 12, num_heads: int = 6,
                  mlp_ratio: float = 4.0, qkv_bias: bool = False, drop_path: float = 0.1,
                  encoder_dims: int = 384, pointnet_dims: Sequence[int] = (128, 256, 512),
-                 pos_hidden: int = 128) -> None:
+                 pos_hidden: int = 128, pos_encoding: PosEncoding = "xyz") -> None:
         super().__init__()
         self.embed_dim = embed_dim
         self.depth = depth
         self.patch_embed = PatchEmbed(encoder_dims, pointnet_dims)
         self.patch_proj = nn.Identity() if encoder_dims == embed_dim else nn.Linear(encoder_dims, embed_dim)
-        self.pos_embed = _pos_mlp(pos_hidden, embed_dim)
+        self.code = CenterCode(pos_encoding, embed_dim)
+        if pos_encoding == "xyz":  # official names pos_embed.{0,2}
+            self.pos_embed = _pos_mlp(pos_hidden, embed_dim)
+        else:  # PCP-MAE: the MLP reads the sine-cosine code (pos_embed.{1,3}; index 0 is the code)
+            self.pos_embed = nn.Sequential(self.code, nn.Linear(self.code.dim, pos_hidden), nn.GELU(),
+                                           nn.Linear(pos_hidden, embed_dim))
         self.blocks = _blocks(embed_dim, depth, num_heads, mlp_ratio, qkv_bias, drop_path)
         self.norm = nn.LayerNorm(embed_dim)
         self.grad_checkpointing = False
@@ -278,11 +317,37 @@ class PointMAEEncoder(nn.Module):
         """neighborhood: (B, G, K, 3) relative patches -> tokens (B, G, D)."""
         return self.patch_proj(self.patch_embed(neighborhood))
 
-    def transform(self, x: torch.Tensor, pos: torch.Tensor,
-                  fetch: Sequence[int] = ()) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """x, pos: (B, L, D) -> normed tokens (B, L, D) and the raw outputs of blocks `fetch`."""
-        x, fetched = run_blocks(self.blocks, x, pos=pos, grad_checkpointing=self.grad_checkpointing, taps=fetch)
+    def embed_code(self, code: torch.Tensor) -> torch.Tensor:
+        """code: (B, L, P) centre codes (:attr:`code`) -> positional embeddings (B, L, D); ``pos_embed(center)
+        == embed_code(code(center))``. PCP-MAE feeds its predicted codes of masked centres here."""
+        return self.pos_embed(code) if self.code.kind == "xyz" else self.pos_embed[1:](code)
+
+    def transform(self, x: torch.Tensor, pos: torch.Tensor, fetch: Sequence[int] = (), *,
+                  attn_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """x, pos: (B, L, D) -> normed tokens (B, L, D) and the raw outputs of blocks `fetch`.
+
+        attn_mask: optional (L, L) additive float mask (0 = attend, -inf = not), the same for every sample
+        and block (PCP-MAE's centre-prediction stream, :meth:`PointMAEPretrain.forward`)."""
+        if attn_mask is None:
+            x, fetched = run_blocks(self.blocks, x, pos=pos, grad_checkpointing=self.grad_checkpointing,
+                                    taps=fetch)
+            return self.norm(x), fetched
+        fetched = []
+        for i, blk in enumerate(self.blocks):
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(blk, x + pos, attn_mask, use_reentrant=False)
+            else:
+                x = blk(x + pos, attn_mask=attn_mask)
+            if i in fetch:
+                fetched.append(x)
         return self.norm(x), fetched
+
+    def hidden_states(self, neighborhood: torch.Tensor, center: torch.Tensor) -> list[torch.Tensor]:
+        """neighborhood: (B, L, K, 3), center: (B, L, 3) of the patches (all of them for a teacher) ->
+        the raw outputs of every block, `depth` tensors (B, L, D) (before the final norm)."""
+        _, fetched = run_blocks(self.blocks, self.embed(neighborhood), pos=self.pos_embed(center),
+                                grad_checkpointing=self.grad_checkpointing, taps=range(self.depth))
+        return fetched
 
     def forward(self, neighborhood: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
         """neighborhood: (B, L, K, 3), center: (B, L, 3) of the patches to encode -> (B, L, D)."""
@@ -349,6 +414,44 @@ def chamfer_loss(pred: torch.Tensor, target: torch.Tensor, kind: LossType) -> to
     return chamfer_distance(x, y, kind="l2" if kind == "cdl2" else "l1", reduction="mean")
 
 
+def _teacher_architecture(checkpoint: str, student: PointMAEEncoder) -> dict:
+    """PointMAEEncoder keyword arguments of a teacher checkpoint: its stored ``model`` config when it has
+    one (our checkpoints, converted official pretraining weights), else the student's architecture."""
+    ckpt = load_checkpoint(checkpoint)
+    model = (ckpt.get("config") or {}).get("model") if isinstance(ckpt.get("config"), dict) else None
+    if isinstance(model, dict):
+        cfg = config_from_dict(PointMAEConfig, {k: v for k, v in model.items() if k != "target"})
+        kw = _encoder_kwargs(cfg)
+        kw.pop("num_group"), kw.pop("group_size")
+        return {**kw, "drop_path": 0.0}
+    blk = student.blocks[0]
+    return dict(embed_dim=student.embed_dim, depth=student.depth, num_heads=blk.attn.num_heads,
+                mlp_ratio=blk.mlp.fc1.out_features / student.embed_dim, qkv_bias=blk.attn.qkv.bias is not None,
+                drop_path=0.0, encoder_dims=student.patch_embed.out_dim,
+                pointnet_dims=(student.patch_embed.first_conv[0].out_channels,
+                               student.patch_embed.first_conv[3].out_channels,
+                               student.patch_embed.second_conv[0].out_channels),
+                pos_hidden=student.pos_embed[-1].in_features, pos_encoding=student.code.kind)
+
+
+def load_teacher_encoder(checkpoint: str, *, student: PointMAEEncoder) -> tuple[FrozenModule, list[str]]:
+    """The frozen teacher encoder of ``model.target.kind=teacher``, from ``model.target.checkpoint``.
+
+    Any Point-MAE checkpoint whose encoder :func:`~mm3d.pointcloud.checkpoints.load_encoder_checkpoint`
+    reads (our pretraining or classification checkpoints, converted official weights). Its architecture
+    comes from the checkpoint's config, else is taken to be the student's (a mismatch is an error naming
+    the keys). Returns (the teacher, not in the student's state dict; the loader's notes)."""
+    def build() -> PointMAEEncoder:
+        return PointMAEEncoder(**_teacher_architecture(checkpoint, student))
+
+    def load(encoder: nn.Module, path: str) -> list[str]:
+        holder = nn.Module()
+        holder.encoder = encoder
+        return load_encoder_checkpoint(holder, path)
+
+    return load_frozen_teacher(build, checkpoint, load=load)
+
+
 # --------------------------------------------------------------------------------------------
 # Pretraining
 # --------------------------------------------------------------------------------------------
@@ -356,15 +459,23 @@ def chamfer_loss(pred: torch.Tensor, target: torch.Tensor, kind: LossType) -> to
 
 @dataclass
 class PointMAEPretrainOutput(ModelOutput):
-    """loss: () Chamfer distance; pred: (B, M, K, 3) predicted masked patches relative to their
-    centres; target: (B, M, K, 3) the true masked patches (relative); mask: (B, G) bool, True =
-    masked; center: (B, G, 3); neighborhood: (B, G, K, 3) all patches (relative)."""
+    """loss: () the target's loss (the default: Chamfer distance of the masked patches);
+    pred: the prediction of the masked patches' targets, (B, M, K, 3) points relative to their centres
+    for the point kinds (``points``, ``center``), (B, M, F) features for the teacher kinds;
+    target: the same shape, the targets; mask: (B, G) bool, True = masked; center: (B, G, 3);
+    neighborhood: (B, G, K, 3) all patches (relative);
+    center_pred / center_target: (B, M, P) PCP-MAE's predicted and true centre codes of the masked
+    patches (``center`` kind; None otherwise); metrics: batch means for evaluation
+    (:attr:`PointMAEPretrain.metric_names`)."""
 
     pred: torch.Tensor
     target: torch.Tensor
     mask: torch.Tensor
     center: torch.Tensor
     neighborhood: torch.Tensor
+    center_pred: torch.Tensor | None = None
+    center_target: torch.Tensor | None = None
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class PointMAEReconstruction(NamedTuple):
@@ -381,22 +492,29 @@ class PointMAEReconstruction(NamedTuple):
 
 
 class PointMAEPretrain(nn.Module):
-    """Masked point-patch autoencoder (Point-MAE pretraining).
+    """Masked point-patch autoencoder (Point-MAE pretraining) with a configurable target.
 
     forward(batch) takes ``batch["points"]``: (B, N, 3) and optionally ``batch["mask"]``: (B, G)
     bool (True = masked, the same count in every row); otherwise the mask is drawn with
     :func:`mm3d.masking.point_mask` (from `generator` when given).
 
-    Unlike the official code, the mini-PointNet embeds only the visible patches, so its
-    BatchNorm statistics come from visible patches; the weights are the same.
+    The target (``model.target``, :mod:`mm3d.pointcloud.targets`) says what the masked patches
+    predict; the head's width is its ``out_dim`` and the loss its configured one. With the
+    ``center`` target (PCP-MAE) the encoder also runs the masked patches' shapes as a second
+    stream, which predicts their centres; the decoder then places the mask tokens at the predicted
+    centres (gradient stopped), never at the true ones.
+
+    Unlike the official code, the mini-PointNet embeds only the visible patches (all patches with
+    ``center``, as PCP-MAE), so its BatchNorm statistics come from those; the weights are the same.
     """
 
     def __init__(self, *, embed_dim: int = 384, depth: int = 12, num_heads: int = 6,
                  mlp_ratio: float = 4.0, qkv_bias: bool = False, drop_path: float = 0.1,
                  encoder_dims: int = 384, pointnet_dims: Sequence[int] = (128, 256, 512),
-                 pos_hidden: int = 128, num_group: int = 64, group_size: int = 32,
-                 decoder_depth: int = 4, decoder_num_heads: int = 6, mask_ratio: float = 0.6,
-                 mask_type: MaskType = "random", loss: LossType = "cdl2") -> None:
+                 pos_hidden: int = 128, pos_encoding: PosEncoding = "xyz", num_group: int = 64,
+                 group_size: int = 32, decoder_depth: int = 4, decoder_num_heads: int = 6,
+                 mask_ratio: float = 0.6, mask_type: MaskType = "random", loss: LossType = "cdl2",
+                 target: TargetConfig | None = None) -> None:
         super().__init__()
         if loss not in ("cdl2", "cdl1"):
             raise ValueError(f"loss must be 'cdl2' or 'cdl1', got {loss!r}")
@@ -408,18 +526,50 @@ class PointMAEPretrain(nn.Module):
         self.encoder = PointMAEEncoder(
             embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
             qkv_bias=qkv_bias, drop_path=drop_path, encoder_dims=encoder_dims,
-            pointnet_dims=pointnet_dims, pos_hidden=pos_hidden)
+            pointnet_dims=pointnet_dims, pos_hidden=pos_hidden, pos_encoding=pos_encoding)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.decoder_pos_embed = _pos_mlp(pos_hidden, embed_dim)
+        self.target: PointTarget = target_for_model(
+            target or TargetConfig(), encoder=self.encoder, group_size=group_size, point_loss=loss,
+            load_teacher=functools.partial(load_teacher_encoder, student=self.encoder))
+        # PCP-MAE places every decoder token with the encoder's positional MLP; Point-MAE has its own
+        self.decoder_pos_embed = None if self.target.predicts_centers else _pos_mlp(pos_hidden, embed_dim)
         self.decoder = PointMAEDecoder(embed_dim=embed_dim, depth=decoder_depth, num_heads=decoder_num_heads,
                                        mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop_path=drop_path)
-        # official `increase_dim`: Conv1d(D, 3K, 1); output channels are (K, 3) with xyz fastest
-        self.recon_head = nn.Conv1d(embed_dim, 3 * group_size, 1)
+        # official `increase_dim`: Conv1d(D, 3K, 1) for the points (channels (K, 3), xyz fastest); the
+        # target's width otherwise
+        self.recon_head = nn.Conv1d(embed_dim, self.target.out_dim, 1)
         trunc_normal_(self.mask_token, std=0.02)
+
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        """Keys of :attr:`PointMAEPretrainOutput.metrics` (evaluation reports their means)."""
+        return self.target.metric_names
 
     def make_mask(self, center: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """center: (B, G, 3) -> (B, G) bool mask of this model's kind and ratio."""
         return point_mask(self.mask_type, center, self.mask_ratio, generator=generator)
+
+    def after_optimizer_step(self, step: int, total_steps: int) -> None:
+        """Called by the trainer after every optimizer step: the EMA target updates its teacher."""
+        self.target.after_optimizer_step(step, total_steps, self.encoder)
+
+    def _encode_with_centers(self, neighborhood: torch.Tensor, vis_idx: torch.Tensor, mask_idx: torch.Tensor,
+                             vis_center: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """PCP-MAE's shared encoder: the visible patches attend to each other only (their output is
+        Point-MAE's); the masked patches' shapes, placed by a learned mask position token instead of
+        their centres, attend to every patch. Returns (x_vis (B, V, D), x_mask (B, M, D))."""
+        tokens = self.encoder.embed(neighborhood)  # (B, G, D): one BatchNorm batch over all patches
+        num_vis, num_mask = vis_idx.shape[1], mask_idx.shape[1]
+        x = torch.cat([_take(tokens, vis_idx), _take(tokens, mask_idx)], dim=1)
+        b = x.shape[0]
+        pos = torch.cat([self.encoder.pos_embed(vis_center),
+                         self.target.mask_pos_token.expand(b, num_mask, -1).to(x.dtype)], dim=1)
+        g = num_vis + num_mask
+        blocked = torch.zeros(g, g, dtype=torch.bool, device=x.device)
+        blocked[:num_vis, num_vis:] = True  # visible queries never see the masked stream
+        attn_mask = torch.zeros(g, g, dtype=x.dtype, device=x.device).masked_fill(blocked, float("-inf"))
+        x, _ = self.encoder.transform(x, pos, attn_mask=attn_mask)
+        return x[:, :num_vis], x[:, num_vis:]
 
     def forward(self, batch: dict, *, generator: torch.Generator | None = None) -> PointMAEPretrainOutput:
         points = _check_points(batch)
@@ -436,29 +586,38 @@ class PointMAEPretrain(nn.Module):
         # group indices: the visible ones, then the masked ones, each in group order (no host sync)
         order = torch.argsort(mask.to(torch.uint8), dim=1, stable=True)
         vis_idx, mask_idx = order[:, :num_vis], order[:, num_vis:]
-
-        # encoder: visible patches only
-        vis_patches = _take(neighborhood, vis_idx)  # (B, V, K, 3)
         vis_center = _take(center, vis_idx)  # (B, V, 3)
-        x_vis = self.encoder(vis_patches, vis_center)  # (B, V, D)
 
-        # decoder: [visible tokens, mask tokens] with their centre embeddings
-        pos = self.decoder_pos_embed(torch.cat([vis_center, _take(center, mask_idx)], dim=1))
+        center_pred = center_target = None
+        if self.target.predicts_centers:  # PCP-MAE
+            x_vis, x_mask = self._encode_with_centers(neighborhood, vis_idx, mask_idx, vis_center)
+            center_pred = self.target.center_head(x_mask)  # (B, M, P) predicted centre codes
+            center_target = self.target.center_codes(center, mask_idx, self.encoder.code)
+            # the mask tokens sit at the predicted centres, gradient stopped (PCP-MAE's `add_detach`)
+            pos = torch.cat([self.encoder.pos_embed(vis_center),
+                             self.encoder.embed_code(center_pred.detach())], dim=1)
+        else:  # Point-MAE: the encoder sees the visible patches only, the decoder the true centres
+            x_vis = self.encoder(_take(neighborhood, vis_idx), vis_center)  # (B, V, D)
+            pos = self.decoder_pos_embed(torch.cat([vis_center, _take(center, mask_idx)], dim=1))
+
         x = torch.cat([x_vis, self.mask_token.expand(b, num_mask, -1)], dim=1)
         x_rec = self.decoder(x, pos, num_mask)  # (B, M, D)
-
-        out = self.recon_head(rearrange(x_rec, "b m d -> b d m"))  # (B, 3K, M)
-        pred = rearrange(out, "b (k c) m -> b m k c", c=3)
-        target = _take(neighborhood, mask_idx)  # (B, M, K, 3)
-        loss = chamfer_loss(pred, target, self.loss_type)
-        return PointMAEPretrainOutput(loss=loss, pred=pred, target=target, mask=mask, center=center,
-                                      neighborhood=neighborhood)
+        out = rearrange(self.recon_head(rearrange(x_rec, "b m d -> b d m")), "b f m -> b m f")  # (B, M, F)
+        pred = self.target.unflatten(out)  # (B, M, K, 3) points or (B, M, F) features
+        target = self.target(neighborhood, center, mask_idx)  # the same shape, no gradient
+        result = self.target.loss_and_metrics(pred, target, center_pred, center_target)
+        return PointMAEPretrainOutput(loss=result.loss, pred=pred, target=target, mask=mask, center=center,
+                                      neighborhood=neighborhood, center_pred=center_pred,
+                                      center_target=center_target, metrics=result.metrics)
 
     @torch.no_grad()
     def reconstruct(self, points: torch.Tensor, *, mask: torch.Tensor | None = None,
                     generator: torch.Generator | None = None) -> PointMAEReconstruction:
         """points: (B, N, 3) -> absolute visible, masked and predicted patches (for pictures)."""
         batch = {"points": points} if mask is None else {"points": points, "mask": mask}
+        if not self.target.predicts_points:
+            raise ValueError(f"model.target.kind={self.target.kind!r} predicts features, not points: "
+                             "there is no reconstruction to show")
         out = self(batch, generator=generator)
         b, g, k, _ = out.neighborhood.shape
         m = out.pred.shape[1]
@@ -506,7 +665,7 @@ class PointMAEPretrain(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         # official `add_weight_decay`: 1-D params, biases and names containing "token" skip decay
-        return {"mask_token"}
+        return {"mask_token", *(f"target.{n}" for n in self.target.no_weight_decay())}
 
 
 # --------------------------------------------------------------------------------------------
@@ -545,8 +704,8 @@ class PointMAEClassifier(nn.Module):
     def __init__(self, *, num_classes: int, embed_dim: int = 384, depth: int = 12, num_heads: int = 6,
                  mlp_ratio: float = 4.0, qkv_bias: bool = False, drop_path: float = 0.1,
                  encoder_dims: int = 384, pointnet_dims: Sequence[int] = (128, 256, 512),
-                 pos_hidden: int = 128, num_group: int = 64, group_size: int = 32,
-                 cls_head_dims: Sequence[int] = (256, 256), cls_dropout: float = 0.5,
+                 pos_hidden: int = 128, pos_encoding: PosEncoding = "xyz", num_group: int = 64,
+                 group_size: int = 32, cls_head_dims: Sequence[int] = (256, 256), cls_dropout: float = 0.5,
                  label_smoothing: float = 0.0) -> None:
         super().__init__()
         if num_classes < 0:
@@ -558,7 +717,7 @@ class PointMAEClassifier(nn.Module):
         self.encoder = PointMAEEncoder(
             embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
             qkv_bias=qkv_bias, drop_path=drop_path, encoder_dims=encoder_dims,
-            pointnet_dims=pointnet_dims, pos_hidden=pos_hidden)
+            pointnet_dims=pointnet_dims, pos_hidden=pos_hidden, pos_encoding=pos_encoding)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.cls_pos = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.num_features = 2 * embed_dim  # width of the pooled feature the head reads
@@ -646,7 +805,8 @@ def _encoder_kwargs(cfg: PointMAEConfig) -> dict:
     return dict(embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads,
                 mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias, drop_path=cfg.drop_path,
                 encoder_dims=cfg.encoder_dims, pointnet_dims=tuple(cfg.pointnet_dims),
-                pos_hidden=cfg.pos_hidden, num_group=cfg.num_group, group_size=cfg.group_size)
+                pos_hidden=cfg.pos_hidden, pos_encoding=cfg.pos_encoding, num_group=cfg.num_group,
+                group_size=cfg.group_size)
 
 
 def build_pretrain_model(cfg: PointMAEConfig) -> PointMAEPretrain:
@@ -654,7 +814,7 @@ def build_pretrain_model(cfg: PointMAEConfig) -> PointMAEPretrain:
     cfg.validate()
     return PointMAEPretrain(**_encoder_kwargs(cfg), decoder_depth=cfg.decoder_depth,
                             decoder_num_heads=cfg.decoder_num_heads, mask_ratio=cfg.mask_ratio,
-                            mask_type=cfg.mask_type, loss=cfg.loss)
+                            mask_type=cfg.mask_type, loss=cfg.loss, target=cfg.target)
 
 
 def build_classifier(cfg: PointMAEConfig, num_classes: int | None = None) -> PointMAEClassifier:
