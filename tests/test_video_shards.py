@@ -126,6 +126,35 @@ def test_never_upscales_and_keeps_the_aspect_of_a_wide_clip(tmp_path):
         assert json.loads(files["json"])["label"] == -1  # a pretraining row is unlabelled
 
 
+def test_source_keyframes_do_not_leak_into_the_fixed_interval(tmp_path):
+    """A decoded frame keeps its picture type, which libx264 would obey: the source's keyframes (every 5th
+    frame here) must not become extra keyframes of the prepared clip."""
+    import av
+
+    frames = render_clip("grow", np.random.default_rng(1), num_frames=20, size=48)
+    with av.open(str(tmp_path / "src.mp4"), mode="w") as c:
+        s = c.add_stream("libx264", rate=25)
+        s.width, s.height, s.pix_fmt = 48, 48, "yuv420p"
+        s.options = {"x264-params": "keyint=5:min-keyint=5:scenecut=0"}
+        for f in frames:
+            c.mux(s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+        c.mux(s.encode())
+    assert [j for j, k in enumerate(_av_stream((tmp_path / "src.mp4").read_bytes())[1]) if k] == [0, 5, 10, 15]
+    (tmp_path / "list.txt").write_text("src.mp4 0 -1\n")
+    _prepare("--kind", "video", "--list", str(tmp_path / "list.txt"), "--root", str(tmp_path),
+             "--out", str(tmp_path / "out"), "--gop", "8")
+    (files,) = _members(tmp_path / "out").values()
+    assert [j for j, k in enumerate(_av_stream(files["mp4"])[1]) if k] == [0, 8, 16]
+
+
+def test_parallel_prepare_writes_the_same_bytes(synth, prepared, tmp_path):
+    _prepare("--kind", "video", "--list", str(synth / "train.txt"), "--root", str(synth), "--label-map",
+             str(synth / "label_map.txt"), "--out", str(tmp_path / "p"), "--short-side", "32", "--gop", str(GOP),
+             "--shard-size", "31000", "--workers", "2")
+    tars = sorted(prepared.glob("*.tar"))
+    assert [t.read_bytes() for t in tars] == [(tmp_path / "p" / t.name).read_bytes() for t in tars]
+
+
 def test_rawframe_folders_are_encoded_at_the_given_rate(synth, tmp_path):
     out = tmp_path / "raw"
     _prepare("--kind", "video", "--list", str(synth / "rawframes_val.txt"), "--root", str(synth), "--out", str(out),

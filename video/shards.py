@@ -120,17 +120,22 @@ class _Encoder:
         self.container = av.open(self.buffer, mode="w", format="mp4")
         self.stream = self.container.add_stream("libx264", rate=rate)
         self.stream.width, self.stream.height, self.stream.pix_fmt = width, height, "yuv420p"
-        self.stream.thread_count = 1  # one clip per worker process; also makes the output reproducible
+        self.stream.thread_count = 1  # one clip per worker process (threads=1 below: x264 sees this one only there)
         self.stream.options = {"crf": str(s.crf), "preset": s.preset,
-                               "x264-params": f"keyint={s.gop}:min-keyint={s.gop}:scenecut=0:bframes=0"}
+                               "x264-params": f"keyint={s.gop}:min-keyint={s.gop}:scenecut=0:bframes=0:threads=1"}
         self.time_base = Fraction(1) / rate
         self.width, self.height = width, height
         self.count = 0
 
     def add(self, frame: Any) -> None:
         """`frame`: an ``av.VideoFrame`` of any size and format; scaled to the output size."""
+        from av.video.frame import PictureType
+
         out = frame.reformat(width=self.width, height=self.height, format="yuv420p", interpolation="BICUBIC")
         out.pts, out.time_base = self.count, self.time_base
+        # a decoded frame keeps its picture type (I/P/B), and libx264 obeys it: a source keyframe would become
+        # an extra keyframe here. The encoder alone decides (the fixed interval).
+        out.pict_type = PictureType.NONE
         for packet in self.stream.encode(out):
             self.container.mux(packet)
         self.count += 1
@@ -149,7 +154,7 @@ def _transcode_file(path: str, s: TranscodeSettings) -> tuple[bytes, dict[str, A
         if not src.streams.video:
             raise VideoDecodeError(f"{path}: no video stream")
         stream = src.streams.video[0]
-        stream.thread_type = "AUTO"
+        stream.thread_type = "AUTO"  # frame-threaded decoding of the source (the encoder stays single-threaded)
         rate = _frame_rate(stream, path)
         enc: _Encoder | None = None
         for frame in src.decode(stream):
