@@ -203,3 +203,21 @@ def test_fsdp_bf16_follows_ddp_bf16(tmp_path, pc_config):
     torch.testing.assert_close(losses(tmp_path / "fsdp"), losses(tmp_path / "ddp"), rtol=2e-2, atol=0)
     ck = load_checkpoint(tmp_path / "fsdp" / "checkpoints" / "last.pt")
     assert {v.dtype for v in ck["model"].values() if v.is_floating_point()} == {torch.float32}
+
+
+@pytest.mark.slow
+def test_fsdp_evaluates_a_split_the_ranks_hold_unevenly(tmp_path):
+    """17 validation samples on 2 ranks: 3 batches on one, 2 on the other (a sharded forward would
+    wait for a peer that has none left); the mean equals a single process's over all 17."""
+    import mm3d.toy  # noqa: F401
+
+    cfg = tmp_path / "toy.yaml"
+    cfg.write_text("task: toy_regression\n")
+    toy = ["data.num_val=17", "model.dropout=0.0", "train.max_steps=2", "train.eval_every=1"]
+    torchrun(cfg, f"output_dir={tmp_path / 'fsdp'}", "train.strategy=fsdp", *toy, command="finetune")
+    two = records(tmp_path / "fsdp", "val")
+    assert two and all(r["step"] == 2 for r in two)
+    assert mm3d_main(["evaluate", str(cfg), *COMMON, *toy, f"output_dir={tmp_path / 'single'}",
+                      f"checkpoint={tmp_path / 'fsdp' / 'checkpoints' / 'last.pt'}"]) == 0
+    single = json.loads((tmp_path / "single" / "eval" / "results.json").read_text())["val"]["loss"]
+    assert two[-1]["loss"] == pytest.approx(single, rel=1e-6)
