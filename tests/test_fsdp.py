@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+import mm3d.toy  # noqa: F401  (the toy task)
 from mm3d.checkpoint import load_checkpoint
 from mm3d.cli import main as mm3d_main
 from mm3d.config import ConfigError, load_config
@@ -209,8 +210,6 @@ def test_fsdp_bf16_follows_ddp_bf16(tmp_path, pc_config):
 def test_fsdp_evaluates_a_split_the_ranks_hold_unevenly(tmp_path):
     """17 validation samples on 2 ranks: 3 batches on one, 2 on the other (a sharded forward would
     wait for a peer that has none left); the mean equals a single process's over all 17."""
-    import mm3d.toy  # noqa: F401
-
     cfg = tmp_path / "toy.yaml"
     cfg.write_text("task: toy_regression\n")
     toy = ["data.num_val=17", "model.dropout=0.0", "train.max_steps=2", "train.eval_every=1"]
