@@ -383,7 +383,7 @@ def _losses(run_dir) -> list[float]:
     ["model.target.kind=hog", "model.target.loss=smooth_l1"],
     ["model.target.kind=ema", "model.target.layers=2"],
     ["model.target.kind=teacher", "model.target.final_norm=true", "model.target.loss=cosine"],
-    ["model.mask_type=motion", "data.report_clips=0"],  # 1 once visualize.py passes video= (requests.md)
+    ["model.mask_type=motion", "data.report_clips=1"],  # the report picture draws a motion mask too
 ])
 def test_every_kind_trains_two_steps(overrides, synth_root, teacher_ckpt, tmp_path):
     from mm3d.trainer import Trainer

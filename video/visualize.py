@@ -145,7 +145,7 @@ def write_visualization(model: VideoMAEPretrain, video: str | Path | torch.Tenso
     device = next(model.parameters()).device
     video = video.to(device)
     gen = torch.Generator(device=device).manual_seed(seed)
-    mask, _ = model.sample_masks(1, device, generator=gen)
+    mask, _ = model.sample_masks(1, device, generator=gen, video=video)  # (motion masks read the clip)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     views = reconstruction_views(model, video, mask)
