@@ -23,6 +23,8 @@ from mm3d.video.decode import VideoDecodeError
 from mm3d.video.shards import VideoShardDataset, scaled_size
 from mm3d.video.synth import CLASSES, SynthVideoSpec, render_clip, write_mp4, write_video_dataset
 
+PRETRAIN = str(PROJECT_ROOT / "configs/video/videomae_pretrain_demo.yaml")
+FINETUNE = str(PROJECT_ROOT / "configs/video/videomae_finetune_demo.yaml")
 GOP = 4  # small, so that the 16-24 frame test clips hold several keyframes
 SPEC = SynthVideoSpec(size=48, min_frames=16, max_frames=24, per_class=(1, 1, 1))
 
@@ -188,10 +190,16 @@ def test_a_corrupt_video_is_reported_and_left_out(synth, tmp_path):
     assert [json.loads(f["json"])["line"] for f in _members(out).values()] == [1, 2, 4]
 
 
-def test_config_form_prepares_every_split_of_a_finetune_config(synth, tmp_path):
-    cfg = PROJECT_ROOT / "configs/video/videomae_finetune_demo.yaml"
-    out = tmp_path / "prepared"
-    _prepare(str(cfg), f"data.root={synth}", "--out", str(out), "--short-side", "32", "--gop", "8")
+@pytest.fixture(scope="module")
+def prepared_root(synth, tmp_path_factory) -> Path:
+    """The fine-tuning demo config's train/val/test lists prepared by the CONFIG form (short side 32, gop 8)."""
+    out = tmp_path_factory.mktemp("vshards") / "prepared"
+    _prepare(str(FINETUNE), f"data.root={synth}", "--out", str(out), "--short-side", "32", "--gop", "8")
+    return out
+
+
+def test_config_form_prepares_every_split_of_a_finetune_config(synth, prepared_root):
+    out = prepared_root
     index = json.loads((out / "dataset.json").read_text())
     assert index["splits"] == {"train": "train", "val": "val", "test": "test"}
     for split in ("train", "val", "test"):
@@ -287,10 +295,10 @@ def test_labels_outside_the_head_and_frame_counts_that_disagree_are_errors(prepa
 # Configs and training
 # --------------------------------------------------------------------------------------------
 
-PRETRAIN = str(PROJECT_ROOT / "configs/video/videomae_pretrain_demo.yaml")
-TINY = ["model.variant=videomae_tiny_test", "model.img_size=24", "model.mask_ratio=0.5", "train.batch_size=2",
-        "train.num_workers=0", "train.progress=off", "train.tensorboard=false", "data.report_clips=0",
-        "data.backend=pyav"]
+
+TINY_FT = ["model.variant=videomae_tiny_test", "model.img_size=24", "train.batch_size=2", "train.num_workers=0",
+           "train.progress=off", "train.tensorboard=false", "data.backend=pyav"]
+TINY = [*TINY_FT, "model.mask_ratio=0.5", "data.report_clips=0"]
 
 
 def test_shard_config_errors(prepared, tmp_path):
@@ -334,3 +342,24 @@ def test_bench_data_measures_raw_and_prepared_for_each_backend(tmp_path, capsys)
     assert "| pyav |" in (work / "bench_data.md").read_text() and "| pyav |" in capsys.readouterr().out
     assert cli_main(["bench-data", "--backends", "nope", "--work", str(work)]) == 2
     assert "unknown video backend 'nope'" in capsys.readouterr().err
+
+
+def test_tiny_finetuning_trains_and_evaluates_from_a_prepared_root(synth, prepared_root, tmp_path):
+    """data.shards = the prepared root: train, val and test come from its dataset.json; the scores count
+    every test video once (labels from key.json)."""
+    from mm3d.trainer import Trainer
+
+    cfg = load_config(FINETUNE, [*TINY_FT, "model.num_classes=9", "data.format=shards", f"data.shards={prepared_root}",
+                                 "data.num_sample=1", "train.max_steps=2", "train.eval_every=0", "train.save_every=0",
+                                 "train.select_on=last", f"output_dir={tmp_path}"])
+    trainer = Trainer(cfg)
+    assert {s: type(d) for s, d in trainer.datasets.items()} == dict.fromkeys(("train", "val", "test"),
+                                                                               VideoShardDataset)
+    assert isinstance(trainer.train_sampler, ShardSampler)
+    trainer.fit()
+    res = json.loads((tmp_path / "results.json").read_text())
+    test = res["test"]
+    assert test["num_samples"] == len(read_annotation_list(synth / "test.txt")) and test["num_missing"] == 0
+    with pytest.raises(ConfigError, match="the manifest names 9 classes, the model has num_classes=5"):
+        cfg5 = load_config(FINETUNE, [*TINY_FT, "model.num_classes=5", "data.format=shards", f"data.shards={prepared_root}"])
+        TASKS.get(cfg5.task).build_datasets(cfg5, ["train"])

@@ -50,9 +50,10 @@ from mm3d.results import (per_class_markdown, run_protocol_label, selection_spli
 from mm3d.task import EvalResult, Task
 from mm3d.video.convert import classifier_init_state, hf_to_ours, load_hf_dir, official_to_ours
 from mm3d.video.data import VideoDataset, VideoRecord, read_annotation_list, read_label_map
-from mm3d.video.decode import RawFrameSource, open_record
+from mm3d.video.decode import RawFrameSource, check_decode_settings, open_record
 from mm3d.video.transforms import finetune_train_transform, test_transform
 from mm3d.video.models import VideoMAEClassifier, VideoMAEConfig, build_classifier
+from mm3d.video.shards import VideoShardDataset, check_shard_keys, shard_dataset_spec
 from mm3d.video.tasks import clip_preprocessing
 from mm3d.video.tokens import adapt_pos_embeds, token_grid
 
@@ -89,8 +90,18 @@ class FinetuneDataConfig:
     directory, then under `root`. Every label must lie below ``model.num_classes`` (the head's
     size); a label map (one class name a line) must have exactly that many names. Clip length
     and crop size come from the model section (``model.num_frames``, ``model.img_size``).
+
+    ``format: shards`` reads prepared shards (``mm3d data prepare``) instead of the lists: ``shards``
+    (training), ``val_shards``, ``test_shards`` name shard folders, manifests or brace patterns;
+    ``shards`` may also be a prepared root whose ``dataset.json`` gives every split
+    (:func:`mm3d.video.shards.shard_dataset_spec`). Labels come from each sample's ``key.json``.
     """
 
+    format: Literal["files", "shards"] = "files"  # files: the lists below; shards: prepared shards
+    shards: str = ""
+    val_shards: str = ""
+    test_shards: str = ""
+    shuffle_buffer: int = 1000  # the training sampler's shuffle window (mm3d.shards.ShardSampler)
     root: str = ""
     train_list: str = ""
     val_list: str = ""  # scored with val_num_clips x val_num_crops views (checkpoint selection)
@@ -117,7 +128,8 @@ class FinetuneDataConfig:
     test_num_clips: int = 5  # 5 x 3 Kinetics / UCF101 / HMDB51, 2 x 3 SSv2
     test_num_crops: int = 3
     # decoding
-    backend: Literal["auto", "decord", "pyav"] = "auto"
+    backend: Literal["auto", "decord", "pyav", "torchcodec"] = "auto"  # see mm3d.video.decode
+    decode_device: Literal["cpu", "cuda"] = "cpu"  # cuda: torchcodec only, training clips stay on the GPU
     num_threads: int = 1
     rawframe_template: str = "img_{:05d}.jpg"
     rawframe_start: int = 1
@@ -142,6 +154,8 @@ class FinetuneDataConfig:
             raise ValueError(f"short_side must be positive, got {self.short_side}")
         if not 0.0 <= self.max_failure_ratio <= 1.0:
             raise ValueError(f"max_failure_ratio must be in [0, 1], got {self.max_failure_ratio}")
+        check_shard_keys(self)
+        check_decode_settings(self.backend, self.decode_device)
 
 
 @dataclass
@@ -221,6 +235,9 @@ class VideoFinetuneConfig(RunConfig):
         if self.model.label_smoothing:
             raise ValueError("set label smoothing with mixup.label_smoothing (model.label_smoothing must stay 0 "
                              "for fine-tuning)")
+        if self.data.decode_device != "cpu" and self.train.num_workers > 0:
+            raise ValueError(f"data.decode_device={self.data.decode_device} decodes in the training process: set "
+                             f"train.num_workers=0 (CUDA does not work in forked loader workers)")
         short = self.data.short_side or self.model.img_size
         if short < self.model.img_size:
             raise ValueError(f"data.short_side={short} is smaller than the crop size model.img_size="
@@ -398,8 +415,10 @@ def _test_transform(cfg: VideoFinetuneConfig, num_crops: int):
     return test_transform(cfg.model.img_size, cfg.data.short_side or cfg.model.img_size, num_crops)
 
 
-def _dataset(cfg: VideoFinetuneConfig, records: list, mode: Literal["train", "test"], *, num_clips: int = 1,
-             num_crops: int = 1, max_failure_ratio: float | None = None) -> Dataset:
+def _dataset(cfg: VideoFinetuneConfig, records: list | str, mode: Literal["train", "test"], *, num_clips: int = 1,
+             num_crops: int = 1, max_failure_ratio: float | None = None, split: str = "train") -> Dataset:
+    """The clips of `records` (list rows), or of the shards `records` names (a shard spec; `split` picks
+    the split of a prepared root)."""
     d = cfg.data
     if mode == "train":
         transform = finetune_train_transform(cfg.model.img_size, auto_augment=d.auto_augment or None, flip=d.flip,
@@ -407,13 +426,15 @@ def _dataset(cfg: VideoFinetuneConfig, records: list, mode: Literal["train", "te
                                              scale=tuple(d.rrc_scale), ratio=tuple(d.rrc_ratio))
     else:
         transform = _test_transform(cfg, num_crops)
-    return VideoDataset(records, mode=mode, num_frames=cfg.model.num_frames, sampling_rate=d.sampling_rate,
-                        sampling=d.sampling, dense_spacing=d.dense_spacing, num_clips=num_clips,
-                        num_crops=num_crops, num_sample=d.num_sample if mode == "train" else 1,
-                        transform=transform, backend=d.backend, num_threads=d.num_threads,
-                        rawframe_template=d.rawframe_template, rawframe_start=d.rawframe_start,
-                        max_failure_ratio=d.max_failure_ratio if max_failure_ratio is None else max_failure_ratio,
-                        seed=cfg.seed)
+    options = dict(mode=mode, num_frames=cfg.model.num_frames, sampling_rate=d.sampling_rate,
+                   sampling=d.sampling, dense_spacing=d.dense_spacing, num_clips=num_clips,
+                   num_crops=num_crops, num_sample=d.num_sample if mode == "train" else 1,
+                   transform=transform, backend=d.backend, num_threads=d.num_threads, decode_device=d.decode_device,
+                   max_failure_ratio=d.max_failure_ratio if max_failure_ratio is None else max_failure_ratio,
+                   seed=cfg.seed)
+    if isinstance(records, str):
+        return VideoShardDataset(records, split=split, num_classes=cfg.model.num_classes, **options)
+    return VideoDataset(records, rawframe_template=d.rawframe_template, rawframe_start=d.rawframe_start, **options)
 
 
 def _records(cfg: VideoFinetuneConfig, list_path: str) -> list:
@@ -505,18 +526,27 @@ class VideoMAEFinetuneTask(Task):
     def build_datasets(self, cfg: VideoFinetuneConfig, splits: Iterable[str]) -> dict[str, Dataset]:
         d = cfg.data
         splits = list(splits)
-        if "train" in splits and not d.train_list:
-            raise ConfigError("data.train_list is empty: give an annotation list 'path label' (data.train_list=FILE, "
-                             "with data.root=DIR for relative paths)")
+        if d.format == "shards":  # a shard spec per split (None: the split has none)
+            rows: dict[str, Any] = {s: shard_dataset_spec(d.shards, d.val_shards, d.test_shards, s)
+                                    for s in ("train", "val", "test")}
+            if "train" in splits and rows["train"] is None:
+                raise ConfigError("data.format=shards: data.shards is empty: give the training shards (a folder, "
+                                  "manifest, brace pattern or prepared root)")
+        else:
+            if "train" in splits and not d.train_list:
+                raise ConfigError("data.train_list is empty: give an annotation list 'path label' (data.train_list=FILE, "
+                                 "with data.root=DIR for relative paths)")
+            lists = {"train": d.train_list, "val": d.val_list, "test": d.test_list}
+            rows = {s: _records(cfg, lists[s]) if lists[s] and s in splits else None for s in lists}
         out: dict[str, Dataset] = {}
         if "train" in splits:
-            out["train"] = _dataset(cfg, _records(cfg, d.train_list), "train")
-        if "val" in splits and d.val_list:
-            out["val"] = _dataset(cfg, _records(cfg, d.val_list), "test", num_clips=d.val_num_clips,
-                                  num_crops=d.val_num_crops)
-        if "test" in splits and d.test_list:
-            out["test"] = _dataset(cfg, _records(cfg, d.test_list), "test", num_clips=d.test_num_clips,
-                                   num_crops=d.test_num_crops)
+            out["train"] = _dataset(cfg, rows["train"], "train", split="train")
+        if "val" in splits and rows["val"] is not None:
+            out["val"] = _dataset(cfg, rows["val"], "test", num_clips=d.val_num_clips,
+                                  num_crops=d.val_num_crops, split="val")
+        if "test" in splits and rows["test"] is not None:
+            out["test"] = _dataset(cfg, rows["test"], "test", num_clips=d.test_num_clips,
+                                   num_crops=d.test_num_crops, split="test")
         return out
 
     def collate_fn(self, cfg: VideoFinetuneConfig) -> Callable[[list[Any]], Any] | None:
