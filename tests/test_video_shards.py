@@ -350,6 +350,7 @@ def test_tiny_finetuning_trains_and_evaluates_from_a_prepared_root(synth, prepar
     from mm3d.trainer import Trainer
 
     cfg = load_config(FINETUNE, [*TINY_FT, "model.num_classes=9", "data.format=shards", f"data.shards={prepared_root}",
+                                 "data.label_map=",
                                  "data.num_sample=1", "train.max_steps=2", "train.eval_every=0", "train.save_every=0",
                                  "train.select_on=last", f"output_dir={tmp_path}"])
     trainer = Trainer(cfg)
@@ -360,6 +361,7 @@ def test_tiny_finetuning_trains_and_evaluates_from_a_prepared_root(synth, prepar
     res = json.loads((tmp_path / "results.json").read_text())
     test = res["test"]
     assert test["num_samples"] == len(read_annotation_list(synth / "test.txt")) and test["num_missing"] == 0
+    assert "rotate_ccw" in (tmp_path / "test" / "per_class.csv").read_text()  # class names from the manifest
     with pytest.raises(ConfigError, match="the manifest names 9 classes, the model has num_classes=5"):
         cfg5 = load_config(FINETUNE, [*TINY_FT, "model.num_classes=5", "data.format=shards", f"data.shards={prepared_root}"])
         TASKS.get(cfg5.task).build_datasets(cfg5, ["train"])

@@ -610,6 +610,9 @@ class VideoMAEFinetuneTask(Task):
         ``predictions.json`` (video, label, top-5 with scores), ``per_class.csv`` and
         ``confusion.png`` in ``run_dir/<split>/``."""
         names = label_names(cfg)
+        manifest_classes = next((d.classes for d in datasets.values() if getattr(d, "classes", None)), None)
+        if not cfg.data.label_map and manifest_classes and len(manifest_classes) == cfg.model.num_classes:
+            names = list(manifest_classes)  # prepared shards name their classes
         files: list[Path] = []
         per_class = []
         for split, res in results.items():
