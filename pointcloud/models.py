@@ -33,17 +33,17 @@ from timm.layers import trunc_normal_
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from mm3d.checkpoint import load_checkpoint
+from mm3d.config import config_from_dict
 from mm3d.layers import init_trunc_normal, init_xavier, run_blocks, token_mask_count, vit_blocks
 from mm3d.masking import num_masked, point_mask
 from mm3d.pointcloud.checkpoints import load_encoder_checkpoint
 from mm3d.pointcloud.ops import chamfer_distance, farthest_point_sample, gather_points, knn
-from mm3d.registry import register_variant
 from mm3d.pointcloud.targets import CENTER_CODES, PointTarget, center_code, target_for_model
-from mm3d.config import config_from_dict
-from mm3d.checkpoint import load_checkpoint
+from mm3d.registry import register_variant
 from mm3d.targets import TargetConfig
-from mm3d.teacher import FrozenModule, load_frozen_teacher
 from mm3d.task import ModelOutput
+from mm3d.teacher import FrozenModule, load_frozen_teacher
 
 log = logging.getLogger(__name__)
 
