@@ -873,6 +873,9 @@ class Trainer:
         """
         cfg, accum = self.cfg, self.cfg.train.accum_steps
         self.train_sampler.set_epoch(epoch)
+        set_epoch = getattr(self.datasets["train"], "set_epoch", None)  # per-epoch item randomness (video)
+        if set_epoch is not None:
+            set_epoch(epoch)
         self.train_sampler.set_start(self.state.batch_in_epoch * cfg.train.batch_size)
         loader = self.loader("train", train=True)
         self.ddp_model.train()

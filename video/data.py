@@ -380,8 +380,9 @@ class VideoDataset(torch.utils.data.Dataset):
             raises :class:`~mm3d.datacheck.BadDataError` naming them. 0 fails on the first
             unreadable row. The count is per process: with DataLoader workers each worker counts
             the rows it met. :meth:`check_sample` reads a row without replacement.
-        seed: base seed of the per-process random stream (mixed with ``torch.initial_seed()``,
-            which DataLoader workers set per worker and epoch).
+        seed: base seed of the training items' random streams: item `i` of epoch `e` draws its
+            frames, crop and flip from (seed, e, i) alone (:meth:`set_epoch`), the same in any
+            loader worker and after a resume.
     """
 
     def __init__(self, records: Sequence[VideoRecord] | None, *, mode: Literal["train", "test"],
@@ -424,8 +425,7 @@ class VideoDataset(torch.utils.data.Dataset):
         self.max_failure_ratio = max_failure_ratio
         self.seed = seed
         self._budget = FailureBudget(len(self), max_failure_ratio, noun="videos", logger=log)
-        self._rng_key: tuple[int, int] | None = None
-        self._rng: np.random.Generator | None = None
+        self.epoch = 0
 
     def __len__(self) -> int:
         return len(self.records)
@@ -477,12 +477,16 @@ class VideoDataset(torch.utils.data.Dataset):
         except Exception as e:  # noqa: BLE001 - any reader failure is a bad sample
             raise VideoDecodeError(f"{record.path}: {type(e).__name__}: {e}") from e
 
-    def _stream(self) -> np.random.Generator:
-        key = (os.getpid(), torch.initial_seed())
-        if self._rng is None or key != self._rng_key:
-            self._rng_key = key
-            self._rng = np.random.default_rng([self.seed, key[1] % (2**63)])
-        return self._rng
+    def set_epoch(self, epoch: int) -> None:
+        """The training epoch (the trainer sets it before each epoch's loader): part of every item's
+        random stream, so each epoch draws new clips and crops."""
+        self.epoch = int(epoch)
+
+    def _stream(self, index: int = 0) -> np.random.Generator:
+        """Row `index`'s random stream this epoch: a function of (seed, epoch, index) only, so an
+        item's frames and crop do not depend on the loader worker that reads it, on how many items
+        that worker read before, or on where a resumed run restarted the epoch."""
+        return np.random.default_rng([self.seed, self.epoch, index])
 
     def frame_indices(self, num_frames: int, rng: np.random.Generator | None) -> np.ndarray:
         """(T,) train indices or (num_clips, T) test indices for a video of `num_frames`."""
@@ -505,7 +509,7 @@ class VideoDataset(torch.utils.data.Dataset):
             return src.get(self.frame_indices(src.num_frames, rng)), self.label(index, src)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        rng = self._stream() if self.mode == "train" else None
+        rng = self._stream(index) if self.mode == "train" else None
         i, (frames, label) = read_or_replace(index, len(self), lambda j: self._read(j, rng), self._budget,
                                              self.sample_source, errors=(VideoDecodeError,))
         gen = torch.Generator()
