@@ -311,34 +311,33 @@ def plan(path: str | Path, out: str | Path, args: argparse.Namespace | None = No
         if cfg is not None:
             before[name] = Run("before", None, 0, rd, cfg, f"before {name}")
     runs.extend(before.values())
-    for combo in expand_grid(spec.grid):
+    # seed-major: every combination's first seed (and its fine-tune) before any second seed, so a sweep
+    # stopped midway already has every combination in its table
+    for seed, combo in itertools.product(spec.seeds, expand_grid(spec.grid)):
         when = [o for cond, extra in spec.when.items() if combo.matches(cond) for o in extra]
         _check_not_sweep_keys(when, "sweep.when")
         needs = [before[n] for n in before if any(f"{{before.{n}}}" in o for o in when)]
-        pre_by_seed: dict[int, Run] = {}
-        for seed in spec.seeds:
-            rd = out / "pretrain" / combo.name / f"seed_{seed}"
-            label = f"pretrain {combo.name} seed {seed}"
-            cfg = load(label, lambda: _load_pretrain(
-                data, where, file, [*all_stages, *overrides, *combo.overrides, *_fill(when, places),
-                                    *_run_keys(rd, seed, f"pretrain_{combo.name}_s{seed}")]))
-            if cfg is None:
+        rd = out / "pretrain" / combo.name / f"seed_{seed}"
+        label = f"pretrain {combo.name} seed {seed}"
+        cfg = load(label, lambda: _load_pretrain(
+            data, where, file, [*all_stages, *overrides, *combo.overrides, *_fill(when, places),
+                                *_run_keys(rd, seed, f"pretrain_{combo.name}_s{seed}")]))
+        if cfg is None:
+            continue
+        pre = Run("pretrain", combo, seed, rd, cfg, label, needs=needs)
+        runs.append(pre)
+        for stage, cfg_path, extra, seeds in (("probe", spec.probe, spec.probe_overrides, spec.seeds),
+                                              ("finetune", spec.finetune, spec.finetune_overrides,
+                                               spec.finetune_seeds)):
+            if not cfg_path or seed not in seeds:
                 continue
-            pre = Run("pretrain", combo, seed, rd, cfg, label, needs=list(needs))
-            pre_by_seed[seed] = pre
-            runs.append(pre)
-            for stage, cfg_path, extra, seeds in (("probe", spec.probe, spec.probe_overrides, spec.seeds),
-                                                  ("finetune", spec.finetune, spec.finetune_overrides,
-                                                   spec.finetune_seeds)):
-                if not cfg_path or seed not in seeds:
-                    continue
-                srd = out / stage / combo.name / f"seed_{seed}"
-                slabel = f"{stage} {combo.name} seed {seed}"
-                scfg = load(slabel, lambda: load_config(cfg_path, [
-                    *all_stages, *_fill(extra, places), f"init={pre.checkpoint}",
-                    *_run_keys(srd, seed, f"{stage}_{combo.name}_s{seed}")]))
-                if scfg is not None:
-                    runs.append(Run(stage, combo, seed, srd, scfg, slabel, needs=[pre]))
+            srd = out / stage / combo.name / f"seed_{seed}"
+            slabel = f"{stage} {combo.name} seed {seed}"
+            scfg = load(slabel, lambda: load_config(cfg_path, [
+                *all_stages, *_fill(extra, places), f"init={pre.checkpoint}",
+                *_run_keys(srd, seed, f"{stage}_{combo.name}_s{seed}")]))
+            if scfg is not None:
+                runs.append(Run(stage, combo, seed, srd, scfg, slabel, needs=[pre]))
     if errors:
         raise ConfigError("the sweep's configs do not load; nothing was run:\n  " + "\n  ".join(errors))
     return spec, runs

@@ -55,9 +55,9 @@ def test_plan_gives_each_run_its_config_and_folder(tmp_path):
     assert labels == ["before base",
                       "pretrain dropout-0.0.lr-0.01 seed 0", "probe dropout-0.0.lr-0.01 seed 0",
                       "finetune dropout-0.0.lr-0.01 seed 0",
-                      "pretrain dropout-0.0.lr-0.01 seed 1", "probe dropout-0.0.lr-0.01 seed 1",
                       "pretrain dropout-0.3.lr-0.01 seed 0", "probe dropout-0.3.lr-0.01 seed 0",
-                      "finetune dropout-0.3.lr-0.01 seed 0",
+                      "finetune dropout-0.3.lr-0.01 seed 0",  # every combination's first seed first
+                      "pretrain dropout-0.0.lr-0.01 seed 1", "probe dropout-0.0.lr-0.01 seed 1",
                       "pretrain dropout-0.3.lr-0.01 seed 1", "probe dropout-0.3.lr-0.01 seed 1"]
     by = {r.label: r for r in runs}
     pre = by["pretrain dropout-0.3.lr-0.01 seed 1"]
@@ -168,3 +168,18 @@ def test_a_target_without_its_input_is_named_before_anything_runs(tmp_path):
     with pytest.raises(ConfigError, match=r"pretrain kind-teacher seed 0: .*model.target.checkpoint") as e:
         preflight(runs)
     assert "kind-points" not in str(e.value)
+
+
+@pytest.mark.parametrize("config, teacher", [("configs/video/videomae_sweep_demo.yaml", "pixel_teacher"),
+                                             ("configs/pointcloud/pointmae_sweep_demo.yaml", "points_teacher")])
+def test_shipped_demo_sweeps_plan_and_pass_the_checks(tmp_path, config, teacher):
+    spec, runs = plan(config, tmp_path / "out")
+    preflight(runs)  # every config loads, every model without a made input builds
+    assert len(spec.grid["model.target.kind"]) == 4 and len(spec.grid["model.mask_type"]) == 2
+    assert spec.seeds == [0, 1, 2] and spec.finetune_seeds == [0]
+    assert [r.stage for r in runs].count("pretrain") == 24 and [r.stage for r in runs].count("probe") == 24
+    assert [r.stage for r in runs].count("finetune") == 8 and runs[0].label == f"before {teacher}"
+    made = str(tmp_path / "out" / "before" / teacher / "checkpoints" / "last.pt")
+    for r in runs:
+        if r.stage == "pretrain":
+            assert (r.cfg.model.target.checkpoint == made) == (r.cfg.model.target.kind == "teacher")
