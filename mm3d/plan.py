@@ -44,7 +44,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
 from torch.multiprocessing.reductions import StorageWeakRef
-from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -178,7 +177,7 @@ class StepTrace:
     num_params: int
     largest_unit: int  # bytes (fp32) of the largest FSDP unit's parameters (a block)
     root: int  # bytes (fp32) of the parameters outside every unit
-    traced: str = "fake"  # "fake" (FakeTensorMode on the CPU) or "real" (real tensors)
+    traced: str = "fake"  # "fake" (FakeTensorMode) or "real" (real CPU tensors), then ", extrapolated ..." or not
 
 
 def _train_model(task: Any, cfg: Any, checkpointing: bool) -> nn.Module:
@@ -261,48 +260,75 @@ def run_step(model: nn.Module, batch: dict[str, torch.Tensor], cfg: Any, tracker
     return optimizer
 
 
-def trace_step(task: Any, cfg: Any, batch_size: int, *, checkpointing: bool = False) -> StepTrace:
-    """Trace one training step of `cfg`'s model at `batch_size` under FakeTensorMode (no memory)."""
+MAX_TRACED_BLOCKS = 8  # a model with more blocks is traced with fewer and extrapolated over its depth
+
+# fields of a StepTrace that grow linearly with the number of blocks
+_PER_BLOCK = ("params", "buffers", "grads", "optimizer", "activations", "copies", "fb_peak", "fb_grads", "fb_copies",
+              "opt_peak")
+
+
+def block_lists(model: nn.Module) -> list[tuple[nn.Module, nn.ModuleList]]:
+    """(parent, list) of every ``nn.ModuleList`` attribute named ``blocks`` (the block stacks FSDP shards)."""
+    return [(parent, child) for parent in model.modules() for name, child in parent.named_children()
+            if name == "blocks" and isinstance(child, nn.ModuleList)]
+
+
+def trace_step(task: Any, cfg: Any, batch_size: int, *, checkpointing: bool = False,
+               max_blocks: int = MAX_TRACED_BLOCKS) -> StepTrace:
+    """Trace one training step of `cfg`'s model at `batch_size` (no memory is used).
+
+    A model with more than `max_blocks` transformer blocks is traced with one block per stack, then with one
+    stack at two blocks (for each stack), and every byte count is extrapolated linearly over the real depths
+    (the blocks of a stack are identical, so each adds the same bytes); the parameter facts come from the full
+    model. A model whose forward needs all its blocks (a head reading given block outputs) is traced whole.
+    """
     model = _train_model(task, cfg, checkpointing)
-    largest, root = _unit_bytes(model)
-    num_params = sum(p.numel() for p in model.parameters())
-    tracker = LiveMemory()
-    try:
-        with FakeTensorMode(allow_non_fake_inputs=True):
-            model = model.to_empty(device="cpu").train()
-            batch = example_batch(task.preprocessing(cfg), batch_size)
-            optimizer = run_step(_register(tracker, model, batch), batch, cfg, tracker)
-            return _summarise(tracker, model, optimizer, cfg, batch_size, checkpointing, num_params, largest, root,
-                              "fake")
-    except DataDependentOutputException:
-        # the step reads a value back to the host (e.g. a mask count checked on the CPU): trace it on the meta
-        # device instead, where no kernel checks values, with the CPU's flash attention; fp32 (no autocast there)
+    depths = [len(blocks) for _, blocks in block_lists(model)]
+    if sum(depths) > max_blocks and min(depths) >= 2:
+        try:
+            base = _trace(task, cfg, batch_size, checkpointing, [1] * len(depths))
+            grown = [_trace(task, cfg, batch_size, checkpointing, [2 if j == i else 1 for j in range(len(depths))])
+                     for i in range(len(depths))]
+        except (IndexError, KeyError, ValueError, RuntimeError):  # e.g. a head reading blocks the shallow copy lacks
+            return _trace(task, cfg, batch_size, checkpointing, None)
+        sizes = {k: getattr(base, k) + sum((d - 1) * (getattr(g, k) - getattr(base, k)) for d, g in zip(depths, grown))
+                 for k in _PER_BLOCK}
+        largest, root = _unit_bytes(model)
+        return replace(base, **sizes, num_params=sum(p.numel() for p in model.parameters()), largest_unit=largest,
+                       root=root, traced=f"{base.traced}, extrapolated over depths {depths}")
+    return _trace(task, cfg, batch_size, checkpointing, None)
+
+
+def _trace(task: Any, cfg: Any, batch_size: int, checkpointing: bool, depths: list[int] | None) -> StepTrace:
+    """One traced step; `depths`: keep that many blocks of each block stack (None: all).
+
+    Under FakeTensorMode first. A step that reads a tensor's value on the host (part segmentation checks its
+    category labels), which a fake tensor has none of, is traced with real tensors on the CPU instead: the
+    same counting, but it allocates what it counts (kept small by the depth extrapolation).
+    """
+    for medium in ("fake", "real"):
         model = _train_model(task, cfg, checkpointing)
+        if depths is not None:
+            for (parent, blocks), d in zip(block_lists(model), depths):
+                parent.blocks = nn.ModuleList(list(blocks)[:d])
+        largest, root = _unit_bytes(model)
+        num_params = sum(p.numel() for p in model.parameters())
         tracker = LiveMemory()
-        fp32 = replace(cfg, train=replace(cfg.train, precision="fp32"))
-        # a block recomputed under activation checkpointing would not see the mode (and save other tensors than
-        # its forward did): with checkpointing the meta trace keeps the math attention (an upper bound)
-        with _FlashOnMeta() if not checkpointing else contextlib.nullcontext():
-            model = model.train()
-            batch = example_batch(task.preprocessing(cfg), batch_size, device="meta")
-            optimizer = run_step(_register(tracker, model, batch), batch, fp32, tracker)
-            return _summarise(tracker, model, optimizer, fp32, batch_size, checkpointing, num_params, largest, root,
-                              "meta")
-
-
-class _FlashOnMeta(TorchFunctionMode):
-    """Routes ``F.scaled_dot_product_attention`` on meta tensors to the CPU flash kernel (whose meta version
-    exists), instead of the math path the meta device otherwise takes (it would save the L x L weights)."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 (torch's signature)
-        kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention and args[0].device.type == "meta" \
-                and kwargs.get("attn_mask") is None and len(args) == 3:
-            q, k, v = args
-            return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                q, k, v, dropout_p=kwargs.get("dropout_p", 0.0), is_causal=kwargs.get("is_causal", False),
-                scale=kwargs.get("scale"))[0]
-        return func(*args, **kwargs)
+        try:
+            with FakeTensorMode(allow_non_fake_inputs=True) if medium == "fake" else contextlib.nullcontext():
+                model = model.to_empty(device="cpu").train()
+                if medium == "real":  # values a real step computes with (to_empty leaves memory uninitialised)
+                    torch.manual_seed(0)
+                    for m in model.modules():
+                        if hasattr(m, "reset_parameters"):
+                            m.reset_parameters()
+                batch = example_batch(task.preprocessing(cfg), batch_size)
+                optimizer = run_step(_register(tracker, model, batch), batch, cfg, tracker)
+                return _summarise(tracker, model, optimizer, cfg, batch_size, checkpointing, num_params, largest,
+                                  root, medium)
+        except DataDependentOutputException:
+            continue
+    raise AssertionError("unreachable: a real step can read its values")
 
 
 def _register(tracker: LiveMemory, model: nn.Module, batch: dict[str, torch.Tensor]) -> nn.Module:
@@ -442,13 +468,11 @@ class Planner:
 
     def largest_batch(self, strategy: Strategy, gpus: int, checkpointing: bool, budget: int, *, ema: bool,
                       limit: int = 1 << 16) -> int:
-        """The largest per-GPU batch whose estimate fits `budget` (0: not even batch 1), confirmed by a
-        trace at that batch."""
-        def fits(b: int, exact: bool = False) -> bool:
-            t = self.trace(b, checkpointing) if exact else self.at(b, checkpointing)
-            return estimate(t, strategy, gpus, ema=ema, budget=budget).fits
+        """The largest per-GPU batch whose estimate fits `budget` (0: not even the traced batch 1)."""
+        def fits(b: int) -> bool:
+            return estimate(self.at(b, checkpointing), strategy, gpus, ema=ema, budget=budget).fits
 
-        if not fits(1, exact=True):
+        if not fits(1):
             return 0
         lo, hi = 1, 2
         while hi <= limit and fits(hi):
@@ -457,8 +481,6 @@ class Planner:
         while hi - lo > 1:  # largest lo that fits, smallest hi that does not
             mid = (lo + hi) // 2
             lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-        while lo > 1 and not fits(lo, exact=True):  # the traced step decides
-            lo -= max(1, lo // 16)
         return lo
 
 
@@ -500,7 +522,23 @@ def make_plan(cfg: Any, *, config: str, gpus: int, gpu_mem_gib: float, headroom:
                 num_params=planner.trace(1, False).num_params, precision=cfg.train.precision, gpus=gpus,
                 gpu_mem_gib=gpu_mem_gib, budget=budget, total_batch=total, per_sample_activations=per_sample,
                 estimates=estimates, largest_batch=largest,
-                suggestion=suggest(largest, cfg.train.batch_size, total, gpus, ema), notes=notes)
+                suggestion=checked_suggestion(planner, largest, total, gpus, ema, budget), notes=notes)
+
+
+def checked_suggestion(planner: Planner, largest: dict[str, int], total: int, gpus: int, ema: bool, budget: int
+                       ) -> dict[str, Any]:
+    """:func:`suggest`, with the suggested step traced at its batch; while that trace does not fit, the
+    option's largest batch is lowered by one and the suggestion made again."""
+    largest = dict(largest)
+    while True:
+        s = suggest(largest, planner.cfg.train.batch_size, total, gpus, ema)
+        if s.get("strategy") is None:
+            return s
+        strategy = "fsdp" if s["strategy"] == "fsdp" else "ddp"
+        e = estimate(planner.trace(s["batch_size"], s["grad_checkpointing"]), strategy, gpus, ema=ema, budget=budget)
+        if e.fits:
+            return {**s, "traced_total_gib": round(e.total / GIB, 2)}
+        largest[_option(strategy, s["grad_checkpointing"])] = s["batch_size"] - 1
 
 
 def _option(strategy: str, checkpointing: bool) -> str:
