@@ -55,7 +55,9 @@ import json
 import logging
 import math
 import re
+import shlex
 import statistics
+import sys
 import time
 import traceback
 from dataclasses import dataclass, field, replace
@@ -466,10 +468,11 @@ def table_rows(spec: SweepSpec, runs: list[Run]) -> list[dict[str, Any]]:
     rows = []
     for combo in expand_grid(spec.grid):
         mine = [r for r in runs if r.combination == combo]
-        row: dict[str, Any] = {"combination": combo.name, **{k: v for k, v in combo.values}, "problems": []}
+        row: dict[str, Any] = {"combination": combo.name, **{k: v for k, v in combo.values}, "problems": [],
+                               "pending": sum(r.status == "pending" for r in mine)}
         probe: dict[int, float] = {}
         for r in mine:
-            if r.status in ("failed", "skipped", "pending"):
+            if r.status in ("failed", "skipped"):
                 row["problems"].append(f"{r.stage} seed {r.seed}: {r.status}" + (f" ({r.error})" if r.error else ""))
                 continue
             try:
@@ -501,14 +504,15 @@ def _cell(text: str) -> str:
 def table_markdown(spec: SweepSpec, rows: list[dict[str, Any]]) -> str:
     keys = list(spec.grid)
     head = [*keys, f"probe {spec.probe_metric} (mean ± std, n)", f"fine-tune {spec.finetune_metric}",
-            "pretrain samples/s", "pretrain final loss", "failed / skipped"]
+            "pretrain samples/s", "pretrain final loss", "failed / skipped / not run yet"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         probe = (f"{_num(r['probe_mean'])} ± {_num(r['probe_std'])} (n={r['probe_n']})" if r["probe_n"]
                  else f"– (n=0)")
         lines.append("| " + " | ".join([*(_cell(_value_text(r[k])) for k in keys), probe, _num(r["finetune_mean"]),
                                         _num(r["samples_per_s"], ".1f"), _num(r["final_loss"]),
-                                        _cell("; ".join(r["problems"])) or "–"]) + " |")
+                                        _cell("; ".join([*r["problems"], *([f"{r['pending']} runs not run yet"]
+                                                                           if r["pending"] else [])])) or "–"]) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -583,9 +587,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    import shlex
-    import sys
-
     summary = run_sweep(args.config, args.out, args, args.overrides, command="mm3d " + shlex.join(sys.argv[1:]))
     return 1 if any(r["status"] in ("failed", "skipped") for r in summary["runs"]) else 0
 
