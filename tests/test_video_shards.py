@@ -365,3 +365,17 @@ def test_tiny_finetuning_trains_and_evaluates_from_a_prepared_root(synth, prepar
     with pytest.raises(ConfigError, match="the manifest names 9 classes, the model has num_classes=5"):
         cfg5 = load_config(FINETUNE, [*TINY_FT, "model.num_classes=5", "data.format=shards", f"data.shards={prepared_root}"])
         TASKS.get(cfg5.task).build_datasets(cfg5, ["train"])
+
+
+def test_data_check_lists_a_broken_shard_sample_by_shard_and_key(prepared, tmp_path):
+    good = list(_members(prepared).items())[:2]
+    out = _hand_made(tmp_path / "s", [good[0], ("000001_broken", {"mp4": b"garbage", "json": b'{"label": 1}'}),
+                                      good[1]])
+    report = tmp_path / "check.json"
+    code = cli_main(["data", "check", PRETRAIN, *TINY, "data.format=shards", f"data.shards={out}",
+                     "--report", str(report)])
+    assert code == 1
+    train = json.loads(report.read_text())["train"]
+    assert train["samples"] == 3 and train["errors"] == 1
+    (bad,) = train["bad"]
+    assert bad["file"] == str(out / "shard-000000.tar") and bad["line"] == "key 000001_broken"
