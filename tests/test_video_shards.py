@@ -362,6 +362,8 @@ def test_tiny_finetuning_trains_and_evaluates_from_a_prepared_root(synth, prepar
     test = res["test"]
     assert test["num_samples"] == len(read_annotation_list(synth / "test.txt")) and test["num_missing"] == 0
     assert "rotate_ccw" in (tmp_path / "test" / "per_class.csv").read_text()  # class names from the manifest
+    predictions = (tmp_path / "test" / "predictions.json").read_text()
+    assert "shard-000000.tar:000008_static_test_000" in predictions  # each video named by shard and key
     with pytest.raises(ConfigError, match="the manifest names 9 classes, the model has num_classes=5"):
         cfg5 = load_config(FINETUNE, [*TINY_FT, "model.num_classes=5", "data.format=shards", f"data.shards={prepared_root}"])
         TASKS.get(cfg5.task).build_datasets(cfg5, ["train"])

@@ -619,9 +619,10 @@ class VideoMAEFinetuneTask(Task):
             art = (res.artifacts or {}).get("classification")
             if not isinstance(art, ClassificationResult):
                 continue
-            records = getattr(datasets.get(split), "records", None)
-            files += write_classification_split(run_dir, split, art, names,
-                                                sample_ids=[r.path for r in records] if records else None)
+            ds = datasets.get(split)
+            records = getattr(ds, "records", None)
+            ids = [r.path for r in records] if records else (ds.sample_ids() if hasattr(ds, "sample_ids") else None)
+            files += write_classification_split(run_dir, split, art, names, sample_ids=ids)
             if split == "test":
                 per_class.append(per_class_markdown(art.confusion, names, split))
         files.append(write_results_md(run_dir, f"{cfg.name} ({cfg.task})", self.run_info(cfg, datasets),

@@ -409,6 +409,10 @@ class VideoShardDataset(VideoDataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def sample_ids(self) -> list[str]:
+        """``"<shard file name>:<key>"`` of every sample (the key holds the source's file stem), for reports."""
+        return [f"{Path(url).name}:{key}" for url, key in map(self.samples.source, range(len(self)))]
+
     def sample_source(self, index: int) -> tuple[str, str]:
         """``(shard file, "key <sample key>")`` of sample `index`."""
         url, key = self.samples.source(index)
