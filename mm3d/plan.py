@@ -4,7 +4,7 @@ strategy that fit a given GPU.
 How it estimates. Nothing is guessed from a formula: one training step (forward, backward, the
 optimizer's first step) of the config's own model, at the config's input size, runs under torch's
 ``FakeTensorMode`` on the CPU. Fake tensors carry shapes, dtypes and storages but no memory, so a
-ViT-g step at batch 64 is traced on a laptop in seconds, through the same kernels a real step calls:
+ViT-g step at batch 64 is traced on a laptop, through the same kernels a real step calls:
 the CPU's flash attention (which, like CUDA's flash and memory-efficient kernels, saves q, k, v, the
 output and the log-sum-exp, never the L x L matrix), ``torch.autocast`` for bf16/fp16 (weights stay
 fp32: autocast keeps low-precision copies of them for the step, and the optimizer updates the fp32
@@ -14,12 +14,19 @@ freed, which gives the live bytes after every operator and their peak, split int
 buffers, gradients, optimizer state, autocast's weight copies and the rest (activations and
 temporaries).
 
+A model with more than ``MAX_TRACED_BLOCKS`` blocks is traced with one block per stack (encoder,
+decoder), then with one stack at two blocks, and every count is extrapolated over the real depths:
+the blocks of a stack are identical, so each adds the same bytes (the tests check this against the
+whole trace). A step that reads a tensor's value on the host (part segmentation checks its category
+labels), which fake tensors cannot give, is traced with real tensors on the CPU instead.
+
 Multi-GPU strategies are the traced single-process step with what a strategy changes, per GPU:
 
 - ``ddp``: a full replica, plus DDP's gradient buckets (a second copy of the gradients; DDP is built
   with ``gradient_as_bucket_view=False``);
 - ``fsdp``: parameters, gradients and optimizer state divided by the GPU count, plus the gathered
-  parameters of two blocks (the one running and the one prefetched) in the compute dtype, the
+  parameters of two blocks (the one running and the one prefetched; all blocks when
+  ``train.fsdp_reshard_after_forward`` is false) in the compute dtype, the
   unsharded gradients of one block before its reduce-scatter, and the unsharded root (what is not in a
   block); autocast makes no weight copies (FSDP2's ``param_dtype`` gathers bf16 weights); activations
   as one process.
@@ -138,6 +145,24 @@ class LiveMemory(TorchDispatchMode):
         i = max(range(lo, hi), key=self.timeline.__getitem__)
         return self.timeline[i], i
 
+    def ids_of(self, kind: str) -> set[int]:
+        return {a for a, k in self.kinds.items() if k == kind}
+
+    def peak_without(self, start: str, end: str, ids: set[int]) -> int:
+        """The peak live bytes between two marks not counting the allocations in `ids`."""
+        lo, hi = self.phases[start], self.phases[end]
+        delta = [0] * (len(self.timeline) + 1)
+        for a in ids:
+            delta[self.births[a]] += self.sizes[a]
+            if self.deaths[a] is not None:
+                delta[self.deaths[a]] -= self.sizes[a]
+        excluded, best = 0, 0
+        for i in range(hi):
+            excluded += delta[i]
+            if i >= lo:
+                best = max(best, self.timeline[i] - excluded)
+        return best
+
     def alive_at(self, index: int, ids: Iterable[int] | None = None, kind: str | None = None) -> int:
         """Bytes of the allocations (all, those in `ids`, or those of `kind`) alive at operator `index`."""
         pool = ids if ids is not None else (a for a, k in self.kinds.items() if k == kind) if kind else \
@@ -157,8 +182,10 @@ class StepTrace:
     params/buffers/grads/optimizer: the parameters, buffers, gradients after backward and optimizer
     state after the step. activations: what the forward left alive for the backward beyond the
     parameters (saved tensors, outputs, the input batch, autocast's weight copies). fb_peak: the peak
-    during forward + backward, with fb_grads of gradients and fb_copies of autocast weight copies
-    alive at that moment. opt_peak: the peak during the optimizer step (its temporaries included).
+    during forward + backward, with fb_grads of gradients alive at that moment. fb_sharded: the peak
+    during forward + backward of what FSDP does not shard or replace (all but parameters, buffers,
+    gradients and autocast's weight copies): the activations and temporaries of an FSDP rank.
+    opt_peak: the peak during the optimizer step (its temporaries included).
     """
 
     batch_size: int
@@ -172,7 +199,7 @@ class StepTrace:
     copies: int
     fb_peak: int
     fb_grads: int
-    fb_copies: int
+    fb_sharded: int
     opt_peak: int
     num_params: int
     largest_unit: int  # bytes (fp32) of the largest FSDP unit's parameters (a block)
@@ -193,7 +220,8 @@ def example_batch(preprocessing: dict[str, Any], batch_size: int, device: torch.
     """A training batch of the task's preprocessing: the input (``shape``; points inside the unit
     sphere for clouds, normal values otherwise) and each ``extra_inputs`` entry (zeros)."""
     if not preprocessing.get("input") or not preprocessing.get("shape"):
-        raise NotImplementedError("the task does not state its input (Task.preprocessing), so its step cannot be traced")
+        raise NotImplementedError("the task does not state its input (Task.preprocessing), so its step cannot be "
+                                  "traced")
     shape = [batch_size, *preprocessing["shape"]]
     if preprocessing["input"] == "points":
         x = torch.rand(shape, device=device) * 2 - 1
@@ -202,8 +230,8 @@ def example_batch(preprocessing: dict[str, Any], batch_size: int, device: torch.
         x = torch.randn(shape, device=device)
     batch = {preprocessing["input"]: x}
     for name, spec in (preprocessing.get("extra_inputs") or {}).items():
-        batch[name] = torch.zeros([batch_size, *spec.get("shape", [])], dtype=getattr(torch, spec.get("dtype", "int64")),
-                                  device=device)
+        dtype = getattr(torch, spec.get("dtype", "int64"))
+        batch[name] = torch.zeros([batch_size, *spec.get("shape", [])], dtype=dtype, device=device)
     return batch
 
 
@@ -263,7 +291,7 @@ def run_step(model: nn.Module, batch: dict[str, torch.Tensor], cfg: Any, tracker
 MAX_TRACED_BLOCKS = 8  # a model with more blocks is traced with fewer and extrapolated over its depth
 
 # fields of a StepTrace that grow linearly with the number of blocks
-_PER_BLOCK = ("params", "buffers", "grads", "optimizer", "activations", "copies", "fb_peak", "fb_grads", "fb_copies",
+_PER_BLOCK = ("params", "buffers", "grads", "optimizer", "activations", "copies", "fb_peak", "fb_grads", "fb_sharded",
               "opt_peak")
 
 
@@ -358,7 +386,8 @@ def _summarise(tracker: LiveMemory, model: nn.Module, optimizer: torch.optim.Opt
         buffers=buffers, grads=grads, optimizer=opt_bytes,
         activations=tracker.timeline[tracker.phases["backward"]] - start,
         copies=tracker.alive_at(tracker.phases["backward"], kind="copy"),
-        fb_peak=fb_peak, fb_grads=tracker.alive_at(at, ids=set(grad_ids)), fb_copies=tracker.alive_at(at, kind="copy"),
+        fb_peak=fb_peak, fb_grads=tracker.alive_at(at, ids=set(grad_ids)),
+        fb_sharded=tracker.peak_without("forward", "grads", set(grad_ids) | tracker.ids_of("copy")) - params - buffers,
         opt_peak=opt_peak, num_params=num_params, largest_unit=largest, root=root, traced=traced)
 
 
@@ -387,7 +416,8 @@ class Estimate:
     fits: bool
 
 
-def estimate(trace: StepTrace, strategy: Strategy, gpus: int, *, ema: bool, budget: int) -> Estimate:
+def estimate(trace: StepTrace, strategy: Strategy, gpus: int, *, ema: bool, budget: int,
+             reshard_after_forward: bool = True) -> Estimate:
     """The per-GPU bytes of `trace`'s step under `strategy` on `gpus` GPUs (see the module docstring)."""
     t = trace
     ema_bytes = t.params + t.buffers if ema else 0
@@ -395,11 +425,13 @@ def estimate(trace: StepTrace, strategy: Strategy, gpus: int, *, ema: bool, budg
     n = gpus if strategy == "fsdp" else 1
     bucket = t.grads if strategy == "ddp" and gpus > 1 else 0
     # the forward/backward peak of one process, without what a strategy divides or replaces
-    fb_other = t.fb_peak - t.params - t.buffers - t.fb_grads - (t.fb_copies if strategy == "fsdp" else 0)
+    # the forward/backward peak without what a strategy divides or replaces (FSDP: its own peak moment)
+    fb_other = t.fb_sharded if strategy == "fsdp" else t.fb_peak - t.params - t.buffers - t.fb_grads
     opt_temps = t.opt_peak - t.params - t.buffers - t.grads - t.optimizer
     if strategy == "fsdp":
         low = 2 if amp_dtype(t.precision) is not None else 4
-        gathered = 2 * t.largest_unit * low // 4 + t.largest_unit + t.root * low // 4  # 2 blocks, 1 block's grads, root
+        held = 2 * t.largest_unit if reshard_after_forward else t.params - t.root  # 2 blocks, or all of them
+        gathered = (held + t.root) * low // 4 + t.largest_unit  # in the compute dtype; one block's fp32 grads
         fb_grads = math.ceil(t.grads / n)
     else:
         gathered = bucket
@@ -443,6 +475,7 @@ class Planner:
 
     def __init__(self, task: Any, cfg: Any) -> None:
         self.task, self.cfg = task, cfg
+        self.reshard = bool(getattr(cfg.train, "fsdp_reshard_after_forward", True))
         self._traces: dict[tuple[int, bool], StepTrace] = {}
 
     def trace(self, batch_size: int, checkpointing: bool) -> StepTrace:
@@ -463,14 +496,15 @@ class Planner:
             return self._traces[(batch_size, checkpointing)]
         w = (batch_size - a.batch_size) / (b.batch_size - a.batch_size)
         mix = {k: round(getattr(a, k) + w * (getattr(b, k) - getattr(a, k)))
-               for k in ("activations", "fb_peak", "fb_grads", "fb_copies", "opt_peak", "copies")}
+               for k in ("activations", "fb_peak", "fb_grads", "fb_sharded", "opt_peak", "copies")}
         return replace(a, batch_size=batch_size, **mix)
 
     def largest_batch(self, strategy: Strategy, gpus: int, checkpointing: bool, budget: int, *, ema: bool,
                       limit: int = 1 << 16) -> int:
         """The largest per-GPU batch whose estimate fits `budget` (0: not even the traced batch 1)."""
         def fits(b: int) -> bool:
-            return estimate(self.at(b, checkpointing), strategy, gpus, ema=ema, budget=budget).fits
+            return estimate(self.at(b, checkpointing), strategy, gpus, ema=ema, budget=budget,
+                            reshard_after_forward=self.reshard).fits
 
         if not fits(1):
             return 0
@@ -495,7 +529,8 @@ def make_plan(cfg: Any, *, config: str, gpus: int, gpu_mem_gib: float, headroom:
         raise UserError(f"--headroom must lie in [0, 1), got {headroom}")
     task = TASKS.get(cfg.task)
     if getattr(type(cfg), "trains_nothing", False):
-        raise UserError(f"task {cfg.task!r} runs no training step (it fits a probe on frozen features): nothing to plan")
+        raise UserError(f"task {cfg.task!r} runs no training step (it fits a probe on frozen features): "
+                        f"nothing to plan")
     planner = Planner(task, cfg)
     budget = int(gpu_mem_gib * GIB * (1 - headroom))
     ema = bool(cfg.train.ema)
@@ -511,11 +546,15 @@ def make_plan(cfg: Any, *, config: str, gpus: int, gpu_mem_gib: float, headroom:
         per_sample["checkpointing" if ckpt else "plain"] = round((b.activations - a.activations)
                                                                  / (b.batch_size - a.batch_size))
         for s in strategies:
-            estimates.append(estimate(planner.at(cfg.train.batch_size, ckpt), s, gpus, ema=ema, budget=budget))
+            estimates.append(estimate(planner.at(cfg.train.batch_size, ckpt), s, gpus, ema=ema, budget=budget,
+                                      reshard_after_forward=planner.reshard))
             largest[_option(s, ckpt)] = planner.largest_batch(s, gpus, ckpt, budget, ema=ema)
-    notes = [f"bf16/fp16 autocast: weights, gradients and AdamW moments stay fp32; autocast adds low-precision "
-             f"weight copies for the step" if amp_dtype(cfg.train.precision) is not None else
+    notes = ["bf16/fp16 autocast: weights, gradients and AdamW moments stay fp32; autocast adds low-precision "
+             "weight copies for the step" if amp_dtype(cfg.train.precision) is not None else
              "fp32: weights, gradients and AdamW moments fp32"]
+    how = planner.trace(1, False).traced
+    notes.append(f"traced: {'FakeTensorMode (no memory used)' if how.startswith('fake') else 'real tensors on the CPU'}"
+                 + (how[how.index(','):] if ',' in how else ""))
     if ema and gpus > 1:
         notes.append("train.ema keeps a full fp32 copy of the model on every GPU (strategy=fsdp refuses EMA)")
     return Plan(config=config, task=cfg.task, variant=getattr(getattr(cfg, "model", None), "variant", "") or "",
@@ -535,7 +574,8 @@ def checked_suggestion(planner: Planner, largest: dict[str, int], total: int, gp
         if s.get("strategy") is None:
             return s
         strategy = "fsdp" if s["strategy"] == "fsdp" else "ddp"
-        e = estimate(planner.trace(s["batch_size"], s["grad_checkpointing"]), strategy, gpus, ema=ema, budget=budget)
+        e = estimate(planner.trace(s["batch_size"], s["grad_checkpointing"]), strategy, gpus, ema=ema, budget=budget,
+                     reshard_after_forward=planner.reshard)
         if e.fits:
             return {**s, "traced_total_gib": round(e.total / GIB, 2)}
         largest[_option(strategy, s["grad_checkpointing"])] = s["batch_size"] - 1
@@ -558,8 +598,8 @@ def suggest(largest: dict[str, int], batch_size: int, total: int, gpus: int, ema
         fit = ckpt if use_ckpt else plain
         accum = math.ceil(total / (gpus * fit))
         per_gpu = math.ceil(total / (gpus * accum))
-        why = (f"a full replica fits ({'with' if use_ckpt else 'without'} activation checkpointing)" if strategy == "ddp"
-               else f"a replica does not fit; sharded over {gpus} GPUs it does"
+        why = (f"a full replica fits ({'with' if use_ckpt else 'without'} activation checkpointing)"
+               if strategy == "ddp" else f"a replica does not fit; sharded over {gpus} GPUs it does"
                + (" with activation checkpointing" if use_ckpt else ""))
         return {"strategy": strategy if gpus > 1 else "single", "grad_checkpointing": use_ckpt,
                 "batch_size": per_gpu, "accum_steps": accum, "total_batch": per_gpu * accum * gpus,
@@ -588,13 +628,15 @@ def format_plan(plan: Plan) -> str:
              "activations per sample: " + ", ".join(f"{k} {v / 2**20:,.1f} MiB"
                                                     for k, v in plan.per_sample_activations.items()),
              "",
-             f"GiB per GPU at batch {plan.estimates[0].batch_size} per GPU (peak of forward/backward or optimizer step):",
+             f"GiB per GPU at batch {plan.estimates[0].batch_size} per GPU (peak of forward/backward or optimizer "
+             f"step):",
              f"  {'strategy':24s} {'params':>7s} {'grads':>7s} {'optim':>7s} {'ema':>6s} {'activ.':>7s} "
              f"{'comm':>6s} {'total':>7s}  fits  largest batch"]
     for e in plan.estimates:
         opt = _option(e.strategy, e.checkpointing)
         lines.append(f"  {opt:24s} {_gib(e.params):>7s} {_gib(e.grads):>7s} {_gib(e.optimizer):>7s} {_gib(e.ema):>6s} "
-                     f"{_gib(e.activations):>7s} {_gib(e.comm):>6s} {_gib(e.total):>7s}  {'yes' if e.fits else 'NO ':4s}"
+                     f"{_gib(e.activations):>7s} {_gib(e.comm):>6s} {_gib(e.total):>7s}  "
+                     f"{'yes' if e.fits else 'NO ':4s}"
                      f"  {plan.largest_batch[opt] or '-'}")
     s = plan.suggestion
     lines.append("")

@@ -5,8 +5,8 @@ free of the CPU allocator (``[memory]`` events with signed byte counts), includi
 kernels allocate internally, which the plan's dispatch-level trace cannot see. The bytes alive before a
 phase (parameters, buffers, the batch; then the saved activations; then the gradients) plus the largest
 running sum of a phase's events is that phase's peak. The tolerances: parameters, gradients and optimizer
-state exact (the same storages); activations and peaks within 10% (what differs are kernels' internal
-scratch buffers and the allocator's rounding).
+state exact (the same storages); activations and peaks within 5% (measured: within 3%; what differs are
+kernels' internal scratch buffers and the allocator's rounding).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from mm3d.trainer import build_optimizer
 
 load_modalities()
 
-TOLERANCE = 0.10
+TOLERANCE = 0.05
 
 
 def _storage_bytes(tensors) -> int:
@@ -142,7 +142,6 @@ VIT_G = ["model.embed_dim=1408", "model.depth=40", "model.num_heads=16", "model.
          "model.patch_size=14"]  # ViT-g/14 (VideoMAE V2): 1408 wide, 40 blocks, MLP 6144, 8 x 16 x 16 tokens
 
 
-@pytest.mark.slow
 def test_vit_g_does_not_fit_ddp_at_batch_1_but_fsdp_does():
     """The issue: ViT-g runs out of memory at batch 1 under DDP. Fine-tuning ViT-g/14 in bf16 on 24 GiB GPUs:
     a replica (fp32 weights, gradients, DDP buckets, AdamW moments: 20 bytes a parameter) leaves too little."""
@@ -155,7 +154,11 @@ def test_vit_g_does_not_fit_ddp_at_batch_1_but_fsdp_does():
     fsdp = estimate(one, "fsdp", 8, ema=False, budget=budget)
     assert ddp.params + ddp.optimizer + ddp.comm >= 16 * one.num_params  # 4 + 8 + 4 bytes a parameter
     assert not ddp.fits and fsdp.fits
-    assert estimate(planner.trace(1, True), "fsdp", 8, ema=False, budget=budget).total < fsdp.total
+    ckpt = planner.trace(1, True)
+    fsdp_ckpt = estimate(ckpt, "fsdp", 8, ema=False, budget=budget)
+    assert fsdp_ckpt.total < fsdp.total
+    # a replica's peak comes late in the backward (its gradients); an FSDP rank's at the end of the forward
+    assert fsdp_ckpt.activations >= ckpt.activations > estimate(ckpt, "ddp", 8, ema=False, budget=budget).activations
 
 
 def test_cli_json(capsys):
