@@ -544,11 +544,24 @@ def write_summary(out: Path, spec: SweepSpec, runs: list[Run], command: str) -> 
 
 
 def run_sweep(path: str | Path, out: str | Path, args: argparse.Namespace | None = None,
-              overrides: Sequence[str] = (), command: str = "") -> dict[str, Any]:
-    """Plan, check, run (or reuse) every run, and write ``sweep.json`` / ``sweep.md``; returns the summary."""
+              overrides: Sequence[str] = (), command: str = "", *, report_only: bool = False) -> dict[str, Any]:
+    """Plan, check, run (or reuse) every run, and write ``sweep.json`` / ``sweep.md``; returns the summary.
+
+    `report_only`: run nothing; tabulate the runs that finished (``results.json``) and those that failed
+    (``sweep_error.txt``), the others as not run yet."""
     load_modalities()
     out = Path(out)
     spec, runs = plan(path, out, args, overrides)
+    if report_only:
+        for r in runs:
+            if (r.run_dir / "results.json").is_file():
+                r.status, r.results = "reused", json.loads((r.run_dir / "results.json").read_text())
+            elif (r.run_dir / "sweep_error.txt").is_file():  # the last line of its traceback: the error
+                lines = [ln for ln in (r.run_dir / "sweep_error.txt").read_text().splitlines() if ln.strip()]
+                r.status, r.error = "failed", lines[-1] if lines else "failed"
+        summary = write_summary(out, spec, runs, command or f"mm3d sweep {path} --out {out}")
+        print(table_markdown(spec, summary["table"]))
+        return summary
     preflight(runs)
     command = command or f"mm3d sweep {path} --out {out}"
     log.info("sweep: %d combinations x %d seeds: %d runs into %s", len(expand_grid(spec.grid)), len(spec.seeds),
@@ -582,12 +595,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--probe-set", dest="probe_set", action="extend", nargs="+", default=[], metavar="K=V", help="probe config overrides")
     p.add_argument("--finetune-set", dest="finetune_set", action="extend", nargs="+", default=[], metavar="K=V",
                    help="fine-tune config overrides")
+    p.add_argument("--report-only", dest="report_only", action="store_true",
+                   help="run nothing: write the table of the runs that finished so far")
     p.add_argument("--all-stages", dest="all_stages", action="extend", nargs="+", default=[], metavar="K=V",
                    help="overrides for every stage (e.g. train.device=cpu)")
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    summary = run_sweep(args.config, args.out, args, args.overrides, command="mm3d " + shlex.join(sys.argv[1:]))
+    summary = run_sweep(args.config, args.out, args, args.overrides, command="mm3d " + shlex.join(sys.argv[1:]),
+                        report_only=args.report_only)
     return 1 if any(r["status"] in ("failed", "skipped") for r in summary["runs"]) else 0
 
 

@@ -132,6 +132,15 @@ def test_failing_combination_is_listed_and_rerun_reuses_finished_runs(tmp_path):
     assert again["pretrain nan_at_call-2 seed 0"] == "failed"  # retried, fails again
     assert good.read_text() == before
 
+    (out / "probe" / "nan_at_call--1" / "seed_0" / "results.json").unlink()
+    assert main(["sweep", str(path), "--out", str(out), "--report-only"]) == 1  # runs nothing; one failed earlier
+    report = {r["label"]: r["status"] for r in json.loads((out / "sweep.json").read_text())["runs"]}
+    assert report["probe nan_at_call--1 seed 0"] == "pending" and report["finetune nan_at_call--1 seed 0"] == "reused"
+    assert report["pretrain nan_at_call-2 seed 0"] == "failed"
+    assert "pretrain seed 0: failed (mm3d.trainer.NonFiniteLossError" in (out / "sweep.md").read_text()
+    assert not (out / "probe" / "nan_at_call--1" / "seed_0" / "results.json").exists()
+    assert "1 runs not run yet" in (out / "sweep.md").read_text()
+
 
 def test_finished_run_of_another_config_is_refused_before_anything_runs(tmp_path):
     path = write_sweep(tmp_path, {"grid": {"model.dropout": [0.0]}, "seeds": [0], "finetune": ""})
