@@ -117,6 +117,7 @@ def run_bench(cfg: RunConfig) -> dict[str, Any]:
     seed_everything(cfg.seed)
     device = resolve_device(cfg.train.device, DistInfo())
     model = task.build_model(cfg).to(device).train()
+    step_model = torch.compile(model, mode=cfg.train.compile_mode) if cfg.train.compile else model
     ds = task.build_datasets(cfg, ["train"])["train"]
     sampler = ResumableSampler(len(ds), shuffle=True, seed=cfg.seed)
     loader = build_loader(ds, batch_size=cfg.train.batch_size, sampler=sampler, num_workers=cfg.train.num_workers,
@@ -131,9 +132,9 @@ def run_bench(cfg: RunConfig) -> dict[str, Any]:
                              precision=cfg.train.precision, clip_grad=cfg.optim.clip_grad,
                              double_step=cfg.optim.double_step)
 
-    def fwd_bwd() -> None:
+    def fwd_bwd(m: torch.nn.Module = step_model) -> None:
         with autocast(device, cfg.train.precision):
-            loss = model(batch).loss
+            loss = m(batch).loss
         opt_step.backward(loss)
 
     # the trainer's per-step model hook (a target's EMA teacher update) is part of a training step
@@ -148,8 +149,8 @@ def run_bench(cfg: RunConfig) -> dict[str, Any]:
             after_step(steps_done[0], total_steps)
             steps_done[0] += 1
 
-    with flop_counter() as fc:
-        fwd_bwd()
+    with flop_counter() as fc:  # counted on the eager model (a compiled one runs the same math)
+        fwd_bwd(model)
     opt_step.optimizer.zero_grad(set_to_none=True)
     train_flops = fc.get_total_flops()
     with torch.no_grad(), flop_counter() as fc_fwd, autocast(device, cfg.train.precision):
@@ -202,7 +203,7 @@ def run_bench(cfg: RunConfig) -> dict[str, Any]:
             result["profile"]["peer"] = profile_steps(peer[1], device, cfg.bench.profile)
     if cfg.bench.data_loader:
         result.update(bench_loader(cfg, task, ds))
-    extra = task.bench_extra(cfg, device)
+    extra = task.bench_extra(cfg, device) if cfg.bench.extra else None
     if extra:
         result["extra"] = extra
     return result

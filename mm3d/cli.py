@@ -15,6 +15,7 @@ from typing import Any, Sequence
 
 import torch
 
+import mm3d.benchsuite  # noqa: F401  (registers `mm3d bench-suite`)
 import mm3d.export  # noqa: F401  (registers `mm3d export`; mm3d.modelcard, `mm3d info`)
 import mm3d.extract  # noqa: F401  (registers `mm3d extract`)
 import mm3d.prepare  # noqa: F401  (registers `mm3d data prepare`)

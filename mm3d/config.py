@@ -147,6 +147,9 @@ class TrainConfig:
     ema_decay: float = 0.9999
     grad_checkpointing: bool = False
     compile: bool = False
+    # torch.compile's mode: "default", "reduce-overhead" (CUDA graphs: for launch-bound steps such as
+    # Point-MAE's on a GPU), "max-autotune", "max-autotune-no-cudagraphs"
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
     progress: Literal["auto", "bar", "lines", "off"] = "auto"
     tensorboard: bool = True
     find_unused_parameters: bool = False
@@ -161,6 +164,7 @@ class TrainConfig:
     run_neutral_keys: ClassVar[tuple[str, ...]] = (
         "epochs", "max_steps", "device", "num_workers", "pin_memory", "log_every", "eval_every", "save_every",
         "save_every_steps", "keep_last", "keep_best", "resume", "resume_force", "grad_checkpointing", "compile",
+        "compile_mode",
         "progress", "tensorboard", "find_unused_parameters", "strategy", "fsdp_reshard_after_forward")
 
     def validate(self) -> None:
@@ -197,6 +201,7 @@ class BenchConfig:
     # VideoMAE: github.com/MCG-NJU/VideoMAE); nothing of it is stored here. "" : the default peer, if any
     peer_root: str = ""
     profile: int = 0  # > 0: profile this many steps (ours and the peer's): the operators with the most self time
+    extra: bool = True  # the task's extra timings (video: decoding per worker; points: FPS, KNN, Chamfer)
 
 
 @dataclass

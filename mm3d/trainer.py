@@ -533,7 +533,7 @@ class Trainer:
             self.ddp_model = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                                  find_unused_parameters=cfg.train.find_unused_parameters)
         if cfg.train.compile:
-            self.ddp_model = torch.compile(self.ddp_model)
+            self.ddp_model = torch.compile(self.ddp_model, mode=cfg.train.compile_mode)
         self.collate = self.task.collate_fn(cfg)
         self.batch_tf = self.task.batch_transform(cfg, self.device)
         # a dataset over prepared shards (`.shard_set`) gets shard locality, else a plain permutation

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from mm3d.bench import time_steps
+from mm3d.pointcloud.ops import fps_triton
 from mm3d.pointcloud.ops._backend import pytorch3d_available
 from mm3d.pointcloud.ops.chamfer import chamfer_distance
 from mm3d.pointcloud.ops.fps import farthest_point_sample
@@ -63,13 +64,15 @@ def _time_ms(fn: Callable[[], object], repeats: int, device: torch.device, *,
 
 
 def bench_ops(device: str | torch.device = "cpu", repeats: int = 5,
-              numpy_repeats: int = 1) -> list[dict]:
+              numpy_repeats: int = 1, batch: int = 32, large: bool = True) -> list[dict]:
     """Time FPS, KNN and Chamfer at Point-MAE's sizes; rows ``{op, shape, impl, ms}``.
 
-    Cases: FPS (B=32, N=1024 -> G=64); KNN (B=32, M=64 centres, N=1024, k=32); Chamfer L2 over
-    the masked patches of a batch (1216 = 32 x 38 pairs of 32-point patches) and between two
-    20k-point clouds. ``impl`` is ``"torch"``, ``"pytorch3d"`` (when importable) or
-    ``"numpy_bruteforce"`` (CPU, timed ``numpy_repeats`` times).
+    Cases (B = `batch`, 32 by default): FPS (B, N=1024 -> G=64, and N=8192 -> G=512); KNN (B, M=64
+    centres, N=1024, k=32); Chamfer L2 over the masked patches of a batch (38 B pairs of 32-point
+    patches) and between two 20k-point clouds. ``impl`` is ``"torch"``, ``"pytorch3d"`` (when
+    importable), ``"triton"`` (FPS on CUDA) or ``"numpy_bruteforce"`` (CPU, timed ``numpy_repeats``
+    times, 0: none; not for the 8192-point FPS). ``large=False`` leaves out the 8192-point FPS and
+    the 20k-point Chamfer.
     """
     device = torch.device(device)
     gen = torch.Generator().manual_seed(0)
@@ -77,32 +80,39 @@ def bench_ops(device: str | torch.device = "cpu", repeats: int = 5,
     def cloud(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, 3, generator=gen)
 
-    fps_points = cloud(32, 1024)
-    centres, knn_points = cloud(32, 64), cloud(32, 1024)
-    patch_x, patch_y = cloud(1216, 32), cloud(1216, 32)
+    fps_points, fps_large = cloud(batch, 1024), cloud(batch, 8192)
+    centres, knn_points = cloud(batch, 64), cloud(batch, 1024)
+    patch_x, patch_y = cloud(38 * batch, 32), cloud(38 * batch, 32)
     big_x, big_y = cloud(1, 20_000), cloud(1, 20_000)
     cases = [
-        ("fps", "B=32 N=1024 G=64",
+        ("fps", f"B={batch} N=1024 G=64",
          lambda p, backend: farthest_point_sample(p, 64, backend=backend),
          lambda p: numpy_fps(p, 64), (fps_points,)),
-        ("knn", "B=32 M=64 N=1024 k=32",
+        ("fps", f"B={batch} N=8192 G=512",
+         lambda p, backend: farthest_point_sample(p, 512, backend=backend), None, (fps_large,)),
+        ("knn", f"B={batch} M=64 N=1024 k=32",
          lambda q, p, backend: knn(q, p, 32, backend=backend),
          lambda q, p: numpy_knn(q, p, 32), (centres, knn_points)),
-        ("chamfer_l2", "B=1216 N=32 M=32",
+        ("chamfer_l2", f"B={38 * batch} N=32 M=32",
          lambda x, y, backend: chamfer_distance(x, y, backend=backend),
          numpy_chamfer_l2, (patch_x, patch_y)),
         ("chamfer_l2", "B=1 N=20000 M=20000",
          lambda x, y, backend: chamfer_distance(x, y, backend=backend),
          numpy_chamfer_l2, (big_x, big_y)),
     ]
+    if not large:
+        cases = [c for c in cases if c[1] not in (f"B={batch} N=8192 G=512", "B=1 N=20000 M=20000")]
     backends = ["torch"] + (["pytorch3d"] if pytorch3d_available() else [])
     rows = []
     for op, shape, torch_fn, numpy_fn, inputs in cases:
         on_device = tuple(t.to(device) for t in inputs)
-        for backend in backends:
+        extra = ["triton"] if op == "fps" and fps_triton.usable(on_device[0]) else []
+        for backend in backends + extra:
             ms = _time_ms(lambda: torch_fn(*on_device, backend=backend), repeats, device)
             rows.append({"op": op, "shape": shape, "impl": backend, "device": str(device),
                          "ms": round(ms, 3)})
+        if numpy_fn is None or numpy_repeats == 0:
+            continue
         arrays = tuple(t.numpy() for t in inputs)
         ms = _time_ms(lambda: numpy_fn(*arrays), numpy_repeats, torch.device("cpu"),
                       warmup=False)
