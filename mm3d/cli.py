@@ -18,7 +18,9 @@ import torch
 import mm3d.benchsuite  # noqa: F401  (registers `mm3d bench-suite`)
 import mm3d.export  # noqa: F401  (registers `mm3d export`; mm3d.modelcard, `mm3d info`)
 import mm3d.extract  # noqa: F401  (registers `mm3d extract`)
+import mm3d.plan  # noqa: F401  (registers `mm3d plan`)
 import mm3d.prepare  # noqa: F401  (registers `mm3d data prepare`)
+import mm3d.sweep  # noqa: F401  (registers `mm3d sweep`)
 import mm3d.toy  # noqa: F401  (the core's own toy task)
 from mm3d.bench import run_bench
 from mm3d.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
