@@ -23,13 +23,13 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from mm3d.config import RunConfig
-from mm3d.engine import SplitMeans, move_to_device
+from mm3d.engine import SplitMeans, move_to_device, unwrap
 from mm3d.errors import UserError
 from mm3d.registry import register_task
 from mm3d.task import EvalResult, Task
 from mm3d.pointcloud import datasets as D
 from mm3d.pointcloud.io import read_points
-from mm3d.pointcloud.models import PointMAEConfig, PointMAEPretrain, build_pretrain_model, chamfer_loss
+from mm3d.pointcloud.models import PointMAEConfig, PointMAEPretrain, build_pretrain_model
 from mm3d.pointcloud.ops.bench import bench_ops
 from mm3d.pointcloud.shards import check_shard_keys, pretrain_shard_datasets
 from mm3d.pointcloud.splits import require_root
@@ -219,16 +219,15 @@ class PointMAEPretrainTask(Task):
     @torch.no_grad()
     def evaluate(self, model: nn.Module, loader: Iterable[Any], cfg: PointPretrainConfig,
                  device: torch.device, split: str) -> EvalResult:
-        """Chamfer L2 and L1 on the masked patches, masks drawn from a fixed seed."""
+        """The loss and the target's metrics (Chamfer L2 and L1 of the predicted patches for the point
+        targets) on the masked patches, masks drawn from a fixed seed."""
         model.eval()
         gen = torch.Generator(device=device).manual_seed(cfg.seed)
-        means = SplitMeans(["loss", "cd_l2", "cd_l1"], device)
+        means = SplitMeans(["loss", *unwrap(model).metric_names], device)
         for batch in loader:
             batch = move_to_device(batch, device)
             out = model(batch, generator=gen)
-            pred, target = out.pred.float(), out.target.float()
-            means.update(out.pred.shape[0], {"loss": out.loss, "cd_l2": chamfer_loss(pred, target, "cdl2"),
-                                             "cd_l1": chamfer_loss(pred, target, "cdl1")})
+            means.update(out.pred.shape[0], {"loss": out.loss, **out.metrics})
         return EvalResult(means.compute())
 
     def _report_items(self, datasets: dict[str, Dataset], count: int) -> list[tuple[str, torch.Tensor]]:
@@ -244,8 +243,8 @@ class PointMAEPretrainTask(Task):
                      device: torch.device) -> list[Path]:
         """Reconstruction pictures (PNG + PLY) of a few held-out shapes in ``run_dir/plots``."""
         items = self._report_items(datasets, cfg.data.report_shapes)
-        if not items or not isinstance(model, PointMAEPretrain):
-            return []
+        if not items or not isinstance(model, PointMAEPretrain) or not model.target.predicts_points:
+            return []  # feature targets (teacher, ema) predict no points to draw
         try:
             renderer = CloudRenderer(480, 480)
         except (ImportError, RuntimeError) as e:  # no Open3D / no offscreen rendering here

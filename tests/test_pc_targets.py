@@ -8,7 +8,6 @@ update recomputed from its formula; an uninterrupted run for the EMA resume.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import signal
 from pathlib import Path
 
@@ -23,19 +22,13 @@ from mm3d.pointcloud.models import Grouped, PointMAEPretrain, build_classifier, 
 from mm3d.pointcloud.ops import chamfer_distance
 from mm3d.pointcloud.synth import synth_shapenet55
 from mm3d.pointcloud.targets import CenterTarget, EMATarget, PointsTarget, TeacherTarget, center_code
-from mm3d.pointcloud.tasks import PointMAEPretrainTask, PointPretrainConfig
+from mm3d.pointcloud.tasks import PointPretrainConfig
 from mm3d.registry import variant_config
 from mm3d.targets import TargetConfig
 from mm3d.testing import assert_close
 from mm3d.trainer import Trainer, TrainingInterrupted, run
 
 TINY = "pointmae_tiny_test"  # width 32, depth 2, 16 groups x 8 points
-
-# evaluation of feature targets needs pointcloud/tasks.py to read the model's metrics (/tmp/h/tpoint_tasks.patch)
-NEEDS_GENERIC_EVAL = pytest.mark.skipif(
-    "metric_names" not in inspect.getsource(PointMAEPretrainTask.evaluate),
-    reason="pointmae_pretrain's evaluate does not read model.metric_names yet (patch /tmp/h/tpoint_tasks.patch)")
-
 
 def tiny(kind: str = "", **model_kw) -> PointMAEPretrain:
     target = model_kw.pop("target", None) or TargetConfig(kind=kind)
@@ -344,7 +337,6 @@ def sn_root(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-@NEEDS_GENERIC_EVAL
 def test_ema_teacher_resumes_exactly(sn_root, tmp_path):
     common = ["train.max_steps=5", "train.epochs=1", "train.eval_every=0", "train.save_every=0",
               "train.save_every_steps=2", "model.target.kind=ema", "model.target.layers=2",
@@ -375,9 +367,7 @@ def test_ema_teacher_resumes_exactly(sn_root, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["points", pytest.param("center", marks=NEEDS_GENERIC_EVAL),
-                                  pytest.param("teacher", marks=NEEDS_GENERIC_EVAL),
-                                  pytest.param("ema", marks=NEEDS_GENERIC_EVAL)])
+@pytest.mark.parametrize("kind", ["points", "center", "teacher", "ema"])
 def test_every_kind_trains_two_steps_through_the_trainer(kind, sn_root, tmp_path, tiny_pointmae_pretrain_ckpt):
     extra = [f"model.target.kind={kind}"]
     if kind == "teacher":
