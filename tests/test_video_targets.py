@@ -431,3 +431,18 @@ def test_ema_target_resumes_exactly(tmp_path, monkeypatch):
     key = "target.teacher.module.blocks.0.attn.qkv.weight"
     assert not torch.equal(a[key], start[key])  # the teacher moved after the resume point
     assert not torch.equal(a[key], a["encoder.blocks.0.attn.qkv.weight"])  # and is not the student
+
+
+def test_fine_tuning_from_an_ema_pretraining_drops_the_teacher_and_says_so(tmp_path):
+    from mm3d.video.finetune import classifier_init_from
+    from mm3d.video.models import build_classifier
+
+    model = tiny(target={"kind": "ema"})
+    assert any(k.startswith("target.") for k in model.state_dict())
+    path = save_checkpoint(model, dataclasses.replace(TINY, target=TargetConfig(kind="ema")), tmp_path / "ema.pt")
+    clf = build_classifier(dataclasses.replace(TINY, num_classes=3))
+    notes = classifier_init_from(clf, path)
+    assert any("dropped the pretraining target's" in n for n in notes)
+    assert not any("unexpected" in n for n in notes)
+    assert torch.equal(clf.state_dict()["encoder.blocks.0.mlp.fc1.weight"],
+                       model.state_dict()["encoder.blocks.0.mlp.fc1.weight"])

@@ -360,6 +360,10 @@ def classifier_init_from(model: VideoMAEClassifier, path: str, *, allow_pickle: 
     Raises CheckpointError when encoder weights are missing or do not fit.
     """
     sd, grid, notes = _source_state(path, model, allow_pickle)
+    target = sorted(k for k in sd if k.startswith("target."))  # a pretraining target's teacher (ema)
+    if target:
+        sd = {k: v for k, v in sd.items() if not k.startswith("target.")}
+        notes.append(f"dropped the pretraining target's {len(target)} tensors (target.*: its EMA teacher)")
     sd, more = classifier_init_state(sd, model, old_grid=grid)
     notes += more
     own = model.state_dict()
