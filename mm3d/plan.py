@@ -485,9 +485,9 @@ class Planner:
         return self._traces[key]
 
     def linear(self, checkpointing: bool) -> tuple[StepTrace, StepTrace]:
-        """Traces at two batch sizes (1 and the config's, or 2) that :meth:`at` interpolates between."""
-        b = max(2, self.cfg.train.batch_size)
-        return self.trace(1, checkpointing), self.trace(b, checkpointing)
+        """Traces at two batch sizes that :meth:`at` interpolates between: 2 (BatchNorm heads cannot train on
+        one sample) and the config's (at least 4)."""
+        return self.trace(2, checkpointing), self.trace(max(4, self.cfg.train.batch_size), checkpointing)
 
     def at(self, batch_size: int, checkpointing: bool) -> StepTrace:
         """The step at `batch_size`, linear in the batch from two traces (every part of a step is)."""
@@ -501,7 +501,7 @@ class Planner:
 
     def largest_batch(self, strategy: Strategy, gpus: int, checkpointing: bool, budget: int, *, ema: bool,
                       limit: int = 1 << 16) -> int:
-        """The largest per-GPU batch whose estimate fits `budget` (0: not even the traced batch 1)."""
+        """The largest per-GPU batch whose estimate fits `budget` (0: not even batch 1)."""
         def fits(b: int) -> bool:
             return estimate(self.at(b, checkpointing), strategy, gpus, ema=ema, budget=budget,
                             reshard_after_forward=self.reshard).fits
@@ -552,13 +552,14 @@ def make_plan(cfg: Any, *, config: str, gpus: int, gpu_mem_gib: float, headroom:
     notes = ["bf16/fp16 autocast: weights, gradients and AdamW moments stay fp32; autocast adds low-precision "
              "weight copies for the step" if amp_dtype(cfg.train.precision) is not None else
              "fp32: weights, gradients and AdamW moments fp32"]
-    how = planner.trace(1, False).traced
+    first = planner.linear(False)[0]
+    how = first.traced
     notes.append(f"traced: {'FakeTensorMode (no memory used)' if how.startswith('fake') else 'real tensors on the CPU'}"
                  + (how[how.index(','):] if ',' in how else ""))
     if ema and gpus > 1:
         notes.append("train.ema keeps a full fp32 copy of the model on every GPU (strategy=fsdp refuses EMA)")
     return Plan(config=config, task=cfg.task, variant=getattr(getattr(cfg, "model", None), "variant", "") or "",
-                num_params=planner.trace(1, False).num_params, precision=cfg.train.precision, gpus=gpus,
+                num_params=first.num_params, precision=cfg.train.precision, gpus=gpus,
                 gpu_mem_gib=gpu_mem_gib, budget=budget, total_batch=total, per_sample_activations=per_sample,
                 estimates=estimates, largest_batch=largest,
                 suggestion=checked_suggestion(planner, largest, total, gpus, ema, budget), notes=notes)
@@ -566,16 +567,17 @@ def make_plan(cfg: Any, *, config: str, gpus: int, gpu_mem_gib: float, headroom:
 
 def checked_suggestion(planner: Planner, largest: dict[str, int], total: int, gpus: int, ema: bool, budget: int
                        ) -> dict[str, Any]:
-    """:func:`suggest`, with the suggested step traced at its batch; while that trace does not fit, the
-    option's largest batch is lowered by one and the suggestion made again."""
+    """:func:`suggest`, with the suggested step traced at its batch (from 2 up); while that trace does not fit,
+    the option's largest batch is lowered by one and the suggestion made again."""
     largest = dict(largest)
     while True:
         s = suggest(largest, planner.cfg.train.batch_size, total, gpus, ema)
         if s.get("strategy") is None:
             return s
         strategy = "fsdp" if s["strategy"] == "fsdp" else "ddp"
-        e = estimate(planner.trace(s["batch_size"], s["grad_checkpointing"]), strategy, gpus, ema=ema, budget=budget,
-                     reshard_after_forward=planner.reshard)
+        b, ckpt = s["batch_size"], s["grad_checkpointing"]
+        step = planner.trace(b, ckpt) if b >= 2 else planner.at(b, ckpt)  # (batch 1: BatchNorm heads refuse it)
+        e = estimate(step, strategy, gpus, ema=ema, budget=budget, reshard_after_forward=planner.reshard)
         if e.fits:
             return {**s, "traced_total_gib": round(e.total / GIB, 2)}
         largest[_option(strategy, s["grad_checkpointing"])] = s["batch_size"] - 1

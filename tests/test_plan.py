@@ -180,3 +180,11 @@ def test_cli_errors(capsys):
     assert "--gpus must be >= 1" in capsys.readouterr().err
     assert main(["plan", "configs/pointcloud/pointmae_svm_modelnet40.yaml"]) == 2
     assert "runs no training step" in capsys.readouterr().err
+
+
+def test_point_classifier_with_batchnorm_head():
+    """Point-MAE's head has BatchNorm, which refuses one sample in training: the plan traces from batch 2 up."""
+    cfg = load_config("configs/pointcloud/pointmae_finetune_demo.yaml", [])
+    plan = make_plan(cfg, config="demo", gpus=1, gpu_mem_gib=4)
+    assert plan.suggestion["strategy"] == "single" and plan.suggestion["batch_size"] == cfg.train.batch_size
+    assert plan.per_sample_activations["plain"] > plan.per_sample_activations["checkpointing"] > 0
