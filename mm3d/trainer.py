@@ -151,9 +151,16 @@ def epoch_schedule(epoch: int, epochs: int, warmup: float, start: float, peak: f
     return end + 0.5 * (peak - end) * (1.0 + math.cos(math.pi * t / epochs))
 
 
-def build_optimizer(model: nn.Module, cfg: RunConfig, lr: float) -> torch.optim.Optimizer:
+FUSABLE = ("adam", "adamw", "sgd", "momentum")  # timm names whose torch optimizer has a fused step
+
+
+def build_optimizer(model: nn.Module, cfg: RunConfig, lr: float, *, fused: bool | None = None) -> torch.optim.Optimizer:
     """timm's optimizer factory: no weight decay on norms, biases and `no_weight_decay()` names;
-    layer-wise LR decay through the model's `group_matcher` when ``optim.layer_decay`` is set."""
+    layer-wise LR decay through the model's `group_matcher` when ``optim.layer_decay`` is set.
+
+    `fused` (default ``optim.fused``; None: when every parameter is on CUDA and the run is not FSDP)
+    takes torch's fused step for AdamW, Adam and SGD. Peers pass False: they are timed with torch's
+    default step, as their own code runs."""
     o = cfg.optim
     kwargs: dict[str, Any] = {"eps": o.eps}
     name = o.name.lower()
@@ -161,6 +168,14 @@ def build_optimizer(model: nn.Module, cfg: RunConfig, lr: float) -> torch.optim.
         kwargs["betas"] = tuple(o.betas)
     if "sgd" in name or "momentum" in name:
         kwargs = {"momentum": o.momentum}
+    fused = o.fused if fused is None else fused
+    if fused is None:
+        params = [p for p in model.parameters() if p.requires_grad]
+        fused = bool(params) and all(p.is_cuda for p in params) and getattr(cfg.train, "strategy", "ddp") != "fsdp"
+    if fused and name in FUSABLE:
+        kwargs["fused"] = True
+    elif o.fused and name not in FUSABLE:
+        raise ConfigError(f"optim.fused=true: optimizer {o.name!r} has no fused step in torch (use one of {FUSABLE})")
     opt = create_optimizer_v2(model, opt=o.name, lr=lr, weight_decay=o.weight_decay,
                               layer_decay=o.layer_decay, **kwargs)
     for g in opt.param_groups:

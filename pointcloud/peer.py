@@ -228,7 +228,7 @@ def pretrain_peer_step(root: str | Path, cfg: Any, model: nn.Module, batch: dict
     from mm3d.trainer import build_optimizer, peak_lr
 
     peer = build_official_pretrain(root, cfg.model, unwrap(model)).to(device).train()
-    opt_step = OptimizerStep(build_optimizer(peer, cfg, peak_lr(cfg, 1)), device=device,
+    opt_step = OptimizerStep(build_optimizer(peer, cfg, peak_lr(cfg, 1), fused=False), device=device,
                              precision=cfg.train.precision, clip_grad=cfg.optim.clip_grad,
                              double_step=cfg.optim.double_step)
     points = batch["points"].contiguous()

@@ -138,7 +138,7 @@ def pretrain_peer_step(root: str | Path, cfg: Any, model: nn.Module, batch: dict
 
     m = cfg.model
     peer = build_official_pretrain(root, model, m).to(device).train()
-    opt_step = OptimizerStep(build_optimizer(peer, cfg, peak_lr(cfg, 1)), device=device,
+    opt_step = OptimizerStep(build_optimizer(peer, cfg, peak_lr(cfg, 1), fused=False), device=device,
                              precision=cfg.train.precision, clip_grad=cfg.optim.clip_grad)
     raw = unwrap(model)
     mean, std = raw.pixel_mean.to(device).flatten(), raw.pixel_std.to(device).flatten()

@@ -373,7 +373,7 @@ class VideoMAEPretrainTask(Task):
             Path(tmp, "config.json").write_text(json.dumps(hf_cfg))
             peer = transformers.VideoMAEForPreTraining.from_pretrained(tmp, attn_implementation="sdpa")
         peer = peer.to(device).train()
-        opt_step = OptimizerStep(build_optimizer(peer, cfg, peak_lr(cfg, 1)), device=device,
+        opt_step = OptimizerStep(build_optimizer(peer, cfg, peak_lr(cfg, 1), fused=False), device=device,
                                  precision=cfg.train.precision, clip_grad=cfg.optim.clip_grad)
         pixels = batch["video"].transpose(1, 2).contiguous()  # HF layout (B, T, C, H, W)
         b = pixels.shape[0]
