@@ -12,9 +12,13 @@ machine. `bench.data_loader=true` adds loader throughput; `bench.profile=N` prof
 
 from __future__ import annotations
 
+import importlib
+import logging
 import resource
 import statistics
+import sys
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -28,6 +32,7 @@ from mm3d.registry import TASKS
 from mm3d.trainer import build_optimizer, peak_lr, seed_everything
 
 _aten = torch.ops.aten
+log = logging.getLogger(__name__)
 
 
 def _cpu_sdpa_fwd(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
@@ -67,6 +72,55 @@ def time_steps(step: Callable[[], Any], device: torch.device, warmup: int, steps
         _sync(device)
         out.append(time.perf_counter() - t)
     return out
+
+
+class PeerUnavailable(RuntimeError):
+    """A peer implementation cannot be timed here (the message says why); the bench goes on without."""
+
+
+def import_from_checkout(root: str | Path, module: str, *, marker: str, what: str,
+                         packages: tuple[str, ...] = (), replace: dict[str, Any] | None = None,
+                         hint: str = "") -> Any:
+    """Import `module` from a user's checkout of another project (a peer), leaving no trace.
+
+    `root` must hold the file `marker`. While importing, `root` is first on ``sys.path`` and the
+    modules of `replace` (name -> module object: stand-ins for compiled extensions) are installed;
+    afterwards every module under the top-level names `packages` (and `module`'s own) and the
+    stand-ins are removed from ``sys.modules`` again and what was there before is put back, so
+    generic names such as ``utils`` or ``models`` do not shadow anything of this process. The
+    returned module keeps working: its objects hold their own references.
+
+    Raises:
+        PeerUnavailable naming the checkout and what is missing (`hint` says how to get it).
+    """
+    root = Path(root).expanduser().resolve()
+    if not (root / marker).is_file():
+        raise PeerUnavailable(f"{root}: not a {what} checkout (no {marker}){'; ' + hint if hint else ''}")
+    replace = replace or {}
+    tops = set(packages) | {module.split(".")[0]} | {n.split(".")[0] for n in replace}
+    saved = {n: m for n, m in sys.modules.items() if n.split(".")[0] in tops}
+    for n in saved:
+        del sys.modules[n]
+    sys.modules.update(replace)
+    sys.path.insert(0, str(root))
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        raise PeerUnavailable(f"{root}: the {what} code imports {e.name!r}, which is not installed") from e
+    finally:
+        sys.path.remove(str(root))
+        for n in [n for n in sys.modules if n.split(".")[0] in tops]:
+            del sys.modules[n]
+        sys.modules.update(saved)
+
+
+def peer_or_none(build: Callable[..., Any], *args: Any) -> Any:
+    """`build(*args)`, or None with the reason logged when it raises :class:`PeerUnavailable`."""
+    try:
+        return build(*args)
+    except PeerUnavailable as e:
+        log.warning("no peer timing: %s", e)
+        return None
 
 
 def matmul_peak_gflops(device: torch.device, dtype: torch.dtype = torch.float32, *, seconds: float = 1.0) -> float:

@@ -33,3 +33,37 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, atol: float = 
             f"{msg} {int(bad.sum())}/{diff.numel()} elements differ; largest |diff| "
             f"{float(diff.flatten()[flat]):.3e} at {idx}: actual {float(actual[idx])} "
             f"vs expected {float(expected[idx])} (atol={atol}, rtol={rtol})")
+
+
+def train_losses(run_dir: str | Path, key: str = "loss") -> list[float]:
+    """The training records' `key` values of a run's ``metrics.jsonl``, in order."""
+    import json
+
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [r[key] for r in rows if r.get("split") == "train"]
+
+
+class SilentProgress:
+    """A progress sink for ``Trainer.train_epoch`` called directly in tests."""
+
+    def update(self, *args) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def sigterm_after_step(trainer, step: int) -> None:
+    """Make `trainer` stop as on SIGTERM once optimizer step `step` (0-based) is done: its model's
+    ``after_optimizer_step`` hook runs, then the stop is requested (the run checkpoints and raises
+    ``TrainingInterrupted``). The model must have the hook (e.g. a target with a teacher)."""
+    import signal
+
+    hook = trainer.model.after_optimizer_step
+
+    def stop_after(done: int, total: int) -> None:
+        hook(done, total)
+        if done == step:
+            trainer.signals.signum = signal.SIGTERM
+
+    trainer.model.after_optimizer_step = stop_after

@@ -21,15 +21,14 @@ The checkout's own pure-Python requirements (``easydict``, ``termcolor``, timm) 
 from __future__ import annotations
 
 import contextlib
-import importlib
-import sys
 import types
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
+from mm3d.bench import PeerUnavailable, import_from_checkout
 from mm3d.engine import unwrap
 from mm3d.pointcloud.convert import PRETRAIN_RULES, _rename
 from mm3d.pointcloud.ops import farthest_point_sample, knn
@@ -37,11 +36,6 @@ from mm3d.pointcloud.ops import farthest_point_sample, knn
 # top-level names the official code imports; they are generic ("utils", "models"), so they are
 # imported under a temporary sys.modules and removed again afterwards
 _OFFICIAL_PACKAGES = ("models", "utils", "extensions", "datasets")
-_SHIMS = ("pointnet2_ops", "pointnet2_ops.pointnet2_utils", "knn_cuda", "chamfer")
-
-
-class PeerUnavailable(RuntimeError):
-    """The official checkout cannot be used as a peer (the message says why)."""
 
 
 class _GatherOperation(torch.autograd.Function):
@@ -127,40 +121,16 @@ def extension_shims() -> dict[str, types.ModuleType]:
     return {"pointnet2_ops": pkg, "pointnet2_ops.pointnet2_utils": utils, "knn_cuda": knn_mod, "chamfer": _chamfer()}
 
 
-@contextlib.contextmanager
-def _official_imports(root: Path) -> Iterator[None]:
-    """sys.path + sys.modules set up for importing the checkout; restored afterwards."""
-    names = _OFFICIAL_PACKAGES + _SHIMS
-    saved = {n: m for n, m in sys.modules.items() if n.split(".")[0] in names}
-    for n in saved:
-        del sys.modules[n]
-    sys.modules.update(extension_shims())
-    sys.path.insert(0, str(root))
-    try:
-        yield
-    finally:
-        sys.path.remove(str(root))
-        for n in [n for n in sys.modules if n.split(".")[0] in names]:
-            del sys.modules[n]
-        sys.modules.update(saved)
-
-
 def import_official(root: str | Path) -> types.ModuleType:
     """Import ``models/Point_MAE.py`` of the checkout at `root` with our extension stand-ins.
 
     Raises:
         PeerUnavailable naming the checkout and what is missing.
     """
-    root = Path(root).expanduser().resolve()
-    if not (root / "models" / "Point_MAE.py").is_file():
-        raise PeerUnavailable(f"{root}: not a Point-MAE checkout (no models/Point_MAE.py); give "
-                              f"bench.peer_root=<a clone of github.com/Pang-Yatian/Point-MAE>")
-    with _official_imports(root):
-        try:
-            return importlib.import_module("models.Point_MAE")
-        except ModuleNotFoundError as e:
-            raise PeerUnavailable(f"{root}: the official code imports {e.name!r}, which is not installed "
-                                  f"(its requirements.txt: pip install easydict termcolor)") from e
+    return import_from_checkout(root, "models.Point_MAE", marker="models/Point_MAE.py", what="Point-MAE",
+                                packages=_OFFICIAL_PACKAGES, replace=extension_shims(),
+                                hint="give bench.peer_root=<a clone of github.com/Pang-Yatian/Point-MAE>; "
+                                     "its requirements.txt: pip install easydict termcolor")
 
 
 def official_config(model_cfg: Any) -> Any:

@@ -208,13 +208,10 @@ class PointMAEPretrainTask(Task):
         if not cfg.bench.peer_root:
             log.info("no peer timing: give bench.peer_root=<a checkout of github.com/Pang-Yatian/Point-MAE>")
             return None
-        from mm3d.pointcloud.peer import PeerUnavailable, pretrain_peer_step
+        from mm3d.bench import peer_or_none
+        from mm3d.pointcloud.peer import pretrain_peer_step
 
-        try:
-            return pretrain_peer_step(cfg.bench.peer_root, cfg, model, batch, device)
-        except PeerUnavailable as e:
-            log.warning("no peer timing: %s", e)
-            return None
+        return peer_or_none(pretrain_peer_step, cfg.bench.peer_root, cfg, model, batch, device)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, loader: Iterable[Any], cfg: PointPretrainConfig,

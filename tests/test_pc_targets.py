@@ -8,7 +8,6 @@ update recomputed from its formula; an uninterrupted run for the EMA resume.
 from __future__ import annotations
 
 import dataclasses
-import signal
 from pathlib import Path
 
 import pytest
@@ -25,7 +24,7 @@ from mm3d.pointcloud.targets import CenterTarget, EMATarget, PointsTarget, Teach
 from mm3d.pointcloud.tasks import PointPretrainConfig
 from mm3d.registry import variant_config
 from mm3d.targets import TargetConfig
-from mm3d.testing import assert_close
+from mm3d.testing import assert_close, sigterm_after_step
 from mm3d.trainer import Trainer, TrainingInterrupted, run
 
 TINY = "pointmae_tiny_test"  # width 32, depth 2, 16 groups x 8 points
@@ -344,14 +343,7 @@ def test_ema_teacher_resumes_exactly(sn_root, tmp_path):
     straight = Trainer(_pretrain_cfg(sn_root, tmp_path / "straight", *common))
     straight.fit()
     first = Trainer(_pretrain_cfg(sn_root, tmp_path / "resumed", *common))
-    hook = first.model.after_optimizer_step
-
-    def stop_after_third(step: int, total: int) -> None:
-        hook(step, total)
-        if step == 2:
-            first.signals.signum = signal.SIGTERM
-
-    first.model.after_optimizer_step = stop_after_third
+    sigterm_after_step(first, 2)
     with pytest.raises(TrainingInterrupted):
         first.fit()
     again = Trainer(_pretrain_cfg(sn_root, tmp_path / "resumed", *common, "train.resume=auto"))

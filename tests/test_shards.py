@@ -21,6 +21,7 @@ from mm3d.registry import TASKS
 from mm3d.shards import (MANIFEST, ShardError, ShardSampler, ShardSamples, ShardSet, ShardWriter, file_sha256,
                          read_manifest, resolve_shards, safe_key, train_sampler, write_manifest)
 from mm3d.trainer import Trainer, run
+from mm3d.testing import SilentProgress, train_losses
 
 
 def sample_files(i: int) -> dict[str, bytes]:
@@ -260,17 +261,7 @@ def toy_cfg(tmp_path, shards, *extra, name="run"):
                               "data.shuffle_buffer=16", *extra])
 
 
-def losses(run_dir):
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in rows if r["split"] == "train"]
-
-
-class _Silent:
-    def update(self, *a):
-        pass
-
-    def close(self):
-        pass
+losses = train_losses
 
 
 def test_toy_shards_hold_the_toy_samples_and_train(tmp_path):
@@ -297,7 +288,7 @@ def test_resume_mid_epoch_over_shards_reproduces_losses(tmp_path):
     run(toy_cfg(tmp_path, root, *common, name="straight"))
     trainer = Trainer(toy_cfg(tmp_path, root, *common, name="resumed"))
     trainer.total_steps = 3  # interrupt after 3 steps (the schedule still spans 6)
-    trainer.train_epoch(0, _Silent())
+    trainer.train_epoch(0, SilentProgress())
     trainer._save()
     again = Trainer(toy_cfg(tmp_path, root, *common, "train.resume=auto", name="resumed"))
     assert again.state.step == 3 and again.state.batch_in_epoch == 3

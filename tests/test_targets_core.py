@@ -4,9 +4,8 @@ and the trainer's per-optimizer-step hook (accumulation, exact resume of an EMA 
 from __future__ import annotations
 
 import math
-import signal
 from dataclasses import dataclass, field
-from typing import Any
+
 
 import pytest
 import torch
@@ -23,7 +22,7 @@ from mm3d.registry import LOSSES, TARGETS, TASKS, register_target, register_task
 from mm3d.targets import Target, TargetConfig, build_target
 from mm3d.teacher import (FrozenModule, MomentumSchedule, ema_momentum, ema_update_, frozen_copy, layer_average,
                           load_frozen_teacher, teacher_layers)
-from mm3d.testing import assert_close
+from mm3d.testing import assert_close, sigterm_after_step
 from mm3d.toy import ToyConfig, ToyModelConfig, ToyOutput, ToyTask
 from mm3d.trainer import Trainer, TrainingInterrupted, run
 
@@ -462,14 +461,7 @@ def test_ema_teacher_resumes_exactly_mid_epoch(tmp_path):
     straight = Trainer(toy_cfg(tmp_path, *common, name="straight"))
     straight.fit()
     first = Trainer(toy_cfg(tmp_path, *common, name="resumed"))
-    hook = first.model.after_optimizer_step
-
-    def stop_after_third(step: int, total: int) -> None:
-        hook(step, total)
-        if step == 2:
-            first.signals.signum = signal.SIGTERM
-
-    first.model.after_optimizer_step = stop_after_third
+    sigterm_after_step(first, 2)
     with pytest.raises(TrainingInterrupted):
         first.fit()
     assert first.model.calls == [(0, 6), (1, 6), (2, 6)]

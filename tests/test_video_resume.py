@@ -4,7 +4,6 @@ resumed run restarts the epoch."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ import torch
 from mm3d.cli import main as cli_main
 from mm3d.config import load_config
 from mm3d.registry import SYNTH, load_modalities
+from mm3d.testing import SilentProgress, train_losses
 from mm3d.trainer import Trainer, run
 
 load_modalities()
@@ -43,31 +43,18 @@ def _cfg(root: Path, tmp_path: Path, name: str, *extra: str):
                                 *extra])
 
 
-def _losses(run_dir: Path) -> list[float]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in rows if r["split"] == "train"]
-
-
-class _Silent:
-    def update(self, *a):
-        pass
-
-    def close(self):
-        pass
-
-
 @pytest.mark.parametrize("source", ["files", "shards"])
 def test_video_pretraining_resumes_mid_epoch_exactly(source, synth, shards, tmp_path):
     extra = () if source == "files" else ("data.format=shards", f"data.shards={shards}", "data.train_list=")
     run(_cfg(synth, tmp_path, "straight", *extra))
     interrupted = Trainer(_cfg(synth, tmp_path, "resumed", *extra))
     interrupted.total_steps = 2  # stop mid-epoch after 2 of 4 steps (the schedule still spans 4)
-    interrupted.train_epoch(0, _Silent())
+    interrupted.train_epoch(0, SilentProgress())
     interrupted._save()
     again = Trainer(_cfg(synth, tmp_path, "resumed", *extra, "train.resume=auto"))
     assert again.state.step == 2 and again.state.batch_in_epoch == 2
     again.fit()
-    a, b = _losses(tmp_path / "straight"), _losses(tmp_path / "resumed")
+    a, b = train_losses(tmp_path / "straight"), train_losses(tmp_path / "resumed")
     assert len(a) == len(b) == 4
     torch.testing.assert_close(torch.tensor(b), torch.tensor(a), rtol=0, atol=1e-6)
 

@@ -11,18 +11,16 @@ does every step, backward and the optimizer step. Nothing of the official projec
 
 from __future__ import annotations
 
-import contextlib
-import importlib
 import re
-import sys
 import types
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 from einops import rearrange
 from torch import nn
 
+from mm3d.bench import PeerUnavailable, import_from_checkout
 from mm3d.engine import OptimizerStep, autocast, unwrap
 from mm3d.masking import video_mask
 
@@ -31,42 +29,22 @@ _BLOCK = re.compile(r"^(encoder|decoder)\.blocks\.(\d+)\.(.+)$")
 _LAYER_SCALE = {"gamma_1": "ls1.gamma", "gamma_2": "ls2.gamma"}
 
 
-class PeerUnavailable(RuntimeError):
-    """The official checkout cannot be used as a peer (the message says why)."""
+def import_official(root: str | Path) -> types.ModuleType:
+    """``modeling_pretrain`` of the VideoMAE checkout at `root` (removed from sys.modules again).
 
-
-@contextlib.contextmanager
-def _official_imports(root: Path) -> Iterator[None]:
-    """sys.path set for the checkout; its modules removed from sys.modules afterwards, and timm's
-    ``register_model`` a no-op meanwhile (the official file registers names such as
-    ``vit_base_patch16_224`` that would replace timm's own models in this process)."""
+    timm's ``register_model`` is a no-op meanwhile: the official ``modeling_finetune`` registers
+    names such as ``vit_base_patch16_224`` that would replace timm's own models in this process.
+    """
     import timm.models.registry as timm_registry
 
-    saved = {n: sys.modules.pop(n) for n in _OFFICIAL_MODULES if n in sys.modules}
     register = timm_registry.register_model
     timm_registry.register_model = lambda fn: fn
-    sys.path.insert(0, str(root))
     try:
-        yield
+        return import_from_checkout(root, "modeling_pretrain", marker="modeling_pretrain.py", what="VideoMAE",
+                                    packages=_OFFICIAL_MODULES,
+                                    hint="give bench.peer_root=<a clone of github.com/MCG-NJU/VideoMAE>")
     finally:
         timm_registry.register_model = register
-        sys.path.remove(str(root))
-        for n in _OFFICIAL_MODULES:
-            sys.modules.pop(n, None)
-        sys.modules.update(saved)
-
-
-def import_official(root: str | Path) -> types.ModuleType:
-    """``modeling_pretrain`` of the VideoMAE checkout at `root` (removed from sys.modules again)."""
-    root = Path(root).expanduser().resolve()
-    if not (root / "modeling_pretrain.py").is_file():
-        raise PeerUnavailable(f"{root}: not a VideoMAE checkout (no modeling_pretrain.py); give "
-                              f"bench.peer_root=<a clone of github.com/MCG-NJU/VideoMAE>")
-    with _official_imports(root):
-        try:
-            return importlib.import_module("modeling_pretrain")
-        except ModuleNotFoundError as e:
-            raise PeerUnavailable(f"{root}: the official code imports {e.name!r}, which is not installed") from e
 
 
 def official_key_to_ours(key: str) -> str:

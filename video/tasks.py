@@ -347,13 +347,10 @@ class VideoMAEPretrainTask(Task):
                 log.warning("no peer timing: bench.peer=official needs bench.peer_root=<a checkout of "
                             "github.com/MCG-NJU/VideoMAE>")
                 return None
-            from mm3d.video.peer import PeerUnavailable, pretrain_peer_step
+            from mm3d.bench import peer_or_none
+            from mm3d.video.peer import pretrain_peer_step
 
-            try:
-                return pretrain_peer_step(cfg.bench.peer_root, cfg, model, batch, device)
-            except PeerUnavailable as e:
-                log.warning("no peer timing: %s", e)
-                return None
+            return peer_or_none(pretrain_peer_step, cfg.bench.peer_root, cfg, model, batch, device)
         try:
             import transformers
         except ImportError:
