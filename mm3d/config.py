@@ -76,8 +76,8 @@ class OptimConfig:
     # Point-MAE's part-segmentation script steps the optimizer twice per batch: once with the raw
     # gradient, then (after clipping it) once more. Off except under that script's paper protocol.
     double_step: bool = False
-    # torch's fused (one-kernel) AdamW/Adam/SGD step: null = on for CUDA parameters (not under FSDP),
-    # true/false forces it (the CPU has a fused AdamW too)
+    # torch's fused AdamW/Adam/SGD step (one vectorised kernel over all parameters): null = on for CPU
+    # and CUDA parameters except under FSDP; true/false forces it
     fused: bool | None = None
 
     def validate(self) -> None:

@@ -16,9 +16,9 @@ def cfg(tmp_path, *extra):
                               "train.tensorboard=false", "model.dropout=0.0", *extra])
 
 
-def test_fused_step_is_used_on_request_and_trains_like_the_default(tmp_path):
-    plain = Trainer(cfg(tmp_path / "a"))
-    fused = Trainer(cfg(tmp_path / "b", "optim.fused=true"))
+def test_fused_step_is_the_default_and_trains_like_the_plain_step(tmp_path):
+    plain = Trainer(cfg(tmp_path / "a", "optim.fused=false"))
+    fused = Trainer(cfg(tmp_path / "b"))
     assert not plain.optimizer.defaults.get("fused") and fused.optimizer.defaults.get("fused") is True
     plain.fit()
     fused.fit()
@@ -26,13 +26,13 @@ def test_fused_step_is_used_on_request_and_trains_like_the_default(tmp_path):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
-def test_auto_is_off_on_the_cpu_peers_opt_out_and_unfusable_optimizers_refuse(tmp_path):
-    c = cfg(tmp_path)
+def test_auto_fuses_except_under_fsdp_peers_opt_out_and_unfusable_optimizers_refuse(tmp_path):
     model = torch.nn.Linear(4, 2)
-    assert not build_optimizer(model, c, 0.1).defaults.get("fused")  # CPU parameters: auto = off
-    forced = cfg(tmp_path, "optim.fused=true")
-    assert build_optimizer(model, forced, 0.1).defaults.get("fused") is True
-    assert not build_optimizer(model, forced, 0.1, fused=False).defaults.get("fused")  # a peer's default step
+    assert build_optimizer(model, cfg(tmp_path), 0.1).defaults.get("fused") is True
+    assert not build_optimizer(model, cfg(tmp_path, "train.strategy=fsdp"), 0.1).defaults.get("fused")
+    assert not build_optimizer(model, cfg(tmp_path, "optim.fused=false"), 0.1).defaults.get("fused")
+    assert not build_optimizer(model, cfg(tmp_path), 0.1, fused=False).defaults.get("fused")  # a peer's default step
+    assert not build_optimizer(model, cfg(tmp_path, "optim.name=lamb"), 0.1).defaults.get("fused")  # auto: no fused lamb
     with pytest.raises(ConfigError, match="no fused step"):
         build_optimizer(model, cfg(tmp_path, "optim.fused=true", "optim.name=lamb"), 0.1)
 
