@@ -46,7 +46,8 @@ def test_bench_measures_the_matmul_peak_and_profiles_on_request(tmp_path):
                              "bench.profile=2", f"output_dir={tmp_path}"])
     r = run_bench(cfg)
     assert r["matmul_peak_gflops_per_s"] > 1
-    assert r["peak_fraction"] == pytest.approx(r["achieved_gflops_per_s"] / r["matmul_peak_gflops_per_s"], rel=0.01)
+    # (rounded to 3 decimals in the JSON line)
+    assert r["peak_fraction"] == pytest.approx(r["achieved_gflops_per_s"] / r["matmul_peak_gflops_per_s"], abs=6e-4)
     rows = r["profile"]["ours"]
     assert rows and {"op", "self_ms_per_step", "share", "calls_per_step"} <= set(rows[0])
     assert any("addmm" in row["op"] or "mm" in row["op"] for row in rows)  # the toy model's Linear layers
