@@ -21,12 +21,16 @@ says what changed (``--overwrite`` starts over).
 from __future__ import annotations
 
 import argparse
+import collections
 import functools
+import itertools
 import hashlib
 import inspect
 import json
 import logging
 import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 import os
 import re
 from dataclasses import asdict, dataclass, field
@@ -99,6 +103,19 @@ def _convert(preparer: Preparer, settings: dict[str, Any], item: PrepareItem) ->
         for prefix in (f"{item.source}: ", f"{item.source}, "):
             text = text[len(prefix):] if text.startswith(prefix) else text
         return False, text
+
+
+def _ordered_map(executor: ProcessPoolExecutor, fn: Any, items: Sequence[PrepareItem], window: int):
+    """`fn` over `items` in the executor, results in item order, at most `window` items in flight.
+
+    A worker process that dies (a decoder crashing in native code) raises ``BrokenProcessPool`` here,
+    where ``multiprocessing.Pool`` would wait for the lost item forever."""
+    it = iter(items)
+    pending = collections.deque(executor.submit(fn, x) for x in itertools.islice(it, window))
+    while pending:
+        result = pending.popleft().result()
+        pending.extend(executor.submit(fn, x) for x in itertools.islice(it, 1))
+        yield result
 
 
 def _shard_files(out: Path, prefix: str) -> list[Path]:
@@ -203,6 +220,7 @@ def prepare_split(job: SplitJob, *, max_bytes: int, workers: int, prefix: str = 
     pending: list[dict[str, Any]] = []  # failed items not yet covered by a finished shard
     shard_begin = [start]
     current = [start]
+    consumed = [start]  # items whose result has been written or listed
 
     def on_shard(entry: dict[str, Any]) -> None:
         state.shards.append({**entry, "items": [shard_begin[0], current[0]], "skipped": list(pending)})
@@ -217,11 +235,14 @@ def prepare_split(job: SplitJob, *, max_bytes: int, workers: int, prefix: str = 
     state.save()
     convert = functools.partial(_convert, job.preparer, job.settings)
     workers = max(1, int(workers))
-    pool = multiprocessing.get_context().Pool(workers) if workers > 1 and len(todo) > 1 else None
+    # worker processes start from a fresh interpreter (forkserver): forking a parent that already runs
+    # torch's and the decoders' threads is what native libraries crash on
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver")) \
+        if workers > 1 and len(todo) > 1 else None
     bar = tqdm(total=len(job.items), initial=start, desc=f"prepare {job.split}", unit="item", disable=not progress,
                dynamic_ncols=True)
     try:
-        results = pool.imap(convert, todo, chunksize=1) if pool else map(convert, todo)
+        results = _ordered_map(pool, convert, todo, 4 * workers) if pool else map(convert, todo)
         with logging_redirect_tqdm(), ShardWriter(out, prefix=prefix, max_bytes=max_bytes,  # warnings above the bar
                                                   start_index=len(state.shards), on_shard=on_shard) as writer:
             for n, (item, (ok, value)) in enumerate(zip(todo, results)):
@@ -233,16 +254,19 @@ def prepare_split(job: SplitJob, *, max_bytes: int, workers: int, prefix: str = 
                     log.warning("skipped %s%s: %s", item.source, f" ({item.line})" if item.line else "", value)
                     pending.append(bad)
                     skipped.append(bad)
+                consumed[0] = start + n + 1
                 bar.update(1)
                 bar.set_postfix(shards=len(state.shards), skipped=len(skipped), refresh=False)
             current[0] = len(job.items)
-        if pool:
-            pool.close()
-            pool.join()
+    except BrokenProcessPool as e:
+        first = job.items[min(consumed[0], len(job.items) - 1)]
+        raise PrepareError(f"{out}: a worker process died converting the items from {consumed[0] + 1} of "
+                           f"{len(job.items)} on (the first: {first.source}); the finished shards are kept: run "
+                           f"the same command again to continue, with --workers 1 to see the failure") from e
     finally:
         bar.close()
         if pool:
-            pool.terminate()
+            pool.shutdown(wait=True, cancel_futures=True)
     written = sum(e["nsamples"] for e in state.shards)
     report = {"kind": job.kind, "split": job.split, "out": str(out),
               "counts": {"items": len(job.items), "written": written, "skipped": len(skipped),

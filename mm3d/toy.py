@@ -9,6 +9,7 @@ its shards (``data.format=shards``).
 from __future__ import annotations
 
 import io
+import os
 import json
 import time
 from dataclasses import dataclass, field
@@ -145,7 +146,9 @@ class ToyPreparer:
     Command-line form: ``--list`` is a text file (as given, else under ``--root``) with one
     sample per line, ``y x_1 ... x_D`` (whitespace-separated numbers; ``#`` comments). Config form: the toy dataset a config builds
     (``data.num_train``, ``data.num_val``, ``model.in_dim``, ``data.noise``).
-    Testing aid: an item whose ``info["fail"]`` is set raises in :meth:`convert`, like a corrupt input.
+    Testing aids: an item whose ``info["fail"]`` is set raises in :meth:`convert`, like a corrupt input;
+    one whose ``info["crash"]`` is set ends the (worker) process at once, like a decoder crashing in
+    native code.
     """
 
     modality = "core"
@@ -179,6 +182,8 @@ class ToyPreparer:
     def convert(self, item: PrepareItem, settings: dict[str, Any]) -> dict[str, bytes]:
         if item.info.get("fail"):
             raise ValueError(str(item.info["fail"]))
+        if item.info.get("crash"):
+            os._exit(70)
         if "row" in item.info:
             try:
                 y, *x = (float(v) for v in item.info["row"].split())

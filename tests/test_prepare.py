@@ -154,6 +154,19 @@ def test_nothing_converted_is_an_error(tmp_path):
     assert len(json.loads((tmp_path / "out" / REPORT).read_text())["skipped"]) == 3
 
 
+def test_a_worker_that_dies_is_an_error_naming_where(tmp_path):
+    items = [PrepareItem(f"{i:06d}", f"in{i}.txt", f"list.txt:{i + 1}", {"x": [float(i)] * 4, "y": 0.0})
+             for i in range(12)]
+    items[7] = PrepareItem("000007", "in7.txt", "list.txt:8", {"crash": True})
+    job = SplitJob("toy_regression", PREPARERS.get("toy_regression"), items, {"dtype": "float32"}, tmp_path / "out")
+    # multiprocessing.Pool would wait for the lost item forever; this must fail, and fast
+    with pytest.raises(PrepareError, match=r"a worker process died .* \(the first: in\d+\.txt\).* run the same "
+                                           r"command again"):
+        prepare_split(job, max_bytes=30720, workers=2, progress=False)
+    assert not (tmp_path / "out" / MANIFEST).exists()
+    assert not json.loads((tmp_path / "out" / STATE).read_text())["complete"]
+
+
 def test_config_form_prepares_every_split_and_trains(tmp_path):
     cfg = tmp_path / "toy.yaml"
     cfg.write_text("task: toy_regression\ndata:\n  num_train: 40\n")
