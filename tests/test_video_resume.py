@@ -31,7 +31,9 @@ def synth(tmp_path_factory) -> Path:
 def shards(synth, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("video_shards") / "train"
     assert cli_main(["data", "prepare", "--kind", "video", "--list", str(synth / "train.txt"), "--root", str(synth),
-                     "--out", str(out), "--workers", "1", "--no-progress", "--short-side", "32"]) == 0
+                     "--out", str(out), "--workers", "2", "--no-progress", "--short-side", "32"]) == 0
+    # (--workers 2: the transcode runs in worker processes; libx264 run in this process before the
+    # training forks its loader workers deadlocks PyAV 12's decoder in them, the test-floors install)
     return out
 
 
