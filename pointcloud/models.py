@@ -229,6 +229,12 @@ class PatchEmbed(nn.Module):
     Parameter names and shapes match the official ``Encoder`` (``first_conv.{0,1,3}``,
     ``second_conv.{0,1,3}``, 1x1 convolutions); the per-point layers run channels-last as matmuls
     (:class:`PointwiseConv`), BatchNorm over every point of every patch as the official layers.
+
+    The first layer of ``second_conv`` reads ``cat([global, local])``, whose global half is the same
+    for every point of a patch: it is applied once per patch and added to the per-point half
+    (``W [g; f] + b = W_g g + b + W_f f``), which halves that layer's matmul and never builds the
+    concatenation. Pooling is ``torch.max`` over the points, as the official code (the gradient goes
+    to one point per channel).
     """
 
     def __init__(self, out_dim: int, dims: Sequence[int] = (128, 256, 512)) -> None:
@@ -245,11 +251,14 @@ class PatchEmbed(nn.Module):
         b, g, k, _ = patches.shape
         x = self.first_conv(rearrange(patches, "b g k c -> (b g k) c"))  # (BGK, h2)
         x = rearrange(x, "(bg k) c -> bg k c", k=k)
-        pooled = x.amax(dim=1, keepdim=True)
-        x = torch.cat([pooled.expand(-1, k, -1), x], dim=2)  # (BG, K, 2 h2)
-        x = self.second_conv(rearrange(x, "bg k c -> (bg k) c"))  # (BGK, out_dim)
-        x = rearrange(x, "(b g k) d -> b g k d", b=b, g=g).amax(dim=2)
-        return x
+        pooled = x.max(dim=1).values  # (BG, h2)
+        fuse = self.second_conv[0]
+        w = fuse.weight.squeeze(-1)  # (h3, 2 h2): columns for [global, local]
+        h2 = x.shape[-1]
+        per_patch = F.linear(pooled, w[:, :h2], fuse.bias)  # (BG, h3)
+        x = F.linear(x, w[:, h2:]) + per_patch.unsqueeze(1)  # (BG, K, h3)
+        x = self.second_conv[1:](rearrange(x, "bg k c -> (bg k) c"))  # (BGK, out_dim)
+        return rearrange(x, "(b g k) d -> b g k d", b=b, g=g).max(dim=2).values
 
 
 def _pos_mlp(hidden: int, dim: int) -> nn.Sequential:

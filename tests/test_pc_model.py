@@ -317,3 +317,40 @@ def test_patch_embedding_width_may_differ_from_the_transformer_width():
     out = model({"points": clouds(2)})
     out.loss.backward()
     assert model.encoder.patch_proj.weight.grad is not None
+
+
+def test_patch_embed_is_the_official_mini_pointnet_in_train_mode():
+    """The mini-PointNet (matmuls on channels-last rows, the global half of the fusing layer applied
+    once per patch) computes the official layer stack: 1x1 Conv1d on (BG, C, K), BatchNorm in train
+    mode, ``torch.max`` pooling, ``cat([global, local])`` — outputs and every parameter gradient."""
+    from torch import nn
+
+    from mm3d.pointcloud.models import PatchEmbed
+
+    torch.manual_seed(0)
+    ours = PatchEmbed(48, dims=(16, 24, 40)).train()
+    ref = nn.ModuleDict({
+        "first_conv": nn.Sequential(nn.Conv1d(3, 16, 1), nn.BatchNorm1d(16), nn.ReLU(inplace=True), nn.Conv1d(16, 24, 1)),
+        "second_conv": nn.Sequential(nn.Conv1d(48, 40, 1), nn.BatchNorm1d(40), nn.ReLU(inplace=True), nn.Conv1d(40, 48, 1)),
+    }).train()
+    ref.load_state_dict(ours.state_dict())
+    patches = torch.randn(3, 5, 7, 3, dtype=torch.float64)
+    ours, ref = ours.double(), ref.double()
+
+    def official(p: torch.Tensor) -> torch.Tensor:
+        b, g, k, _ = p.shape
+        x = p.reshape(b * g, k, 3).transpose(2, 1)  # (BG, 3, K)
+        f = ref["first_conv"](x)
+        glob = torch.max(f, dim=2, keepdim=True)[0]
+        f = ref["second_conv"](torch.cat([glob.expand(-1, -1, k), f], dim=1))
+        return torch.max(f, dim=2, keepdim=False)[0].reshape(b, g, -1)
+
+    out, want = ours(patches), official(patches)
+    assert_close(out, want, rtol=1e-12, atol=1e-12)
+    w = torch.randn_like(out)
+    (out * w).sum().backward()
+    (want * w).sum().backward()
+    for name, param in ours.named_parameters():
+        assert_close(param.grad, ref.get_parameter(name).grad, rtol=1e-10, atol=1e-12)
+    for name, buf in ours.named_buffers():  # BatchNorm running statistics
+        assert_close(buf.double(), ref.get_buffer(name).double(), rtol=1e-12, atol=1e-12)
