@@ -14,7 +14,9 @@ from mm3d.config import ConfigError, load_config, to_dict
 from mm3d.registry import MODELS
 from mm3d.targets import TargetConfig
 from mm3d.teacher import FrozenModule
-from mm3d.testing import PROJECT_ROOT
+from einops import rearrange
+
+from mm3d.testing import PROJECT_ROOT, assert_close
 from mm3d.video.models import VideoMAEPretrain, build_pretrain_model
 from mm3d.video.targets import HOGTarget, hog, motion_scores
 from mm3d.video.tokens import patchify, pixel_target
@@ -446,3 +448,27 @@ def test_fine_tuning_from_an_ema_pretraining_drops_the_teacher_and_says_so(tmp_p
     assert not any("unexpected" in n for n in notes)
     assert torch.equal(clf.state_dict()["encoder.blocks.0.mlp.fc1.weight"],
                        model.state_dict()["encoder.blocks.0.mlp.fc1.weight"])
+
+
+def test_pixel_target_is_the_official_formula_on_flat_and_ordinary_tubelets():
+    """The per-tubelet normalised target equals the official sequence (un-normalise, mean, unbiased
+    std + eps) computed in float64, also for nearly constant tubelets (letterbox bars)."""
+    g = torch.Generator().manual_seed(0)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    patches = torch.randn(2, 6, 2 * 4 * 4 * 3, generator=g)
+    patches[0, 1] = 1.7  # constant tubelet
+    patches[1, 2] = -0.8 + 1e-3 * torch.randn(96, generator=g)  # nearly flat
+    x = rearrange(patches.double(), "b l (p c) -> b l p c", c=3) * std.double() + mean.double()
+    want = (x - x.mean(dim=-2, keepdim=True)) / (x.var(dim=-2, unbiased=True, keepdim=True).sqrt() + 1e-6)
+    want = rearrange(want, "b l p c -> b l (p c)")
+    got = pixel_target(patches, 3, mean, std, norm_pix=True)
+    ordinary = torch.ones(2, 6, dtype=torch.bool)
+    ordinary[0, 1] = ordinary[1, 2] = False
+    assert_close(got[ordinary], want.float()[ordinary], rtol=1e-5, atol=1e-5)
+    # nearly flat: the official float32 sequence is off by 1e-4 to 2e-4 here; this one by under 1e-4
+    assert_close(got[1, 2], want[1, 2].float(), rtol=0, atol=1e-4)
+    # a constant tubelet's target is rounding noise over eps; the official float32 sequence gives up
+    # to 0.24 on such tubelets (its un-normalised mean is not exact either)
+    assert got[0, 1].abs().max() < 0.25
+    plain = pixel_target(patches, 3, mean, std, norm_pix=False)
+    assert_close(plain, rearrange(x, "b l p c -> b l (p c)").float(), rtol=1e-6, atol=1e-6)
