@@ -7,7 +7,9 @@ RSS), and, when the task offers one, the same step of a peer implementation time
 the same process with the ratio. The fp32 (or the run's autocast dtype) matmul peak of the device is
 measured in the same run, so the achieved share of it (``peak_fraction``) reads the same on any
 machine. `bench.data_loader=true` adds loader throughput; `bench.profile=N` profiles N steps of ours
-(and of the peer) with ``torch.profiler`` and lists the operators with the most self time.
+(and of the peer) with ``torch.profiler``, lists the operators with the most self time, and splits
+the step into GEMMs, attention and the rest, each with its own share of the matmul peak
+(``ours_by_kind``), which says where a step falls short of the peak.
 """
 
 from __future__ import annotations
@@ -141,8 +143,37 @@ def matmul_peak_gflops(device: torch.device, dtype: torch.dtype = torch.float32,
     return 2 * n ** 3 / best / 1e9
 
 
-def profile_steps(step: Callable[[], Any], device: torch.device, steps: int, top: int = 12) -> list[dict[str, Any]]:
-    """The `top` operators by self time over `steps` calls of `step` (``torch.profiler``), per step."""
+_GEMM_OPS = frozenset({"mm", "addmm", "bmm", "baddbmm", "addbmm", "matmul", "linear", "_scaled_mm",
+                       "convolution", "_convolution", "convolution_backward", "mkldnn_convolution",
+                       "cudnn_convolution", "_convolution_mode"})
+
+
+def op_kind(name: str) -> str:
+    """"gemm", "attention" or "other" for an operator named as the profiler ("aten::mm") or the FLOP
+    counter ("aten.mm", "aten.mm.default") names it."""
+    base = name.split("::")[-1]
+    if base.startswith("aten."):
+        base = base[len("aten."):]
+    base = base.split(".")[0]
+    if "attention" in base:
+        return "attention"
+    return "gemm" if base in _GEMM_OPS else "other"
+
+
+def _op_rows(prof: Any, device: torch.device) -> list[Any]:
+    """The profiler's operator rows with self time on `device` (no kernel rows: their time is the ops')."""
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    cpu = torch.autograd.DeviceType.CPU
+    return [e for e in prof.key_averages() if getattr(e, key) > 0 and getattr(e, "device_type", cpu) == cpu]
+
+
+def profile_steps(step: Callable[[], Any], device: torch.device, steps: int,
+                  top: int = 12) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """Profile `steps` calls of `step` (``torch.profiler``).
+
+    Returns the `top` operators by self time, per step, and the share of the profiled self time in
+    each :func:`op_kind` (``{"gemm": s, "attention": s, "other": s}``, summing to 1).
+    """
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -151,12 +182,39 @@ def profile_steps(step: Callable[[], Any], device: torch.device, steps: int, top
             step()
         _sync(device)
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    events = [e for e in prof.key_averages() if getattr(e, key) > 0]
+    events = _op_rows(prof, device)
     total = sum(getattr(e, key) for e in events) or 1.0
     events.sort(key=lambda e: getattr(e, key), reverse=True)
-    return [{"op": e.key, "self_ms_per_step": round(getattr(e, key) / 1e3 / steps, 2),
+    rows = [{"op": e.key, "self_ms_per_step": round(getattr(e, key) / 1e3 / steps, 2),
              "share": round(getattr(e, key) / total, 4), "calls_per_step": e.count // steps}
             for e in events[:top]]
+    kinds = {"gemm": 0.0, "attention": 0.0, "other": 0.0}
+    for e in events:
+        kinds[op_kind(e.key)] += getattr(e, key) / total
+    return rows, kinds
+
+
+def by_kind(shares: dict[str, float], flops: dict[str, int], seconds: float, peak_gflops: float) -> dict[str, Any]:
+    """Where a step's time goes against the peak: per :func:`op_kind`, its share of the step (from a
+    profile), its milliseconds of the unprofiled `seconds`, and, for GEMMs and attention, the FLOPs
+    counted for it, its own GFLOP/s and share of the matmul peak."""
+    out: dict[str, Any] = {}
+    for kind, share in shares.items():
+        row: dict[str, Any] = {"share": round(share, 4), "ms_per_step": round(share * seconds * 1e3, 2)}
+        if kind != "other" and share > 0:
+            rate = flops.get(kind, 0) / (share * seconds) / 1e9
+            row.update(flops=flops.get(kind, 0), gflops_per_s=round(rate, 2),
+                       peak_fraction=round(rate / peak_gflops, 3))
+        out[kind] = row
+    return out
+
+
+def flops_by_kind(fc: FlopCounterMode) -> dict[str, int]:
+    """FLOPs a counter saw, per :func:`op_kind`."""
+    out = {"gemm": 0, "attention": 0, "other": 0}
+    for op, n in fc.get_flop_counts().get("Global", {}).items():
+        out[op_kind(str(op))] += int(n)
+    return out
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -252,9 +310,13 @@ def run_bench(cfg: RunConfig) -> dict[str, Any]:
         result["peer_ms_per_step"] = round(pmed * 1e3, 2)
         result["speedup_vs_peer"] = round(pmed / med, 3)
     if cfg.bench.profile:
-        result["profile"] = {"ours": profile_steps(step, device, cfg.bench.profile)}
+        rows, shares = profile_steps(step, device, cfg.bench.profile)
+        result["profile"] = {"ours": rows, "ours_by_kind": by_kind(shares, flops_by_kind(fc), med, peak)}
         if peer is not None:
-            result["profile"]["peer"] = profile_steps(peer[1], device, cfg.bench.profile)
+            rows, shares = profile_steps(peer[1], device, cfg.bench.profile)
+            result["profile"]["peer"] = rows
+            result["profile"]["peer_by_kind"] = {k: {"share": round(v, 4), "ms_per_step": round(v * pmed * 1e3, 2)}
+                                                 for k, v in shares.items()}
     if cfg.bench.data_loader:
         result.update(bench_loader(cfg, task, ds))
     extra = task.bench_extra(cfg, device) if cfg.bench.extra else None

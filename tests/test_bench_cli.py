@@ -52,6 +52,28 @@ def test_bench_measures_the_matmul_peak_and_profiles_on_request(tmp_path):
     assert rows and {"op", "self_ms_per_step", "share", "calls_per_step"} <= set(rows[0])
     assert any("addmm" in row["op"] or "mm" in row["op"] for row in rows)  # the toy model's Linear layers
     assert all(a["self_ms_per_step"] >= b["self_ms_per_step"] for a, b in zip(rows, rows[1:]))
+    kinds = r["profile"]["ours_by_kind"]
+    assert set(kinds) == {"gemm", "attention", "other"}
+    assert sum(k["share"] for k in kinds.values()) == pytest.approx(1.0, abs=1e-3)
+    assert sum(k["ms_per_step"] for k in kinds.values()) == pytest.approx(r["ms_per_step"], rel=1e-3)
+    # the toy's FLOPs are all GEMMs: their rate is the step's FLOPs over the GEMMs' part of the step
+    gemm = kinds["gemm"]
+    assert gemm["flops"] == pytest.approx(r["train_flops_per_sample"] * r["batch_size"], rel=1e-3)
+    seconds = gemm["share"] * r["ms_per_step"] / 1e3
+    assert gemm["gflops_per_s"] == pytest.approx(gemm["flops"] / 1e9 / seconds, rel=2e-2)
+    assert kinds["attention"]["share"] == 0 and "flops" not in kinds["attention"]
+
+
+def test_op_kinds_name_gemms_attention_and_the_rest_as_profiler_and_flop_counter_spell_them():
+    from mm3d.bench import op_kind
+
+    assert [op_kind(n) for n in ("aten::mm", "aten.addmm", "aten.bmm.default", "aten::convolution_backward",
+                                 "aten::mkldnn_convolution")] == ["gemm"] * 5
+    assert [op_kind(n) for n in ("aten::_scaled_dot_product_flash_attention_for_cpu_backward",
+                                 "aten._scaled_dot_product_efficient_attention.default",
+                                 "aten::_flash_attention_backward")] == ["attention"] * 3
+    assert [op_kind(n) for n in ("aten::gelu", "aten::copy_", "aten::mm_backward_helper", "aten::_fused_adamw_")] \
+        == ["other"] * 4
 
 
 def test_every_subcommand_has_help(capsys):
