@@ -283,7 +283,7 @@ def run_bench(cfg: RunConfig) -> dict[str, Any]:
             theirs += time_steps(peer[1], device, 0, 1)
     med = statistics.median(ours)
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision, torch.float32)
-    peak = matmul_peak_gflops(device, amp if device.type == "cuda" else torch.float32)
+    peak = matmul_peak_gflops(device, amp)  # in the dtype the GEMMs run in (bf16: AMX on a CPU that has it)
     result: dict[str, Any] = {
         "config": cfg.name,
         "task": cfg.task,

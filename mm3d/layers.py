@@ -2,6 +2,8 @@
 
 - :func:`vit_blocks` / :func:`run_blocks`: the transformer block stack and its runner
   (positional embedding added before every block, activation checkpointing, tapped outputs);
+- :func:`sdpa` / :class:`SDPAAttention`: torch's scaled-dot-product attention, in fp32 where the
+  CPU's bf16 kernel is slower than its fp32 one;
 - :func:`token_mask_count` / :func:`gather_tokens`: the visible-token bookkeeping of masked
   encoders, without a host read on the training path;
 - the MAE family's weight initialisers.
@@ -13,27 +15,75 @@ import os
 from typing import Callable, Sequence
 
 import torch
-from timm.layers import trunc_normal_
+import torch.nn.functional as F
+from einops import rearrange
+from timm.layers import Attention, trunc_normal_
 from timm.models.vision_transformer import Block
 from torch import nn
 from torch._subclasses.fake_tensor import is_fake
 from torch.utils.checkpoint import checkpoint
 
+# Sequences up to this length run a CPU bf16 attention that needs gradients in fp32: torch's CPU
+# flash-attention backward in bf16 is 1.1-4.5x slower than in fp32 there (L = 26 .. 256 at head
+# width 64, BENCHMARKS.md), and faster beyond (L = 512: 1.3x, 1568: 1.3x).
+CPU_BF16_SDPA_FP32_MAX_LEN = 256
+
 # MM3D_CHECK_MASKS=1 validates even the masks our own generators made (a host read per forward)
 CHECK_ALL_MASKS = os.environ.get("MM3D_CHECK_MASKS", "") not in ("", "0")
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, attn_mask: torch.Tensor | None = None,
+         dropout_p: float = 0.0, is_causal: bool = False) -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` of q (B, H, Lq, d), k, v (B, H, Lk, d) -> (B, H, Lq, d).
+
+    One exception, measured: on the CPU, bf16 inputs that need gradients with sequences of at most
+    :data:`CPU_BF16_SDPA_FP32_MAX_LEN` run in fp32 (autocast off) and the output is cast back, since
+    torch's bf16 backward kernel is the slower one there. Elsewhere (any GPU, inference, long
+    sequences) this is exactly torch's call.
+    """
+    if (q.device.type == "cpu" and q.dtype == torch.bfloat16 and torch.is_grad_enabled()
+            and max(q.shape[-2], k.shape[-2]) <= CPU_BF16_SDPA_FP32_MAX_LEN
+            and (q.requires_grad or k.requires_grad or v.requires_grad)):
+        if attn_mask is not None and attn_mask.is_floating_point():
+            attn_mask = attn_mask.float()
+        with torch.autocast("cpu", enabled=False):
+            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=attn_mask,
+                                                 dropout_p=dropout_p, is_causal=is_causal)
+        return out.to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal)
+
+
+class SDPAAttention(Attention):
+    """timm's ``Attention`` (same parameters and state dict) with its attention through :func:`sdpa`.
+
+    x: (B, L, D) -> (B, L, D); plugs into timm's ``Block(attn_layer=...)``.
+    """
+
+    def qkv_proj(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, L, D) -> (B, L, 3 * H * d), ordered q, k, v."""
+        return self.qkv(x)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                is_causal: bool = False) -> torch.Tensor:
+        q, k, v = rearrange(self.qkv_proj(x), "b l (n h d) -> n b h l d", n=3, h=self.num_heads)
+        q, k = self.q_norm(q), self.k_norm(k)
+        x = sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                 dropout_p=self.attn_drop.p if self.training else 0.0)
+        x = self.norm(rearrange(x, "b h l d -> b l (h d)"))
+        return self.proj_drop(self.proj(x))
 
 
 def vit_blocks(*, dim: int, depth: int, num_heads: int, mlp_ratio: float, qkv_bias: bool, drop_path: float,
                norm_layer: Callable[[int], nn.Module] = nn.LayerNorm, attn_layer: type[nn.Module] | None = None,
                init_values: float | None = None, attn_drop: float = 0.0, proj_drop: float = 0.0) -> nn.ModuleList:
     """`depth` timm pre-norm ViT blocks (SDPA attention); drop-path rises linearly from 0 to
-    `drop_path` over the depth, as in timm's ViT and the MAE family. `attn_layer` replaces timm's
-    ``Attention`` (e.g. VideoMAE's q/v-bias attention)."""
+    `drop_path` over the depth, as in timm's ViT and the MAE family. `attn_layer` replaces
+    :class:`SDPAAttention` (timm's ``Attention`` through :func:`sdpa`), e.g. VideoMAE's q/v-bias one."""
     rates = torch.linspace(0, drop_path, depth, device="cpu").tolist() if depth > 0 else []
-    extra = {"attn_layer": attn_layer} if attn_layer is not None else {}
     return nn.ModuleList([
         Block(dim=dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=proj_drop,
-              attn_drop=attn_drop, init_values=init_values or None, drop_path=r, norm_layer=norm_layer, **extra)
+              attn_drop=attn_drop, init_values=init_values or None, drop_path=r, norm_layer=norm_layer,
+              attn_layer=attn_layer or SDPAAttention)
         for r in rates])
 
 

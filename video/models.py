@@ -31,10 +31,11 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import Attention, trunc_normal_
+from timm.layers import trunc_normal_
 from torch import nn
 
-from mm3d.layers import gather_tokens, init_trunc_normal, init_xavier, run_blocks, token_mask_count, vit_blocks
+from mm3d.layers import (
+    SDPAAttention, gather_tokens, init_trunc_normal, init_xavier, run_blocks, token_mask_count, vit_blocks)
 from mm3d.masking import RUNNING_CELL_RATIOS, num_masked, scored_mask, video_mask, video_num_masked
 from mm3d.registry import register_variant
 from mm3d.targets import TargetConfig, build_target
@@ -203,12 +204,12 @@ _variant("videomae_tiny_test", "minimal VideoMAE for unit tests: 4x32^2 clips, p
 # --------------------------------------------------------------------------------------------
 
 
-class QVBiasAttention(Attention):
+class QVBiasAttention(SDPAAttention):
     """timm's SDPA attention with VideoMAE's biases: learnable ``q_bias`` and ``v_bias``, none on k.
 
     The projection weights keep timm's fused ``qkv`` layout ((3 * D, D) ordered q, k, v), which
     is also VideoMAE's. Accepts timm ``Attention`` keyword arguments, so it plugs into timm's
-    ``Block(attn_layer=...)``.
+    ``Block(attn_layer=...)``. x: (B, L, D) -> (B, L, D).
     """
 
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, **kwargs: Any) -> None:
@@ -223,19 +224,11 @@ class QVBiasAttention(Attention):
             self.register_parameter("q_bias", None)
             self.register_parameter("v_bias", None)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
-                is_causal: bool = False) -> torch.Tensor:
-        """x: (B, L, D). Returns (B, L, D)."""
+    def qkv_proj(self, x: torch.Tensor) -> torch.Tensor:
         bias = None
         if self.q_bias is not None:
             bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
-        qkv = F.linear(x, self.qkv.weight, bias)
-        q, k, v = rearrange(qkv, "b l (n h d) -> n b h l d", n=3, h=self.num_heads)
-        q, k = self.q_norm(q), self.k_norm(k)
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
-                                           dropout_p=self.attn_drop.p if self.training else 0.0)
-        x = self.norm(rearrange(x, "b h l d -> b l (h d)"))
-        return self.proj_drop(self.proj(x))
+        return F.linear(x, self.qkv.weight, bias)
 
 
 def _blocks(*, dim: int, depth: int, num_heads: int, mlp_ratio: float, qkv_bias: bool, norm_eps: float,
