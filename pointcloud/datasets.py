@@ -44,7 +44,8 @@ import torch
 
 from mm3d.datacheck import BadSample, FailureBudget, bad_sample, read_or_replace
 from mm3d.pointcloud.cache import cache_dirs, load_or_build_cache, restore_bad, store_bad
-from mm3d.pointcloud.files import MISSING, READ_ERRORS, ListedFiles, file_present, read_list_lines
+from mm3d.pointcloud.files import (
+    MISSING, READ_ERRORS, ListedFiles, file_present, modelnet_classes, modelnet_shapes, read_list_lines)
 from mm3d.pointcloud.io import (POINT_EXTENSIONS, bin_columns_for, data_row_line, read_points,
                                 read_text_points)
 from mm3d.pointcloud.transforms import normalize_unit_sphere, sample_indices
@@ -253,16 +254,8 @@ class ModelNet(ListedFiles):
         self.root = Path(root)
         self.split, self.npoints, self.use_normals = split, int(npoints), bool(use_normals)
         self.cache_points, self.sample, self.drop_nonfinite = int(cache_points), sample, drop_nonfinite
-        names_file = self.root / f"modelnet{num_classes}_shape_names.txt"
         list_file = self.root / f"modelnet{num_classes}_{split}.txt"
-        class_lines = read_list_lines(names_file)
-        self.classes: list[str] = [name for _, name in class_lines]
-        seen: dict[str, int] = {}
-        for line_no, name in class_lines:
-            if name in seen:
-                raise ValueError(f"{names_file}, line {line_no}: class {name!r} repeats line "
-                                 f"{seen[name]}")
-            seen[name] = line_no
+        self.classes: list[str] = modelnet_classes(self.root, num_classes)
         class_index = {name: i for i, name in enumerate(self.classes)}
 
         self.ids: list[str] = []
@@ -271,12 +264,7 @@ class ModelNet(ListedFiles):
         self.dropped: list[BadSample] = []
         labels: list[int] = []
         listing: dict[Path, set[str]] = {}
-        for line_no, shape_id in read_list_lines(list_file):
-            cls = shape_id.rsplit("_", 1)[0]
-            if "_" not in shape_id or cls not in class_index:
-                raise ValueError(f"{list_file}, line {line_no}: shape {shape_id!r} has class "
-                                 f"{cls!r}, which is not in {names_file} ({len(self.classes)} "
-                                 f"classes)")
+        for line_no, shape_id, cls in modelnet_shapes(self.root, num_classes, list_file, self.classes):
             if not file_present(self.root / cls, f"{shape_id}.txt", listing):
                 self.dropped.append(BadSample(str(self.root / cls / f"{shape_id}.txt"), f"{list_file}:{line_no}",
                                               MISSING))

@@ -54,3 +54,31 @@ def read_list_lines(path: Path) -> list[tuple[int, str]]:
         raise FileNotFoundError(f"list file not found: {path}")
     return [(i, s.strip()) for i, s in enumerate(path.read_text().splitlines(), start=1)
             if s.strip()]
+
+
+def modelnet_classes(root: Path, num_classes: int) -> list[str]:
+    """The classes of ``root/modelnet<n>_shape_names.txt`` in file order (label = position); a
+    repeated name is an error naming both lines."""
+    names_file = root / f"modelnet{num_classes}_shape_names.txt"
+    first: dict[str, int] = {}
+    for line_no, name in read_list_lines(names_file):
+        if name in first:
+            raise ValueError(f"{names_file}, line {line_no}: class {name!r} repeats line {first[name]}")
+        first[name] = line_no
+    return list(first)
+
+
+def modelnet_shapes(root: Path, num_classes: int, list_file: Path,
+                    classes: list[str]) -> list[tuple[int, str, str]]:
+    """The shapes of a ModelNet list file (``airplane_0001`` per line) as (line number, shape id,
+    class); a shape whose class (the id up to its last ``_``) is not in `classes` is an error naming
+    the line and the class list."""
+    known = set(classes)
+    out = []
+    for line_no, shape_id in read_list_lines(list_file):
+        cls = shape_id.rsplit("_", 1)[0]
+        if "_" not in shape_id or cls not in known:
+            raise ValueError(f"{list_file}, line {line_no}: shape {shape_id!r} has class {cls!r}, which is not "
+                             f"in {root / f'modelnet{num_classes}_shape_names.txt'} ({len(classes)} classes)")
+        out.append((line_no, shape_id, cls))
+    return out

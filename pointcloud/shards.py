@@ -52,7 +52,7 @@ from mm3d.datacheck import BadSample, FailureBudget, read_or_replace
 from mm3d.registry import PREPARERS, PrepareItem
 from mm3d.shards import ShardSamples, ShardSet, has_split, resolve_shards, safe_key, split_folder
 from mm3d.pointcloud.datasets import (SCANOBJECTNN_CLASSES, SCANOBJECTNN_FILES, _item_generator, _resample)
-from mm3d.pointcloud.files import MISSING, read_list_lines
+from mm3d.pointcloud.files import MISSING, modelnet_classes, modelnet_shapes, read_list_lines
 from mm3d.pointcloud.io import bin_columns_for, read_points, read_text_points
 from mm3d.pointcloud.transforms import normalize_unit_sphere, sample_indices
 
@@ -215,16 +215,6 @@ def modelnet_cache_cloud(arr: np.ndarray, cache_points: int, channels: int, *, w
     return normalize_unit_sphere(picked)[0].numpy()
 
 
-def _modelnet_classes(root: Path, num_classes: int) -> list[str]:
-    names_file = root / f"modelnet{num_classes}_shape_names.txt"
-    classes: dict[str, int] = {}
-    for line_no, name in read_list_lines(names_file):
-        if name in classes:
-            raise ValueError(f"{names_file}, line {line_no}: class {name!r} repeats line {classes[name]}")
-        classes[name] = line_no
-    return list(classes)
-
-
 class ModelNetPreparer(_PointPreparer):
     """ModelNet40/10 (``modelnet40_normal_resampled``): each shape's FPS cache row (see the module
     docstring), so training from the shards never runs the farthest point sampling.
@@ -267,24 +257,17 @@ class ModelNetPreparer(_PointPreparer):
 
     def classes(self, x: Any) -> list[str]:
         root, _, n = self._source(x)
-        return _modelnet_classes(root, n)
+        return modelnet_classes(root, n)
 
     def items(self, args: Any) -> list[PrepareItem]:
         return self._items(*self._source(args))
 
     def _items(self, root: Path, list_file: Path, num_classes: int) -> list[PrepareItem]:
-        classes = _modelnet_classes(root, num_classes)
+        classes = modelnet_classes(root, num_classes)
         index = {c: i for i, c in enumerate(classes)}
-        items = []
-        for line_no, shape_id in read_list_lines(list_file):
-            cls = shape_id.rsplit("_", 1)[0]
-            if "_" not in shape_id or cls not in index:
-                raise ValueError(f"{list_file}, line {line_no}: shape {shape_id!r} has class {cls!r}, which is "
-                                 f"not in {root / f'modelnet{num_classes}_shape_names.txt'} ({len(classes)} "
-                                 f"classes)")
-            items.append(PrepareItem(safe_key(len(items), shape_id), str(root / cls / f"{shape_id}.txt"),
-                                     f"{list_file}:{line_no}", {"label": index[cls], "id": shape_id, "class": cls}))
-        return items
+        return [PrepareItem(safe_key(i, shape_id), str(root / cls / f"{shape_id}.txt"), f"{list_file}:{line_no}",
+                            {"label": index[cls], "id": shape_id, "class": cls})
+                for i, (line_no, shape_id, cls) in enumerate(modelnet_shapes(root, num_classes, list_file, classes))]
 
     def convert(self, item: PrepareItem, settings: dict[str, Any]) -> dict[str, bytes]:
         path = Path(item.source)
