@@ -343,3 +343,53 @@ def bench_loader(cfg: RunConfig, task: Any, ds: Any) -> dict[str, Any]:
     rate = n / max(dt, 1e-9)
     return {"loader_samples_per_s": round(rate, 2), "loader_workers": workers,
             "loader_samples_per_s_per_worker": round(rate / max(1, workers), 2), "loader_samples": n}
+
+
+def attention_timings(shapes: list[tuple[int, int, int, int]], dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16),
+                      device: torch.device | str = "cpu", reps: int = 5) -> list[dict[str, Any]]:
+    """Forward and backward milliseconds of torch's ``F.scaled_dot_product_attention`` (the kernel the
+    device picks) for q = k = v of each (B, H, L, d) in `shapes` and each dtype: the measurement
+    behind :data:`mm3d.layers.CPU_BF16_SDPA_FP32_MAX_LEN`. Medians over `reps` after 2 warm-ups."""
+    import torch.nn.functional as F
+
+    device = torch.device(device)
+    rows = []
+    for b, h, n, d in shapes:
+        for dtype in dtypes:
+            g = torch.Generator().manual_seed(0)
+            q, k, v = (torch.randn(b, h, n, d, generator=g).to(device, dtype).requires_grad_() for _ in range(3))
+            grad = torch.randn(b, h, n, d, generator=g).to(device, dtype)
+            fwd, bwd = [], []
+            for i in range(2 + reps):
+                t0 = time.perf_counter()
+                out = F.scaled_dot_product_attention(q, k, v)
+                _sync(device)
+                t1 = time.perf_counter()
+                out.backward(grad)
+                _sync(device)
+                if i >= 2:
+                    fwd.append(t1 - t0)
+                    bwd.append(time.perf_counter() - t1)
+            rows.append({"shape": [b, h, n, d], "dtype": str(dtype).replace("torch.", ""),
+                         "fwd_ms": round(statistics.median(fwd) * 1e3, 3), "bwd_ms": round(statistics.median(bwd) * 1e3, 3)})
+    return rows
+
+
+def attention_main(argv: list[str] | None = None) -> int:
+    """``python tools/bench_attention.py [--device cpu] [--reps 5] B,H,L,d ...``: one JSON line per
+    shape and dtype (fp32 and bf16)."""
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser(description=attention_main.__doc__)
+    p.add_argument("shapes", nargs="*", default=["32,6,26,64", "32,6,64,64", "8,6,256,64", "4,6,512,64",
+                                                  "2,6,1024,64", "2,3,1568,64", "16,12,197,64"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--reps", type=int, default=5)
+    args = p.parse_args(argv)
+    shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes]
+    if any(len(s) != 4 for s in shapes):
+        p.error("each shape is B,H,L,d")
+    for row in attention_timings(shapes, device=args.device, reps=args.reps):  # type: ignore[arg-type]
+        print(json.dumps(row))
+    return 0

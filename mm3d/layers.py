@@ -24,8 +24,9 @@ from torch._subclasses.fake_tensor import is_fake
 from torch.utils.checkpoint import checkpoint
 
 # Sequences up to this length run a CPU bf16 attention that needs gradients in fp32: torch's CPU
-# flash-attention backward in bf16 is 1.1-4.5x slower than in fp32 there (L = 26 .. 256 at head
-# width 64, BENCHMARKS.md), and faster beyond (L = 512: 1.3x, 1568: 1.3x).
+# flash-attention backward in bf16 is 1.1-5x slower than in fp32 for L = 26 .. 256 at head width
+# 64; from L = 512 bf16 forward + backward is the faster (1.3x). `python tools/bench_attention.py`
+# measures it (BENCHMARKS.md).
 CPU_BF16_SDPA_FP32_MAX_LEN = 256
 
 # MM3D_CHECK_MASKS=1 validates even the masks our own generators made (a host read per forward)

@@ -47,3 +47,15 @@ def test_sdpa_attention_is_timms_attention_with_its_state_dict():
     assert_close(ours(x), theirs(x), rtol=1e-6, atol=1e-6)
     assert isinstance(vit_blocks(dim=32, depth=1, num_heads=4, mlp_ratio=2, qkv_bias=False, drop_path=0)[0].attn,
                       SDPAAttention)
+
+
+def test_bench_attention_prints_a_row_per_shape_and_dtype(capsys):
+    import json
+
+    from mm3d.bench import attention_main
+
+    assert attention_main(["1,2,8,4", "1,1,5,8", "--reps", "1"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["shape"], r["dtype"]) for r in rows] == [([1, 2, 8, 4], "float32"), ([1, 2, 8, 4], "bfloat16"),
+                                                       ([1, 1, 5, 8], "float32"), ([1, 1, 5, 8], "bfloat16")]
+    assert all(r["fwd_ms"] > 0 and r["bwd_ms"] > 0 for r in rows)
