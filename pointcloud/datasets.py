@@ -15,8 +15,10 @@ PointFolder        ``points`` (N, 3)
 
 Datasets only normalise (centre, unit sphere) and sample points; augmentations are applied to
 whole batches on the device by the task (see :mod:`mm3d.pointcloud.transforms`). Random point
-sampling uses torch's global generator (seeded per DataLoader worker) unless ``seed`` is given,
-in which case sample ``i`` always gets the same points (use it for evaluation splits).
+sampling draws from (seed, index) (evaluation splits: the same points every time) or, after
+``set_epoch(e)``, from (seed, e, index): the training splits the tasks build get the run's seed and
+the trainer sets the epoch, so an item's points do not depend on the loader worker or on where a
+resumed run restarted (:class:`EpochDraws`). ``seed=None`` draws from torch's global generator.
 
 Cheap checks run at construction (list files, listed files, class names, label ranges); file
 contents are checked when read, with errors naming the file and line. ModelNet and ShapeNetPart
@@ -92,10 +94,36 @@ SCANOBJECTNN_FILES: dict[str, tuple[str, str, str]] = {
 # ----------------------------------------------------------------------------------------------
 
 
-def _item_generator(seed: int | None, index: int) -> torch.Generator | None:
+def _item_generator(seed: int | None, index: int, epoch: int | None = None) -> torch.Generator | None:
+    """Item `index`'s generator: None (torch's global one) without a seed; from (seed, index) alone
+    without an epoch; else from (seed, epoch, index), well mixed."""
     if seed is None:
         return None
-    return torch.Generator().manual_seed(int(seed) * 1_000_003 + int(index))
+    if epoch is None:
+        return torch.Generator().manual_seed(int(seed) * 1_000_003 + int(index))
+    state = np.random.SeedSequence([int(seed) % 2**63, int(epoch), int(index)]).generate_state(2, np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+class EpochDraws:
+    """Random point draws that depend on (seed, epoch, index) only (mixed into the datasets that draw).
+
+    Without :meth:`set_epoch` an item draws from (seed, index): the same points every time
+    (evaluation splits). The trainer calls ``set_epoch(e)`` on its training split before every
+    epoch: item i then draws from (seed, e, i), new points each epoch that depend neither on the
+    loader worker that reads it nor on where a resumed run restarted the epoch. ``seed=None``
+    draws from torch's global generator (seeded per loader worker).
+    """
+
+    seed: int | None = None
+    epoch: int | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def item_generator(self, index: int) -> torch.Generator | None:
+        """The generator of item `index`'s draws (None: torch's global one)."""
+        return _item_generator(self.seed, index, self.epoch)
 
 
 def _resample(n_available: int, npoints: int, generator: torch.Generator | None
@@ -112,7 +140,7 @@ def _resample(n_available: int, npoints: int, generator: torch.Generator | None
 # ----------------------------------------------------------------------------------------------
 
 
-class ShapeNet55(ListedFiles):
+class ShapeNet55(EpochDraws, ListedFiles):
     """ShapeNet-55 as released by Point-BERT and used for Point-MAE pretraining.
 
     Layout under `root` (``ShapeNet55-34/``)::
@@ -184,7 +212,7 @@ class ShapeNet55(ListedFiles):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         i, pts = read_or_replace(i, len(self), self.check_sample, self.budget, self.sample_source, READ_ERRORS)
-        idx = _resample(pts.shape[0], self.npoints, _item_generator(self.seed, i))
+        idx = _resample(pts.shape[0], self.npoints, self.item_generator(i))
         return {"points": normalize_unit_sphere(pts[idx]), "label": self.labels[i]}
 
 
@@ -357,7 +385,7 @@ class ModelNet(ListedFiles):
 # ----------------------------------------------------------------------------------------------
 
 
-class ScanObjectNN(ListedFiles):
+class ScanObjectNN(EpochDraws, ListedFiles):
     """ScanObjectNN (h5 release) in one of its three benchmark variants.
 
     Layout under `root` (``ScanObjectNN/``), per :data:`SCANOBJECTNN_FILES`::
@@ -437,7 +465,7 @@ class ScanObjectNN(ListedFiles):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         pts = self.points[i]
         if self.npoints < pts.shape[0]:
-            pts = pts[_resample(pts.shape[0], self.npoints, _item_generator(self.seed, i))]
+            pts = pts[_resample(pts.shape[0], self.npoints, self.item_generator(i))]
         if self.normalize:
             pts = normalize_unit_sphere(pts)
         return {"points": pts.clone(), "label": self.labels[i]}
@@ -448,7 +476,7 @@ class ScanObjectNN(ListedFiles):
 # ----------------------------------------------------------------------------------------------
 
 
-class ShapeNetPart(ListedFiles):
+class ShapeNetPart(EpochDraws, ListedFiles):
     """ShapeNetPart (``shapenetcore_partanno_segmentation_benchmark_v0_normal``).
 
     Layout under `root`::
@@ -603,7 +631,7 @@ class ShapeNetPart(ListedFiles):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         lo, hi = int(self.offsets[i]), int(self.offsets[i + 1])
-        generator = _item_generator(self.seed, i)
+        generator = self.item_generator(i)
         if self.sample_replace:  # npoints independent uniform draws, repeats allowed (official)
             idx = torch.randint(hi - lo, (self.npoints,), generator=generator).numpy() + lo
         else:
@@ -621,7 +649,7 @@ class ShapeNetPart(ListedFiles):
 # ----------------------------------------------------------------------------------------------
 
 
-class PointFolder(ListedFiles):
+class PointFolder(EpochDraws, ListedFiles):
     """Every point-cloud file under `root` (recursively), as unlabeled pretraining data.
 
     Files are read with :func:`mm3d.pointcloud.io.read_points` (``.ply``, ``.pcd``, ``.xyz``,
@@ -676,7 +704,7 @@ class PointFolder(ListedFiles):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         i, pts = read_or_replace(i, len(self), self.check_sample, self.budget, self.sample_source, READ_ERRORS)
-        gen = _item_generator(self.seed, i)
+        gen = self.item_generator(i)
         if self.sample == "fps" and pts.shape[0] >= self.npoints:
             idx = sample_indices(pts, self.npoints, "fps")
         else:

@@ -195,7 +195,7 @@ class PointMAEPartSegTask(Task):
         for split in splits:
             if split not in wanted:
                 continue
-            ds = ShapeNetPart(root, wanted[split], cfg.data.npoints, seed=None if split == "train" else cfg.seed,
+            ds = ShapeNetPart(root, wanted[split], cfg.data.npoints, seed=cfg.seed,  # train: + epoch (EpochDraws)
                               sample_replace=cfg.data.sample_replace, max_failure_ratio=cfg.data.max_failure_ratio,
                               drop_nonfinite=cfg.data.drop_nonfinite)
             if len(ds.categories) > cfg.head.num_categories:

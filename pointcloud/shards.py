@@ -51,7 +51,7 @@ from mm3d.config import ConfigError
 from mm3d.datacheck import BadSample, FailureBudget, read_or_replace
 from mm3d.registry import PREPARERS, PrepareItem
 from mm3d.shards import ShardSamples, ShardSet, has_split, resolve_shards, safe_key, split_folder
-from mm3d.pointcloud.datasets import (SCANOBJECTNN_CLASSES, SCANOBJECTNN_FILES, _item_generator, _resample)
+from mm3d.pointcloud.datasets import SCANOBJECTNN_CLASSES, SCANOBJECTNN_FILES, EpochDraws, _resample
 from mm3d.pointcloud.files import MISSING, modelnet_classes, modelnet_shapes, read_list_lines
 from mm3d.pointcloud.io import bin_columns_for, read_points, read_text_points
 from mm3d.pointcloud.transforms import normalize_unit_sphere, sample_indices
@@ -662,7 +662,7 @@ class PointShards(Dataset):
         raise NotImplementedError
 
 
-class ShapeNet55Shards(PointShards):
+class ShapeNet55Shards(EpochDraws, PointShards):
     """ShapeNet-55 from ``shapenet55`` shards: the items of :class:`~mm3d.pointcloud.datasets.ShapeNet55`
     (`npoints` random points of the file without replacement, centred and scaled to the unit sphere;
     ``label`` the synset index; ``seed``: fixed per-item sampling)."""
@@ -678,7 +678,7 @@ class ShapeNet55Shards(PointShards):
 
     def _item(self, i: int, arr: np.ndarray, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
         pts = torch.from_numpy(arr)
-        idx = _resample(pts.shape[0], self.npoints, _item_generator(self.seed, i))
+        idx = _resample(pts.shape[0], self.npoints, self.item_generator(i))
         return {"points": normalize_unit_sphere(pts[idx]), "label": torch.tensor(meta["label"], dtype=torch.long)}
 
 
@@ -737,7 +737,7 @@ class ModelNetShards(PointShards):
         return item
 
 
-class ScanObjectNNShards(PointShards):
+class ScanObjectNNShards(EpochDraws, PointShards):
     """ScanObjectNN from ``scanobjectnn`` shards: the items of
     :class:`~mm3d.pointcloud.datasets.ScanObjectNN` (all stored points, or a random `npoints` of them,
     optionally re-normalised). The variant recorded at prepare time must be `variant`."""
@@ -761,13 +761,13 @@ class ScanObjectNNShards(PointShards):
         if npoints > pts.shape[0]:
             raise ValueError(f"{self.sample_source(i)[0]}: npoints={npoints} exceeds the {pts.shape[0]} stored points")
         if npoints < pts.shape[0]:
-            pts = pts[_resample(pts.shape[0], npoints, _item_generator(self.seed, i))]
+            pts = pts[_resample(pts.shape[0], npoints, self.item_generator(i))]
         if self.normalize:
             pts = normalize_unit_sphere(pts)
         return {"points": pts.clone(), "label": torch.tensor(meta["label"], dtype=torch.long)}
 
 
-class PointFolderShards(PointShards):
+class PointFolderShards(EpochDraws, PointShards):
     """A folder of scans from ``pointfolder`` shards: the items of
     :class:`~mm3d.pointcloud.datasets.PointFolder` (`npoints` points, random with repeats for smaller
     scans or FPS, on the unit sphere)."""
@@ -787,7 +787,7 @@ class PointFolderShards(PointShards):
         if self.sample == "fps" and pts.shape[0] >= self.npoints:
             idx = sample_indices(pts, self.npoints, "fps")
         else:
-            idx = _resample(pts.shape[0], self.npoints, _item_generator(self.seed, i))
+            idx = _resample(pts.shape[0], self.npoints, self.item_generator(i))
         return {"points": normalize_unit_sphere(pts[idx])}
 
 
@@ -834,11 +834,12 @@ def pretrain_shard_datasets(data: Any, splits: Iterable[str], *, seed: int = 0) 
     """The pretraining datasets of a point ``data`` section with ``format: shards`` (the shards of
     ``data.dataset``'s preparer): ``train`` always, ``test`` when test shards exist; as
     :func:`~mm3d.pointcloud.tasks.build_pretrain_datasets` builds them from files. A folder of scans
-    has no held-out split: its ``test`` re-reads the training shards with a fixed seed."""
+    has no held-out split: its ``test`` re-reads the training shards with a fixed seed. The training
+    split draws from (seed, epoch, index) once the trainer sets its epoch (:class:`EpochDraws`)."""
     splits, out = set(splits), {}
     if data.dataset == "shapenet55":
         if "train" in splits:
-            out["train"] = _open(ShapeNet55Shards, data, "train", npoints=data.npoints)
+            out["train"] = _open(ShapeNet55Shards, data, "train", npoints=data.npoints, seed=seed)
         if "test" in splits and not data.use_both_splits:
             test = _open(ShapeNet55Shards, data, "test", npoints=data.npoints, seed=seed)
             if test is None:
@@ -856,7 +857,7 @@ def pretrain_shard_datasets(data: Any, splits: Iterable[str], *, seed: int = 0) 
                     out[split] = ds
     elif data.dataset == "folder":
         if "train" in splits:
-            out["train"] = _open(PointFolderShards, data, "train", npoints=data.npoints, sample=data.sample)
+            out["train"] = _open(PointFolderShards, data, "train", npoints=data.npoints, sample=data.sample, seed=seed)
         if "test" in splits:
             test = _open(PointFolderShards, data, "test", npoints=data.npoints, sample=data.sample, seed=seed)
             out["test"] = test if test is not None else PointFolderShards(

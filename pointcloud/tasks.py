@@ -110,7 +110,8 @@ def build_pretrain_datasets(data: PointDataConfig, splits: Iterable[str], *, see
     """Datasets of the requested splits that exist: ``train`` always, ``test`` when held out.
 
     Evaluation splits sample their points with a fixed seed, so their loss is comparable
-    between evaluations. ``data.format: shards`` reads the same items from prepared shards
+    between evaluations; the training split draws from (seed, epoch, index) once the trainer sets
+    its epoch, so a resumed run sees the points the uninterrupted one saw. ``data.format: shards`` reads the same items from prepared shards
     (:func:`~mm3d.pointcloud.shards.pretrain_shard_datasets`).
     """
     if data.format == "shards":
@@ -124,7 +125,7 @@ def build_pretrain_datasets(data: PointDataConfig, splits: Iterable[str], *, see
             return D.ShapeNet55(root, split, data.npoints, use_both_splits=data.use_both_splits and split == "train",
                                 split_dir=data.split_dir, seed=s, **files)
         if "train" in splits:
-            out["train"] = make("train", None)
+            out["train"] = make("train", seed)  # (seed, epoch, index) draws once the trainer sets the epoch
         if "test" in splits:
             if data.use_both_splits:
                 log.info("data.use_both_splits: the ShapeNet-55 test list is trained on; no test split")
@@ -138,7 +139,8 @@ def build_pretrain_datasets(data: PointDataConfig, splits: Iterable[str], *, see
                                         cache_points=data.cache_points, cache_dir=data.cache_dir or None, **files)
     elif data.dataset == "folder":
         if "train" in splits:
-            out["train"] = D.PointFolder(root, data.npoints, bin_columns=data.bin_columns, sample=data.sample, **files)
+            out["train"] = D.PointFolder(root, data.npoints, bin_columns=data.bin_columns, sample=data.sample,
+                                         seed=seed, **files)
         if "test" in splits:
             out["test"] = D.PointFolder(root, data.npoints, bin_columns=data.bin_columns, sample=data.sample,
                                         seed=seed, **files)
