@@ -60,7 +60,7 @@ def test_bench_measures_the_matmul_peak_and_profiles_on_request(tmp_path):
     gemm = kinds["gemm"]
     assert gemm["flops"] == pytest.approx(r["train_flops_per_sample"] * r["batch_size"], rel=1e-3)
     seconds = gemm["share"] * r["ms_per_step"] / 1e3
-    assert gemm["gflops_per_s"] == pytest.approx(gemm["flops"] / 1e9 / seconds, rel=2e-2)
+    assert gemm["gflops_per_s"] == pytest.approx(gemm["flops"] / 1e9 / seconds, rel=2e-2, abs=0.01)  # (2 decimals)
     assert kinds["attention"]["share"] == 0 and "flops" not in kinds["attention"]
 
 
