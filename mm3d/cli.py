@@ -31,7 +31,7 @@ from mm3d.distributed import DistInfo, barrier, cleanup, init_distributed, resol
 from mm3d.errors import UserError
 from mm3d.registry import COMMANDS, CONVERTERS, DATA_COMMANDS, MODELS, SYNTH, TASKS, load_modalities
 from mm3d.results import jsonable
-from mm3d.trainer import Trainer, run, setup_logging
+from mm3d.trainer import Trainer, TrainingInterrupted, run, setup_logging
 
 log = logging.getLogger("mm3d")
 
@@ -338,6 +338,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         barrier()  # under torchrun: no rank tears down the process group while another still uses it
         cleanup()
         return code
+    except TrainingInterrupted:
+        # stopped by SIGTERM / Ctrl-C after its checkpoint (status 75): tear the process group down
+        # now, not at interpreter exit, where gloo's threads could abort the process (status -6, seen
+        # once in tests/test_faults.py) and hide the 75 from torchrun and the scheduler
+        cleanup()
+        raise
     except UserError as e:
         print(f"mm3d {args.command}: error: {e}", file=sys.stderr)
         return 2
