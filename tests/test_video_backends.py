@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 from fractions import Fraction
 from pathlib import Path
 
@@ -99,9 +100,11 @@ def _write_clip(path: Path, codec: str, n: int = 24, b_frames: int = 0, size: tu
 
 @pytest.fixture(scope="module")
 def clips(tmp_path_factory) -> dict[str, Path]:
-    """Generated clips: H.264 mp4 with B-frames, MPEG-4 AVI with and without B-frames."""
+    """Generated clips: H.264 mp4 with B-frames, MPEG-4 AVI with and without B-frames, H.264 AVI with
+    B-frames (the AVI B-frames unpacked, as FFmpeg writes them)."""
     d = tmp_path_factory.mktemp("backends")
-    spec = {"h264.mp4": ("libx264", 2), "mpeg4_b.avi": ("mpeg4", 2), "mpeg4.avi": ("mpeg4", 0)}
+    spec = {"h264.mp4": ("libx264", 2), "mpeg4_b.avi": ("mpeg4", 2), "mpeg4.avi": ("mpeg4", 0),
+            "h264_b.avi": ("libx264", 2)}
     for name, (codec, b) in spec.items():
         _write_clip(d / name, codec, b_frames=b)
     return {name: d / name for name in spec}
@@ -168,6 +171,33 @@ def test_torchcodec_agrees_on_generated_clips(clips, torchcodec_ok):
         open_video(clips["mpeg4_b.avi"], backend="torchcodec")
     with pytest.raises(ValueError, match=r"frame indices must lie in \[0, 24\)"):
         decode_frames(clips["h264.mp4"], [24], backend="torchcodec")
+
+
+@pytest.mark.parametrize("name", ["mpeg4_b.avi", "h264_b.avi"])
+def test_decord_refuses_avi_files_with_unpacked_b_frames_and_auto_reads_them_with_pyav(name, clips):
+    """decord 0.6 returns such files' frames out of order (measured: frame 2 for 3, 9 for 10; on the H.264
+    one frame 1 for 23); the explicit backend says so, naming the file, and auto gives PyAV's frames."""
+    pytest.importorskip("decord")
+    path = clips[name]
+    with pytest.raises(VideoDecodeError, match=rf"{re.escape(name)}: decord: an AVI file with B-frames that are not "
+                                               rf"DivX-packed"):
+        open_video(path, backend="decord")
+    ref = decode_frames(path, np.arange(24), backend="pyav")
+    idx = np.array([23, 0, 3, 10, 12, 22, 1])
+    assert_tolerance_catches_a_shift(ref, idx, name)
+    assert_same_frames(decode_frames(path, idx, backend="auto"), ref[idx], f"auto {name}")
+    assert_same_frames(decode_frames(path.read_bytes(), idx, backend="auto", name=name), ref[idx], f"auto bytes {name}")
+    # no B-frames, or not AVI: decord reads them (the real packed XviD clip: test_backends_return_pyavs_frames_...)
+    for other in ("mpeg4.avi", "h264.mp4"):
+        assert open_video(clips[other], backend="decord").backend == "decord"
+
+
+def test_divx_packed_user_data_is_recognised_as_ffmpeg_reads_it():
+    from mm3d.video.decode import _DIVX_PACKED
+
+    assert _DIVX_PACKED.search(b"\x00\x00\x01\xb2DivX503b1393p\x00\x00\x01\xb2XviD0055")  # the real UCF101 clip
+    assert _DIVX_PACKED.search(b"DivX999Build1234p")
+    assert not _DIVX_PACKED.search(b"DivX503b1393\x00") and not _DIVX_PACKED.search(b"XviD0055 Lavc62.28.102")
 
 
 # --------------------------------------------------------------------------------------------

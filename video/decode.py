@@ -5,7 +5,10 @@ Backends (``data.backend``):
 ==============  ===========================================================================
 ``auto``        decord, and PyAV per file when decord is absent, cannot open the file (e.g.
                 a GIF) or fails on its frames (the default; frames on the CPU).
-``decord``      decord's ``VideoReader`` only (random access through its frame index).
+``decord``      decord's ``VideoReader`` only (random access through its frame index). It
+                refuses AVI files with B-frames that are not DivX-packed, whose frames it
+                returns out of order (UCF101's packed XviD clips decode right); ``auto``
+                reads those with PyAV.
 ``pyav``        PyAV only: decodes sequentially and stops at the last frame a sample needs.
 ``torchcodec``  PyTorch's ``torchcodec.decoders.VideoDecoder`` only (exact seeking); the one
                 backend that can also decode on a CUDA device (NVDEC). It refuses AVI files
@@ -40,6 +43,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 from typing import TYPE_CHECKING, Any, BinaryIO, Literal, Protocol, Union, get_args
 
 import numpy as np
@@ -179,6 +183,12 @@ class _DecordSource:
     def __init__(self, data: str | bytes, name: str, num_threads: int) -> None:
         if _decord is None:
             raise ImportError("decord is not installed")
+        if _is_avi(data) and _avi_unpacked_b_frames(data):
+            # (open_video prefixes "<name>: decord: ")
+            raise VideoDecodeError(
+                "an AVI file with B-frames that are not DivX-packed, whose frames decord 0.6 returns out of "
+                "order (measured on MPEG-4 and H.264 AVI files: e.g. frame i-1 for i); decode it with backend "
+                "auto (PyAV for such files) or pyav, or prepare shards with `mm3d data prepare`")
         self.path = name
         self._data = data
         uri = data if isinstance(data, str) else io.BytesIO(data)
@@ -301,6 +311,25 @@ def _is_avi(data: str | bytes) -> bool:
     else:
         head = data[:12]
     return head[:4] == b"RIFF" and head[8:12] == b"AVI "
+
+
+# MPEG-4 Part 2 user data that marks DivX "packed" B-frames (FFmpeg's mpeg4videodec reads it the same
+# way: "DivX<version>b<build>p" or "DivX<version>Build<build>p")
+_DIVX_PACKED = re.compile(rb"DivX\d+(?:Build|b)\d+p")
+
+
+def _avi_unpacked_b_frames(data: str | bytes) -> bool:
+    """Whether an AVI file's video stream has B-frames that are not DivX-packed (PyAV: the stream
+    header and the first packet's user data). Such files are what decord 0.6 mis-indexes."""
+    container = _av_open(data)
+    try:
+        streams = container.streams.video
+        if not streams or not streams[0].codec_context.has_b_frames:
+            return False
+        first = next((bytes(p) for p in container.demux(streams[0]) if p.size > 0), b"")
+        return _DIVX_PACKED.search(first) is None
+    finally:
+        container.close()
 
 
 def _has_b_frames(data: str | bytes) -> bool:
