@@ -155,7 +155,11 @@ def _transcode_file(path: str, s: TranscodeSettings) -> tuple[bytes, dict[str, A
         if not src.streams.video:
             raise VideoDecodeError(f"{path}: no video stream")
         stream = src.streams.video[0]
-        stream.thread_type = "AUTO"  # frame-threaded decoding of the source (the encoder stays single-threaded)
+        # single-threaded source decoding: with frame threads the same source gave other bytes in 3 of 32
+        # prepares (0 of 28 without), breaking byte-identical shards for any --workers. The decoded pixels
+        # and frame metadata were equal every time, so the cause is downstream (likely swscale's SIMD paths,
+        # which depend on buffer alignment). Parallelism comes from the worker processes.
+        stream.thread_count = 1
         rate = _frame_rate(stream, path)
         enc: _Encoder | None = None
         for frame in src.decode(stream):
