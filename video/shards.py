@@ -157,8 +157,8 @@ def _transcode_file(path: str, s: TranscodeSettings) -> tuple[bytes, dict[str, A
         stream = src.streams.video[0]
         # single-threaded source decoding: with frame threads the same source gave other bytes in 3 of 32
         # prepares (0 of 28 without), breaking byte-identical shards for any --workers. The decoded pixels
-        # and frame metadata were equal every time, so the cause is downstream (likely swscale's SIMD paths,
-        # which depend on buffer alignment). Parallelism comes from the worker processes.
+        # and frame metadata were equal every time, and scaling them alone was repeatable; where the
+        # difference enters was not found. Parallelism comes from the worker processes.
         stream.thread_count = 1
         rate = _frame_rate(stream, path)
         enc: _Encoder | None = None
