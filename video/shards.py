@@ -130,9 +130,15 @@ class _Encoder:
 
     def add(self, frame: Any) -> None:
         """`frame`: an ``av.VideoFrame`` of any size and format; scaled to the output size."""
+        import av
         from av.video.frame import PictureType
 
         out = frame.reformat(width=self.width, height=self.height, format="yuv420p", interpolation="BICUBIC")
+        # x264 gets a frame built from the scaled pixels alone: fed the scaler's frame directly, the same
+        # source encoded to other bytes about once in 100 (2 of 300 in one process; never through this
+        # copy, 0 of 900), which broke byte-identical shards for any --workers. The pixels were always
+        # equal, so x264 read something else of that frame (its buffer beyond the picture, presumably).
+        out = av.VideoFrame.from_ndarray(out.to_ndarray(), format="yuv420p")
         out.pts, out.time_base = self.count, self.time_base
         # a decoded frame keeps its picture type (I/P/B), and libx264 obeys it: a source keyframe would become
         # an extra keyframe here. The encoder alone decides (the fixed interval).
@@ -155,11 +161,7 @@ def _transcode_file(path: str, s: TranscodeSettings) -> tuple[bytes, dict[str, A
         if not src.streams.video:
             raise VideoDecodeError(f"{path}: no video stream")
         stream = src.streams.video[0]
-        # single-threaded source decoding: with frame threads the same source gave other bytes in 3 of 32
-        # prepares (0 of 28 without), breaking byte-identical shards for any --workers. The decoded pixels
-        # and frame metadata were equal every time, and scaling them alone was repeatable; where the
-        # difference enters was not found. Parallelism comes from the worker processes.
-        stream.thread_count = 1
+        stream.thread_type = "AUTO"  # frame-threaded decoding of the source (the encoder stays single-threaded)
         rate = _frame_rate(stream, path)
         enc: _Encoder | None = None
         for frame in src.decode(stream):
