@@ -55,7 +55,7 @@ def test_bench_measures_the_matmul_peak_and_profiles_on_request(tmp_path):
     kinds = r["profile"]["ours_by_kind"]
     assert set(kinds) == {"gemm", "attention", "other"}
     assert sum(k["share"] for k in kinds.values()) == pytest.approx(1.0, abs=1e-3)
-    assert sum(k["ms_per_step"] for k in kinds.values()) == pytest.approx(r["ms_per_step"], rel=1e-3)
+    assert sum(k["ms_per_step"] for k in kinds.values()) == pytest.approx(r["ms_per_step"], rel=1e-3, abs=0.02)  # (2 decimals each)
     # the toy's FLOPs are all GEMMs: their rate is the step's FLOPs over the GEMMs' part of the step
     gemm = kinds["gemm"]
     assert gemm["flops"] == pytest.approx(r["train_flops_per_sample"] * r["batch_size"], rel=1e-3)
