@@ -130,7 +130,11 @@ def _video_facts(path: str) -> dict[str, Any]:
 def _clips_per_s(ds: torch.utils.data.Dataset, order: list[int], *, workers: int) -> float:
     """Clips per second of a DataLoader (batch 1, `workers` workers) over `order`, after its first clip
     (worker start-up and the first file's opening excluded)."""
-    loader = torch.utils.data.DataLoader(ds, batch_size=1, sampler=order, num_workers=workers)
+    # workers from a forkserver: this process has just encoded the raw videos (and preparing may have run
+    # here), and with PyAV 12 a loader worker forked after FFmpeg ran in its parent can deadlock in
+    # av.open (seen in the test-floors run); start-up is outside the measured time
+    loader = torch.utils.data.DataLoader(ds, batch_size=1, sampler=order, num_workers=workers,
+                                         multiprocessing_context="forkserver")
     it = iter(loader)
     next(it)
     t = time.perf_counter()
